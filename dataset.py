@@ -1,0 +1,385 @@
+"""Data for both trainers: the Kaggle-layout CSVs, the 1st-place metadata encoding, patient-grouped folds,
+the augmentations, artifact annotation files, and one Dataset that fuses images with metadata."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise asks PyPI on import
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
+
+from utils import UserError  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+META_FEATURES = ("sex", "age", "site", "n_images", "image_size")
+SITE_COLUMN = "anatom_site_general_challenge"
+MIN_IMAGE_SIZE = 32
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+# --------------------------------------------------------------------------- the Kaggle layout
+
+
+def find_train_csv(data_dir: Path) -> Path:
+    """train.csv, or train_concat.csv as shipped in the Kaggle melanoma-external-malignant-256 folder."""
+    for name in ("train.csv", "train_concat.csv"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise UserError(f"no train.csv or train_concat.csv in {data_dir}: point --data-dir at the unpacked Kaggle folder.")
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"image_name": str, "patient_id": str})
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty: it needs a header line and one row per image.") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"{path} is not a readable CSV ({str(error).splitlines()[0]}): fix or re-download it."
+        ) from None
+    if frame.empty:
+        raise UserError(f"{path} has a header but no rows: it needs one row per image.")
+    return frame
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path} lacks the column(s) {', '.join(missing)}: the Kaggle layout has "
+            f"image_name, patient_id, sex, age_approx, {SITE_COLUMN}, target."
+        )
+
+
+def read_melanoma_table(data_dir: str | Path, split: str, use_meta: bool, require_target: bool) -> pd.DataFrame:
+    """Reads the train or test CSV of a Kaggle-layout folder and checks it.
+
+    Adds `filepath` (the JPEG at <data-dir>/<split>/<split>/<image_name>.jpg). Every check ends in a
+    UserError naming the file and the fix.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {data_dir} does not exist: pass --data-dir with the unpacked Kaggle folder.")
+    if split == "train":
+        csv_path = find_train_csv(data_dir)
+    else:
+        csv_path = data_dir / "test.csv"
+        if not csv_path.is_file():
+            raise UserError(f"no test.csv in {data_dir}: the Kaggle folder has test.csv beside train.csv.")
+    frame = read_csv(csv_path)
+    required = ["image_name"]
+    if require_target:
+        required.append("target")
+    if use_meta:
+        required += ["sex", "age_approx", SITE_COLUMN]
+    _require_columns(frame, required, csv_path)
+
+    if frame["image_name"].isna().any():
+        row = int(np.flatnonzero(frame["image_name"].isna())[0]) + 2
+        raise UserError(f"{csv_path} line {row} has no image_name: every row must name its image.")
+    duplicated = frame["image_name"].duplicated()
+    if duplicated.any():
+        name = frame["image_name"][duplicated].iloc[0]
+        raise UserError(f"{csv_path} lists image {name} twice: remove the duplicate row.")
+    if require_target:
+        target = pd.to_numeric(frame["target"], errors="coerce")
+        bad = ~target.isin([0, 1])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(
+                f"{csv_path} line {row + 2} has target {frame['target'].iloc[row]!r}: targets must be 0 or 1."
+            )
+        frame["target"] = target.astype(int)
+    if "age_approx" in frame.columns:
+        age = pd.to_numeric(frame["age_approx"], errors="coerce")
+        bad = age.isna() & frame["age_approx"].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(
+                f"{csv_path} line {row + 2} has age_approx {frame['age_approx'].iloc[row]!r}: ages must be "
+                "numbers or empty."
+            )
+        frame["age_approx"] = age
+
+    image_dir = data_dir / split / split
+    if not image_dir.is_dir():
+        raise UserError(f"image folder {image_dir} does not exist: the Kaggle layout keeps images in {split}/{split}/.")
+    frame["filepath"] = [str(image_dir / f"{name}.jpg") for name in frame["image_name"]]
+    missing = [path for path in frame["filepath"] if not os.path.isfile(path)]
+    if missing:
+        raise UserError(
+            f"{len(missing)} image(s) listed in {csv_path} are missing, first {missing[0]}: "
+            "restore them or remove their rows."
+        )
+    return frame.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- metadata encoding
+
+
+class MetaEncoder:
+    """The 1st-place SIIM-ISIC metadata, fitted on training rows only and stored in the checkpoint.
+
+    sex: male 1, female 0, missing -1; age: age/90, missing filled with the training median; site: one-hot
+    over the training sites plus a `missing` column that also takes sites never seen in training;
+    n_images: log1p(images of the patient), a row without patient_id being a patient of its own;
+    image_size: log(JPEG bytes).
+    """
+
+    def __init__(self, features: Sequence[str] = META_FEATURES) -> None:
+        unknown = set(features) - set(META_FEATURES)
+        if unknown:
+            raise UserError(f"unknown metadata feature(s) {sorted(unknown)}: choose from {', '.join(META_FEATURES)}.")
+        self.features = list(features)
+        self.sites: list[str] = []
+        self.age_fill = 0.0
+        self.fitted = False
+
+    def fit(self, frame: pd.DataFrame) -> MetaEncoder:
+        if "site" in self.features:
+            self.sites = sorted(frame[SITE_COLUMN].dropna().astype(str).unique().tolist())
+        if "age" in self.features:
+            median = frame["age_approx"].median()
+            self.age_fill = float(median) if not math.isnan(median) else 50.0
+        self.fitted = True
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = []
+        for feature in self.features:
+            if feature == "site":
+                names += [f"site_{site}" for site in self.sites] + ["site_missing"]
+            else:
+                names.append(feature)
+        return names
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        if not self.fitted:
+            raise RuntimeError("MetaEncoder.transform called before fit")
+        columns = []
+        for feature in self.features:
+            if feature == "sex":
+                sex = frame["sex"].astype("string").str.lower().map({"male": 1.0, "female": 0.0})
+                columns.append(sex.astype(float).fillna(-1.0).to_numpy()[:, None])
+            elif feature == "age":
+                age = pd.to_numeric(frame["age_approx"], errors="coerce").fillna(self.age_fill) / 90.0
+                columns.append(age.to_numpy(dtype=float)[:, None])
+            elif feature == "site":
+                site = frame[SITE_COLUMN].astype("string")
+                one_hot = np.zeros((len(frame), len(self.sites) + 1))
+                index = {name: i for i, name in enumerate(self.sites)}
+                for row, value in enumerate(site):
+                    one_hot[row, index.get(value, len(self.sites)) if not pd.isna(value) else len(self.sites)] = 1
+                columns.append(one_hot)
+            elif feature == "n_images":
+                columns.append(np.log1p(images_per_patient(frame))[:, None])
+            elif feature == "image_size":
+                sizes = np.array([os.path.getsize(path) for path in frame["filepath"]], dtype=float)
+                columns.append(np.log(np.maximum(sizes, 1.0))[:, None])
+        return np.concatenate(columns, axis=1).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        return {"features": list(self.features), "sites": list(self.sites), "age_fill": self.age_fill}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> MetaEncoder:
+        encoder = cls(state["features"])
+        encoder.sites = list(state["sites"])
+        encoder.age_fill = float(state["age_fill"])
+        encoder.fitted = True
+        return encoder
+
+
+def images_per_patient(frame: pd.DataFrame) -> np.ndarray:
+    """Counts each patient's images within `frame`; a row without patient_id counts 1 (its own patient),
+    so that unlabelled external images do not pool into one giant "patient" that leaks the label."""
+    if "patient_id" not in frame.columns:
+        return np.ones(len(frame))
+    patient = frame["patient_id"].astype("string")
+    counts = patient.map(patient.value_counts())
+    return counts.astype(float).fillna(1.0).to_numpy()
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def patient_groups(frame: pd.DataFrame) -> np.ndarray:
+    """Group label per row: its patient_id, or a unique label for a row without one."""
+    if "patient_id" not in frame.columns:
+        return np.array([f"row-{i}" for i in range(len(frame))])
+    patient = frame["patient_id"].astype("string")
+    return np.array([f"row-{i}" if pd.isna(value) else f"pid-{value}" for i, value in enumerate(patient)])
+
+
+def make_folds(frame: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
+    """Fold index per row: stratified by target, grouped by patient (no patient on both sides)."""
+    groups = patient_groups(frame)
+    n_groups = len(set(groups))
+    if n_folds < 2 or n_groups < n_folds:
+        raise UserError(f"--n-folds {n_folds} needs at least 2 folds and as many patients ({n_groups} here).")
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = np.full(len(frame), -1, dtype=int)
+    for fold, (_, valid_index) in enumerate(splitter.split(np.zeros(len(frame)), frame["target"], groups)):
+        folds[valid_index] = fold
+    return folds
+
+
+# --------------------------------------------------------------------------- augmentations
+
+
+def train_transforms(image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """The 1st-place SIIM-ISIC training pipeline in the albumentations 2.x API.
+
+    The resize comes first rather than last: every later step then works on image_size pixels instead of the
+    file's, which is several times cheaper when training below the stored resolution, and equivalent in
+    distribution. ElasticTransform uses its approximate form (about 5x faster, same look).
+    """
+    return A.Compose(
+        [
+            A.Resize(image_size, image_size),
+            A.Transpose(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.HorizontalFlip(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75),
+            A.OneOf(
+                [
+                    A.MotionBlur(blur_limit=5),
+                    A.MedianBlur(blur_limit=5),
+                    A.GaussianBlur(blur_limit=(3, 5)),
+                    A.GaussNoise(std_range=(math.sqrt(5) / 255, math.sqrt(30) / 255)),
+                ],
+                p=0.7,
+            ),
+            A.OneOf(
+                [
+                    A.OpticalDistortion(distort_limit=0.5),
+                    A.GridDistortion(num_steps=5, distort_limit=0.5),
+                    A.ElasticTransform(alpha=3, approximate=True),
+                ],
+                p=0.7,
+            ),
+            A.CLAHE(clip_limit=4.0, p=0.7),
+            A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
+            A.Affine(
+                translate_percent=(-0.1, 0.1),
+                scale=(0.9, 1.1),
+                rotate=(-15, 15),
+                border_mode=cv2.BORDER_CONSTANT,
+                p=0.85,
+            ),
+            A.CoarseDropout(
+                num_holes_range=(1, 1), hole_height_range=(0.375, 0.375), hole_width_range=(0.375, 0.375), p=0.7
+            ),
+            A.Normalize(mean=tuple(mean), std=tuple(std)),
+        ]
+    )
+
+
+def valid_transforms(image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean=tuple(mean), std=tuple(std))])
+
+
+# --------------------------------------------------------------------------- images and the Dataset
+
+
+def read_image(path: str) -> np.ndarray:
+    """Reads an image as RGB uint8; a file OpenCV cannot decode is a UserError naming it."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"image {path} cannot be decoded: replace the file or remove its row.")
+    if min(image.shape[:2]) < MIN_IMAGE_SIZE:
+        raise UserError(
+            f"image {path} is {image.shape[1]}x{image.shape[0]} px, below the {MIN_IMAGE_SIZE} px minimum: "
+            "remove it or use the full-size file."
+        )
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images with optional metadata and targets, as dicts {"image", "meta"?, "target"?}.
+
+    targets may be 1-D (melanoma 0/1) or 2-D (one column per artifact head, NaN where not annotated).
+
+    With `augment_seed` set, the augmentation of an item depends only on (seed, epoch, index), never on which
+    worker draws it or how many there are: runs are reproducible and a resumed run sees the same images as an
+    uninterrupted one. The epoch reaches the workers inside the key, as (epoch, index) from EpochSampler.
+    """
+
+    def __init__(
+        self,
+        filepaths: Sequence[str],
+        transform,
+        meta: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
+        augment_seed: int | None = None,
+    ) -> None:
+        self.filepaths = list(filepaths)
+        self.transform = transform
+        self.meta = None if meta is None else torch.as_tensor(meta, dtype=torch.float32)
+        self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, dtype=np.float32))
+        self.augment_seed = augment_seed
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.augment_seed is not None:
+            state = np.random.SeedSequence([self.augment_seed, epoch, index]).generate_state(2)
+            self.transform.set_random_state(np.random.default_rng(state[0]), random.Random(int(state[1])))
+        image = self.transform(image=read_image(self.filepaths[index]))["image"]
+        item = {"image": torch.from_numpy(image.transpose(2, 0, 1).copy())}
+        if self.meta is not None:
+            item["meta"] = self.meta[index]
+        if self.targets is not None:
+            item["target"] = self.targets[index]
+        return item
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) keys: a shuffle that depends only on (seed, epoch), split across `world_size`
+    ranks (padded by repetition so every rank gets the same number of items)."""
+
+    def __init__(self, n_items: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n_items, self.shuffle, self.seed = n_items, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_items / self.world_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n_items, generator=generator).tolist()
+        else:
+            order = list(range(self.n_items))
+        total = len(self) * self.world_size
+        order += order[: total - len(order)]
+        for index in order[self.rank : total : self.world_size]:
+            yield (self.epoch, index)
+
+
+# --------------------------------------------------------------------------- artifact annotations
+
+
+DEFAULT_BIAS_HEADS = ("hair_dense", "hair_short", "hair_medium", "black_frame", "ruler_mark", "other")

@@ -1,0 +1,143 @@
+"""The networks: an EfficientNet backbone, the melanoma classifier with its optional metadata branch, and the
+artifact ("bias") detector with one binary head per artifact type."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from efficientnet_pytorch import EfficientNet
+from torch import nn
+
+from utils import UserError
+
+ENET_TYPES = tuple(f"efficientnet-b{i}" for i in range(8))
+TORCH_BN_MOMENTUM = 0.1
+
+
+def build_backbone(enet_type: str, pretrained: bool = True, weights_path: str | None = None) -> EfficientNet:
+    """An EfficientNet without its classifier.
+
+    ImageNet weights come from `weights_path` when given, else from the library's download when `pretrained`;
+    a failed download stops with a UserError rather than silently training from random weights.
+
+    efficientnet-pytorch ports TensorFlow's BatchNorm momentum (0.01 in PyTorch terms); from random weights its
+    running statistics then lag the data for epochs and every image gets the same output in eval mode
+    (validation AUC exactly 0.5). PyTorch's usual 0.1 tracks the data and is harmless when fine-tuning.
+    """
+    if enet_type not in ENET_TYPES:
+        raise UserError(f"unknown --enet-type {enet_type!r}: choose one of {', '.join(ENET_TYPES)}.")
+    if weights_path is not None:
+        backbone = EfficientNet.from_name(enet_type)
+        load_backbone_weights(backbone, Path(weights_path), enet_type)
+    elif pretrained:
+        try:
+            backbone = EfficientNet.from_pretrained(enet_type)
+        except OSError as error:  # urllib's URLError is an OSError
+            raise UserError(
+                f"could not download the ImageNet weights for {enet_type} ({getattr(error, 'reason', error)}): "
+                "pass --pretrained-weights PATH with a local copy, or --no-pretrained to train from random weights."
+            ) from None
+    else:
+        backbone = EfficientNet.from_name(enet_type)
+    for module in backbone.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = TORCH_BN_MOMENTUM
+    backbone._fc = nn.Identity()
+    return backbone
+
+
+def load_backbone_weights(backbone: EfficientNet, path: Path, enet_type: str) -> None:
+    """Loads an ImageNet state_dict (as efficientnet-pytorch publishes them) into `backbone`, classifier aside."""
+    if not path.is_file():
+        raise UserError(f"--pretrained-weights {path} does not exist: give the path of the downloaded .pth file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--pretrained-weights {path} needs pickle to load: use a plain state_dict file.") from None
+    except (RuntimeError, EOFError) as error:
+        raise UserError(f"--pretrained-weights {path} cannot be read ({error}): re-download it.") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {key: value for key, value in state.items() if not key.startswith("_fc.")}
+    try:
+        missing, _ = backbone.load_state_dict(state, strict=False)
+    except RuntimeError:
+        raise UserError(f"--pretrained-weights {path} does not fit {enet_type}: use the file for that model.") from None
+    missing = [key for key in missing if not key.startswith("_fc.")]
+    if missing:
+        raise UserError(
+            f"--pretrained-weights {path} lacks {len(missing)} {enet_type} tensors (e.g. {missing[0]}): "
+            "use the ImageNet file of that model."
+        )
+
+
+def backbone_features(backbone: EfficientNet, image: torch.Tensor) -> torch.Tensor:
+    """Pooled image features, shape (batch, channels)."""
+    return backbone._avg_pooling(backbone.extract_features(image)).flatten(1)
+
+
+class MelanomaNet(nn.Module):
+    """EfficientNet + optional metadata MLP, fused by concatenation, with a multi-sample-dropout head."""
+
+    def __init__(
+        self,
+        enet_type: str,
+        out_dim: int = 1,
+        n_meta_features: int = 0,
+        n_meta_dim: Sequence[int] = (512, 128),
+        pretrained: bool = True,
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.enet = build_backbone(enet_type, pretrained, weights_path)
+        in_features = self.enet._conv_head.out_channels
+        self.n_meta_features = n_meta_features
+        if n_meta_features > 0:
+            first, second = n_meta_dim
+            self.meta = nn.Sequential(
+                nn.Linear(n_meta_features, first),
+                nn.BatchNorm1d(first),
+                nn.SiLU(),
+                nn.Dropout(0.3),
+                nn.Linear(first, second),
+                nn.BatchNorm1d(second),
+                nn.SiLU(),
+            )
+            in_features += second
+        self.dropouts = nn.ModuleList([nn.Dropout(0.5) for _ in range(5)])
+        self.fc = nn.Linear(in_features, out_dim)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        features = backbone_features(self.enet, image)
+        if self.n_meta_features > 0:
+            if meta is None:
+                raise ValueError("this model was built with metadata; pass the metadata tensor")
+            features = torch.cat([features, self.meta(meta.to(features.dtype))], dim=1)
+        return torch.stack([self.fc(dropout(features)) for dropout in self.dropouts]).mean(dim=0)
+
+
+class BiasNet(nn.Module):
+    """EfficientNet with one binary head (dropout + linear, a sigmoid logit) per artifact type."""
+
+    def __init__(
+        self,
+        enet_type: str,
+        heads: Sequence[str],
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.enet = build_backbone(enet_type, pretrained, weights_path)
+        in_features = self.enet._conv_head.out_channels
+        self.head_names = list(heads)
+        self.heads = nn.ModuleList(
+            [nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, 1)) for _ in self.head_names]
+        )
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        features = backbone_features(self.enet, image)
+        return torch.cat([head(features) for head in self.heads], dim=1)

@@ -1,0 +1,453 @@
+"""Train the melanoma classifier (EfficientNet, optional metadata branch) on a Kaggle-layout folder.
+
+    python train.py --save-name efficientnetb2_256_20ep --data-dir ./melanoma_external_256/ --image-size 256 \
+        --n-epochs 20 --enet-type efficientnet-b2 --CUDA_VISIBLE_DEVICES 0 [--use-meta]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from dataset import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    META_FEATURES,
+    EpochSampler,
+    ImageDataset,
+    MetaEncoder,
+    make_folds,
+    read_melanoma_table,
+    train_transforms,
+    valid_transforms,
+)
+from models import ENET_TYPES, MelanomaNet
+from utils import (
+    CHECKPOINT_FORMAT,
+    PRECISIONS,
+    UserError,
+    binary_metrics,
+    default_num_workers,
+    ensure_writable_dir,
+    exit_on_user_error,
+    load_checkpoint,
+    make_grad_scaler,
+    make_loader,
+    make_warmup_cosine,
+    predict_logits,
+    resolve_precision,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    select_device,
+    set_rng_state,
+    set_visible_devices,
+    to_plain,
+    train_one_epoch,
+    write_csv_atomic,
+    write_text_atomic,
+)
+
+PRETRAINED_LR = 3e-4
+SCRATCH_LR = 1e-3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--save-name", required=True, help="name of this run's checkpoints and logs")
+    parser.add_argument("--data-dir", required=True, help="Kaggle-layout folder: train.csv, train/train/*.jpg")
+    parser.add_argument("--image-size", type=int, default=256, help="training resolution in pixels")
+    parser.add_argument("--n-epochs", type=int, default=15)
+    parser.add_argument("--enet-type", default="efficientnet-b2", choices=ENET_TYPES)
+    parser.add_argument("--CUDA_VISIBLE_DEVICES", default=None, help="GPU ids, e.g. 0 or 0,1, set before CUDA starts")
+    parser.add_argument("--use-meta", action="store_true", help="add the patient-metadata branch")
+    parser.add_argument(
+        "--meta-features",
+        default=",".join(META_FEATURES),
+        help=f"comma list of metadata features (default all: {','.join(META_FEATURES)})",
+    )
+    parser.add_argument("--n-meta-dim", default="512,128", help="sizes of the metadata branch's two layers")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=default_num_workers(),
+        help="data-loading processes (default: half the cores, at most 8)",
+    )
+    parser.add_argument(
+        "--init-lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate (default {PRETRAINED_LR} with ImageNet weights, {SCRATCH_LR} with --no-pretrained)",
+    )
+    parser.add_argument(
+        "--out-dim",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="1: one sigmoid logit with BCE; 2: two-class softmax with cross-entropy",
+    )
+    parser.add_argument("--model-dir", default="./weights")
+    parser.add_argument("--log-dir", default="./logs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 (or fp16 + GradScaler) autocast on a GPU, fp32 on the CPU",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC memory layout (faster convolutions on GPUs and recent CPUs)",
+    )
+    parser.add_argument("--n-folds", type=int, default=5)
+    parser.add_argument("--fold", default="0", help="validation fold: an index, a comma list, or 'all'")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained-weights", default=None, help="local ImageNet state_dict for the backbone")
+    weights.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    parser.add_argument("--resume", action="store_true", help="continue from <model-dir>/<save-name>_last.pth")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tqdm progress bars (default: only on a terminal)",
+    )
+    args = parser.parse_args(argv)
+    if args.init_lr is None:
+        args.init_lr = SCRATCH_LR if args.no_pretrained else PRETRAINED_LR
+    return args
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def parse_folds(spec: str, n_folds: int) -> list[int]:
+    if spec == "all":
+        return list(range(n_folds))
+    try:
+        folds = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--fold {spec!r} is not a fold index: use e.g. 0, 0,1,2 or all.") from None
+    bad = [fold for fold in folds if not 0 <= fold < n_folds]
+    if bad:
+        raise UserError(f"--fold {bad[0]} is outside 0..{n_folds - 1}: pick a fold below --n-folds {n_folds}.")
+    return folds
+
+
+def parse_meta_dims(spec: str) -> list[int]:
+    try:
+        dims = [int(part) for part in spec.split(",")]
+    except ValueError:
+        dims = []
+    if len(dims) != 2 or min(dims) < 1:
+        raise UserError(f"--n-meta-dim {spec!r} must be two positive sizes, e.g. 512,128.")
+    return dims
+
+
+def melanoma_loss(out_dim: int):
+    if out_dim == 1:
+        return lambda logits, target: F.binary_cross_entropy_with_logits(logits[:, 0], target)
+    return lambda logits, target: F.cross_entropy(logits, target.long())
+
+
+def melanoma_probability(logits: torch.Tensor) -> np.ndarray:
+    """P(melanoma): the sigmoid of a single logit, or the softmax of class 1."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0]).numpy()
+    return torch.softmax(logits, dim=1)[:, 1].numpy()
+
+
+def run_paths(args: argparse.Namespace, run_name: str) -> dict[str, Path]:
+    model_dir, log_dir = Path(args.model_dir), Path(args.log_dir)
+    return {
+        "best": model_dir / f"{run_name}_best.pth",
+        "final": model_dir / f"{run_name}_final.pth",
+        "last": model_dir / f"{run_name}_last.pth",
+        "log": log_dir / f"log_{run_name}.txt",
+        "metrics": log_dir / f"metrics_{run_name}.jsonl",
+        "oof": log_dir / f"oof_{run_name}.csv",
+    }
+
+
+def log_line(record: dict) -> str:
+    """The original trainer's log line (users parse it), with the extra metrics appended."""
+    return (
+        f"{record['time']} Fold {record['fold']}, Epoch {record['epoch']}, lr: {record['lr']:.7f}, "
+        f"train loss: {record['train_loss']:.5f}, valid loss: {record['valid_loss']:.5f}, "
+        f"acc: {record['acc']:.4f}, auc: {record['auc']:.6f}, balanced acc: {record['balanced_acc']:.4f}, "
+        f"sensitivity: {record['sensitivity']:.4f}, specificity: {record['specificity']:.4f}."
+    )
+
+
+def write_history(paths: dict[str, Path], history: list[dict]) -> None:
+    """Rewrites the log and the metrics file from the run's history: each epoch appears once, even after a
+    resume, and an interrupted write never leaves half a file."""
+    write_text_atomic(paths["log"], "".join(log_line(record) + "\n" for record in history))
+    write_text_atomic(paths["metrics"], "".join(pd.Series(record).to_json() + "\n" for record in history))
+
+
+# --------------------------------------------------------------------------- one fold
+
+
+def train_fold(
+    args: argparse.Namespace,
+    frame: pd.DataFrame,
+    fold: int,
+    run_name: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> pd.DataFrame:
+    """Trains on every fold but `fold`, validates on `fold`; returns the out-of-fold predictions of the best
+    epoch. Writes <run>_best/_final/_last.pth, the log, the metrics file and the OOF CSV."""
+    paths = run_paths(args, run_name)
+    train_rows = frame[frame["fold"] != fold].reset_index(drop=True)
+    valid_rows = frame[frame["fold"] == fold].reset_index(drop=True)
+    if valid_rows["target"].nunique() < 2:
+        raise UserError(
+            f"validation fold {fold} holds only target {valid_rows['target'].iloc[0]}: AUC is undefined there; "
+            "use fewer --n-folds or add images of the other class."
+        )
+
+    encoder = None
+    train_meta = valid_meta = None
+    if args.use_meta:
+        encoder = MetaEncoder([name for name in args.meta_features.split(",") if name]).fit(train_rows)
+        train_meta, valid_meta = encoder.transform(train_rows), encoder.transform(valid_rows)
+
+    seed_everything(args.seed + fold)
+    model = MelanomaNet(
+        args.enet_type,
+        out_dim=args.out_dim,
+        n_meta_features=encoder.n_features if encoder else 0,
+        n_meta_dim=parse_meta_dims(args.n_meta_dim),
+        pretrained=not args.no_pretrained,
+        weights_path=args.pretrained_weights,
+    ).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    train_set = ImageDataset(
+        train_rows["filepath"],
+        train_transforms(args.image_size),
+        train_meta,
+        train_rows["target"],
+        augment_seed=args.seed + fold,
+    )
+    valid_set = ImageDataset(
+        valid_rows["filepath"], valid_transforms(args.image_size), valid_meta, valid_rows["target"]
+    )
+    train_sampler = EpochSampler(len(train_set), shuffle=True, seed=args.seed + fold)
+    # drop_last keeps BatchNorm away from a final batch of one image
+    train_loader = make_loader(
+        train_set, train_sampler, args.batch_size, args.num_workers, device, drop_last=len(train_set) > args.batch_size
+    )
+    valid_loader = make_loader(
+        valid_set, EpochSampler(len(valid_set), shuffle=False, seed=0), args.batch_size, args.num_workers, device
+    )
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.init_lr)
+    scheduler = make_warmup_cosine(optimizer, args.n_epochs, len(train_loader))
+    scaler = make_grad_scaler(device, amp_dtype)
+    loss_fn = melanoma_loss(args.out_dim)
+
+    config = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "melanoma",
+        "model": {
+            "enet_type": args.enet_type,
+            "out_dim": args.out_dim,
+            "n_meta_features": encoder.n_features if encoder else 0,
+            "n_meta_dim": parse_meta_dims(args.n_meta_dim),
+        },
+        "use_meta": bool(args.use_meta),
+        "meta_encoder": encoder.state_dict() if encoder else None,
+        "meta_feature_names": encoder.feature_names if encoder else [],
+        "image_size": args.image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "fold": fold,
+        "n_folds": args.n_folds,
+        "args": to_plain({key: value for key, value in vars(args).items() if key not in ("resume", "overwrite")}),
+    }
+
+    start_epoch, best_auc, history, best_oof = 1, -1.0, [], None
+    if args.resume and paths["last"].is_file():
+        state = load_checkpoint(paths["last"], "melanoma")
+        check_resume_compatible(state, config, paths["last"])
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, best_auc, history = state["epoch"] + 1, state["best_auc"], state["history"]
+        best_oof = pd.DataFrame(state["best_oof"]) if state["best_oof"] else None
+        print(f"resuming {run_name} after epoch {state['epoch']} (best auc so far {best_auc:.4f})", flush=True)
+
+    for epoch in range(start_epoch, args.n_epochs + 1):
+        started = time.time()
+        train_sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            loss_fn,
+            device,
+            amp_dtype,
+            scaler,
+            scheduler,
+            channels_last=args.channels_last,
+            epoch=epoch,
+            progress=args.progress,
+        )
+        logits, targets = predict_logits(model, valid_loader, device, amp_dtype, args.channels_last, args.progress)
+        valid_loss = float(loss_fn(logits, targets))
+        probs = melanoma_probability(logits)
+        metrics = binary_metrics(targets.numpy(), probs)
+        record = {
+            "time": time.ctime(),
+            "fold": fold,
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": train_loss,
+            "valid_loss": valid_loss,
+            **metrics,
+            "seconds": round(time.time() - started, 2),
+        }
+        history.append(record)
+        print(log_line(record), flush=True)
+
+        checkpoint = {**config, "epoch": epoch, "metrics": to_plain(metrics), "state_dict": model.state_dict()}
+        if metrics["auc"] > best_auc:
+            best_auc = metrics["auc"]
+            best_oof = pd.DataFrame(
+                {"image_name": valid_rows["image_name"], "fold": fold, "target": valid_rows["target"], "prob": probs}
+            )
+            save_checkpoint(paths["best"], checkpoint)
+            print(f"  best auc {metrics['auc']:.4f}: saved {paths['best']}", flush=True)
+        save_checkpoint(
+            paths["last"],
+            {
+                **checkpoint,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_state(),
+                "best_auc": best_auc,
+                "history": to_plain(history),
+                "best_oof": to_plain(best_oof.to_dict(orient="list")),
+            },
+        )
+        write_history(paths, history)
+        write_csv_atomic(best_oof, paths["oof"])
+        if epoch == args.n_epochs:
+            save_checkpoint(paths["final"], checkpoint)
+
+    if best_oof is None:  # resumed a run that had already finished
+        state = load_checkpoint(paths["last"], "melanoma")
+        best_oof = pd.DataFrame(state["best_oof"])
+    print(
+        f"fold {fold}: best valid auc {best_auc:.4f}; checkpoints {paths['best']} and {paths['final']}, "
+        f"log {paths['log']}, metrics {paths['metrics']}, out-of-fold predictions {paths['oof']}",
+        flush=True,
+    )
+    return best_oof
+
+
+def check_resume_compatible(state: dict, config: dict, path: Path) -> None:
+    """A resumed run must be the same run: same model, data encoding and training settings."""
+    for key in ("model", "use_meta", "image_size", "fold", "n_folds"):
+        if state.get(key) != to_plain(config[key]):
+            raise UserError(
+                f"{path} was saved with {key} = {state.get(key)}, this run has {to_plain(config[key])}: "
+                "resume with the original flags, or start afresh with --overwrite."
+            )
+    for key in ("n_epochs", "batch_size", "init_lr", "seed", "enet_type", "data_dir"):
+        if state["args"].get(key) != config["args"].get(key):
+            raise UserError(
+                f"{path} was saved with --{key.replace('_', '-')} {state['args'].get(key)}, this run has "
+                f"{config['args'].get(key)}: resume with the original flags, or start afresh with --overwrite."
+            )
+
+
+def check_outputs_free(args: argparse.Namespace, run_names: list[str]) -> None:
+    """Refuses to overwrite an earlier run's files unless asked to (--overwrite), or told to continue it."""
+    for run_name in run_names:
+        paths = run_paths(args, run_name)
+        existing = [path for path in paths.values() if path.exists()]
+        if not existing:
+            continue
+        if args.resume and paths["last"].is_file():
+            continue
+        if args.overwrite:
+            for path in existing:
+                path.unlink()
+            continue
+        raise UserError(
+            f"{existing[0]} already exists from an earlier run named {run_name}: pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --save-name."
+        )
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with exit_on_user_error():
+        set_visible_devices(args.CUDA_VISIBLE_DEVICES)
+        device = select_device(args.device)
+        amp_dtype = resolve_precision(args.precision, device)
+        if args.image_size < 32:
+            raise UserError(
+                f"--image-size {args.image_size} is below the 32 px minimum of EfficientNet: use 32 or more."
+            )
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        folds = parse_folds(args.fold, args.n_folds)
+        frame = read_melanoma_table(args.data_dir, "train", use_meta=args.use_meta, require_target=True)
+        frame["fold"] = make_folds(frame, args.n_folds, args.seed)
+        ensure_writable_dir(args.model_dir, "model folder (--model-dir)")
+        ensure_writable_dir(args.log_dir, "log folder (--log-dir)")
+        run_names = [args.save_name] if len(folds) == 1 else [f"{args.save_name}_fold{fold}" for fold in folds]
+        check_outputs_free(args, run_names)
+
+        print(
+            f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {args.n_folds} patient-grouped folds, "
+            f"validating on fold(s) {folds}; {args.enet_type} at {args.image_size} px on {device}, "
+            f"precision {amp_dtype or 'fp32'}{', metadata branch' if args.use_meta else ''}",
+            flush=True,
+        )
+        oof_parts = [
+            train_fold(args, frame, fold, run_name, device, amp_dtype)
+            for fold, run_name in zip(folds, run_names, strict=True)
+        ]
+        oof = pd.concat(oof_parts, ignore_index=True)
+        summary = {
+            "folds": folds,
+            "fold_auc": [binary_metrics(part["target"], part["prob"])["auc"] for part in oof_parts],
+        }
+        summary["mean_auc"] = float(np.mean(summary["fold_auc"]))
+        if len(folds) > 1:
+            oof_path = Path(args.log_dir) / f"oof_{args.save_name}.csv"
+            write_csv_atomic(oof, oof_path)
+            print(
+                f"cross-validation: auc per fold {[round(a, 4) for a in summary['fold_auc']]}, "
+                f"mean {summary['mean_auc']:.4f} +- {np.std(summary['fold_auc']):.4f}; pooled predictions {oof_path}",
+                flush=True,
+            )
+        return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""Shared plumbing for both trainers: user errors, device and precision, seeding, the training loop,
+metrics, schedules and checkpoints. Everything here is passed what it needs; nothing is global."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- errors a user can cause
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad column, wrong checkpoint): one sentence, exit code 2."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Turns a UserError into one line on stderr and exit code 2, with no traceback."""
+    try:
+        yield
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def ensure_writable_dir(path: str | Path, what: str) -> Path:
+    """Creates `path` if needed and checks that files can be written there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write to the {what} {path} ({error.strerror}): choose a folder you can write to."
+        ) from None
+    return path
+
+
+# --------------------------------------------------------------------------- device, precision, seeding
+
+
+def set_visible_devices(spec: str | None) -> None:
+    """Applies --CUDA_VISIBLE_DEVICES; it only takes effect before CUDA is first initialised."""
+    if spec is None or spec == "":
+        return
+    if torch.cuda.is_initialized():
+        raise UserError("--CUDA_VISIBLE_DEVICES was given after CUDA started: set it before any GPU work.")
+    os.environ["CUDA_VISIBLE_DEVICES"] = spec
+
+
+def select_device(request: str) -> torch.device:
+    """'auto' takes the GPU when there is one and says so when there is not; 'cuda' insists on one."""
+    if request == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if request == "cuda":
+        raise UserError(
+            "--device cuda was asked for but no CUDA GPU is visible: check --CUDA_VISIBLE_DEVICES and the "
+            "driver, or use --device cpu."
+        )
+    print("notice: no CUDA GPU found, training on the CPU.", flush=True)
+    return torch.device("cpu")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Returns the autocast dtype, or None for plain fp32.
+
+    auto: bf16 on GPUs that have it, fp16 (with a GradScaler) on older GPUs, fp32 on the CPU.
+    """
+    if name == "fp32":
+        return None
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU.")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def make_grad_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (weight init, dropout). Shuffling and augmentation have their own seeds."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The global RNG states, weights_only-safe, to store in a resumable checkpoint."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": to_plain(list(np.random.get_state())),
+        "python": to_plain(list(random.getstate())),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def default_num_workers() -> int:
+    """Half the cores, at most 8: the torch threads need the rest, and a 2-core laptop must not thrash."""
+    return min(8, (os.cpu_count() or 2) // 2)
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    sampler: torch.utils.data.Sampler,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """Pinned memory and persistent, prefetching workers on a GPU box; plain in-process loading with 0 workers."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def _model_inputs(batch: dict, device: torch.device, channels_last: bool) -> tuple:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+    meta = batch.get("meta")
+    if meta is not None:
+        meta = meta.to(device, non_blocking=True)
+    return image, meta
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    channels_last: bool = False,
+    epoch: int = 0,
+    progress: bool | None = None,
+) -> float:
+    """One pass over `loader`; the scheduler steps per batch. Returns the mean training loss."""
+    model.train()
+    losses = []
+    bar = tqdm(
+        loader,
+        desc=f"train {epoch}",
+        leave=False,
+        disable=None if progress is None else not progress,
+        dynamic_ncols=True,
+    )
+    for step, batch in enumerate(bar):
+        image, meta = _model_inputs(batch, device, channels_last)
+        target = batch["target"].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp_dtype):
+            logits = model(image, meta)
+        loss = loss_fn(logits.float(), target)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"the training loss became {loss_value} at epoch {epoch}, batch {step}: lower --init-lr or "
+                "use --precision fp32; the checkpoints already saved are kept."
+            )
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.4f}", smooth=f"{np.mean(losses[-100:]):.4f}")
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool = False,
+    progress: bool | None = None,
+    desc: str = "valid",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs the model in eval mode over `loader`; returns all logits (float32, CPU) and targets if any."""
+    model.eval()
+    all_logits, all_targets = [], []
+    for batch in tqdm(
+        loader, desc=desc, leave=False, disable=None if progress is None else not progress, dynamic_ncols=True
+    ):
+        image, meta = _model_inputs(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(image, meta)
+        all_logits.append(logits.float().cpu())
+        if "target" in batch:
+            all_targets.append(batch["target"])
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0)
+    targets = torch.cat(all_targets) if all_targets else None
+    return logits, targets
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def make_warmup_cosine(
+    optimizer: torch.optim.Optimizer, n_epochs: int, steps_per_epoch: int, warmup_epochs: int = 1
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up from a tenth of the learning rate over the first epoch, then cosine to zero.
+
+    Stepped once per batch. A one-epoch run skips the warm-up so that it still reaches the full rate.
+    """
+    total = max(1, n_epochs * steps_per_epoch)
+    warmup = warmup_epochs * steps_per_epoch if n_epochs > warmup_epochs else 0
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def safe_auc(targets: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC, or NaN when only one class is present (it is undefined there)."""
+    targets = np.asarray(targets)
+    if targets.size == 0 or np.unique(targets).size < 2:
+        return float("nan")
+    return float(roc_auc_score(targets, scores))
+
+
+def binary_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, ROC AUC, balanced accuracy, sensitivity and specificity at `threshold`."""
+    targets = np.asarray(targets).astype(int)
+    predicted = (np.asarray(probs) >= threshold).astype(int)
+    positives, negatives = targets == 1, targets == 0
+    sensitivity = float(predicted[positives].mean()) if positives.any() else float("nan")
+    specificity = float((1 - predicted[negatives]).mean()) if negatives.any() else float("nan")
+    return {
+        "acc": float((predicted == targets).mean()) if targets.size else float("nan"),
+        "auc": safe_auc(targets, probs),
+        "balanced_acc": float(np.nanmean([sensitivity, specificity])),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+    }
+
+
+# --------------------------------------------------------------------------- atomic files and checkpoints
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path in the target's folder; renamed onto `path` only if the block succeeds,
+    so an interrupted write never leaves a truncated file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_csv_atomic(frame: Any, path: str | Path) -> None:
+    """Writes a pandas DataFrame as CSV, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """Saves atomically; the payload must hold only tensors and plain Python values (weights_only-safe)."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path: str | Path, expected_kind: str) -> dict:
+    """Loads with weights_only=True (a checkpoint can never run code) and checks it belongs to this script.
+
+    expected_kind is 'melanoma' (train.py / predict.py) or 'bias' (multi_classification.py).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check the path (models go to --model-dir).")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"checkpoint {path} needs pickle to load, which could run code: only load checkpoints written by "
+            "this project's scripts."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise UserError(f"checkpoint {path} cannot be read ({error}): it is truncated or not a checkpoint.") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(
+            f"{path} is not a checkpoint of this project (no format {CHECKPOINT_FORMAT} marker): "
+            "use a file written by train.py or multi_classification.py."
+        )
+    kind = checkpoint.get("kind")
+    if kind != expected_kind:
+        writer = {"melanoma": "train.py", "bias": "multi_classification.py"}.get(kind, "another tool")
+        reader = {"melanoma": "train.py / predict.py", "bias": "multi_classification.py"}[expected_kind]
+        raise UserError(f"checkpoint {path} was written by {writer}, not {reader}: pass a {expected_kind} model.")
+    return checkpoint
+
+
+def to_plain(value: Any) -> Any:
+    """Turns NumPy scalars and arrays into plain Python so a checkpoint loads with weights_only=True."""
+    if isinstance(value, dict):
+        return {str(key): to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
