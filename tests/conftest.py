@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny synthetic data set in the Kaggle layout, and the real sample when present."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from synthetic import make_synthetic_dataset  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REAL_DATA = Path(os.environ.get("ISIC_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/isic2018"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """48 training and 12 test images at 64 px: enough for every code path, seconds to train on."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_train=48, n_test=12, image_size=64, seed=0)
+
+
+@pytest.fixture()
+def real_data_dir() -> Path:
+    if not (REAL_DATA / "train.csv").is_file():
+        pytest.skip(f"the real sample {REAL_DATA} is not on this machine")
+    return REAL_DATA

@@ -1,0 +1,56 @@
+import urllib.error
+
+import pytest
+import torch
+from efficientnet_pytorch import EfficientNet
+from torch import nn
+
+from models import BiasNet, MelanomaNet, build_backbone
+from utils import UserError
+
+
+@pytest.mark.parametrize("enet_type", ["efficientnet-b0", "efficientnet-b1"])
+def test_forward_with_and_without_metadata(enet_type):
+    torch.manual_seed(0)
+    image, meta = torch.randn(3, 3, 32, 32), torch.randn(3, 7)
+    image_only = MelanomaNet(enet_type, out_dim=1, pretrained=False).eval()
+    assert image_only(image).shape == (3, 1)
+    with_meta = MelanomaNet(enet_type, out_dim=2, n_meta_features=7, n_meta_dim=(16, 8), pretrained=False).eval()
+    assert with_meta(image, meta).shape == (3, 2)
+    with pytest.raises(ValueError):
+        with_meta(image)
+
+
+def test_bias_net_has_one_logit_per_head():
+    model = BiasNet("efficientnet-b0", ["hair", "ruler", "frame"], pretrained=False).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_batchnorm_uses_pytorch_momentum_so_random_init_does_not_collapse():
+    backbone = build_backbone("efficientnet-b0", pretrained=False)
+    momenta = {m.momentum for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta == {0.1}
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    reference = EfficientNet.from_name("efficientnet-b0")
+    with torch.no_grad():
+        reference._conv_stem.weight.fill_(0.25)
+    path = tmp_path / "b0.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = build_backbone("efficientnet-b0", weights_path=str(path))
+    assert torch.all(backbone._conv_stem.weight == 0.25)
+    with pytest.raises(UserError, match="does not fit efficientnet-b1|lacks"):
+        build_backbone("efficientnet-b1", weights_path=str(path))
+    with pytest.raises(UserError, match="does not exist"):
+        build_backbone("efficientnet-b0", weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_failed_download_names_both_options(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("efficientnet_pytorch.utils.model_zoo.load_url", offline)
+    with pytest.raises(UserError) as error:
+        build_backbone("efficientnet-b0", pretrained=True)
+    assert "--pretrained-weights" in str(error.value) and "--no-pretrained" in str(error.value)

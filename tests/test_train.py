@@ -1,0 +1,132 @@
+import json
+import pickle
+
+import pandas as pd
+import pytest
+import torch
+
+import train
+from models import MelanomaNet
+from utils import UserError, load_checkpoint
+
+
+def seed_command(data_dir, tmp_path, *extra):
+    """The README's seed command, shrunk to seconds: tiny images, b0, one epoch, random weights."""
+    return [
+        "--save-name", "efficientnetb2_256_20ep", "--data-dir", str(data_dir), "--image-size", "32",
+        "--n-epochs", "1", "--enet-type", "efficientnet-b0", "--CUDA_VISIBLE_DEVICES", "0",
+        "--no-pretrained", "--batch-size", "16", "--num-workers", "0", "--n-folds", "3",
+        "--model-dir", str(tmp_path / "weights"), "--log-dir", str(tmp_path / "logs"), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("use_meta", [False, True])
+def test_seed_commands_train_end_to_end(synthetic_dir, tmp_path, use_meta):
+    summary = train.main(seed_command(synthetic_dir, tmp_path, *(["--use-meta"] if use_meta else [])))
+    assert 0.0 <= summary["mean_auc"] <= 1.0
+    weights, logs = tmp_path / "weights", tmp_path / "logs"
+    for suffix in ("best", "final", "last"):
+        assert (weights / f"efficientnetb2_256_20ep_{suffix}.pth").is_file()
+    log = (logs / "log_efficientnetb2_256_20ep.txt").read_text().splitlines()
+    assert len(log) == 1 and "Fold 0, Epoch 1, lr: " in log[0] and ", auc: " in log[0]
+    record = json.loads((logs / "metrics_efficientnetb2_256_20ep.jsonl").read_text())
+    assert {"train_loss", "valid_loss", "acc", "auc", "balanced_acc", "sensitivity", "specificity"} <= set(record)
+    oof = pd.read_csv(logs / "oof_efficientnetb2_256_20ep.csv")
+    assert oof["prob"].between(0, 1).all() and set(oof["target"]) == {0, 1}
+
+    # the checkpoint alone rebuilds the model and its input encoding, and loads without pickle
+    checkpoint = load_checkpoint(weights / "efficientnetb2_256_20ep_best.pth", "melanoma")
+    torch.load(weights / "efficientnetb2_256_20ep_best.pth", weights_only=True)
+    assert checkpoint["image_size"] == 32 and checkpoint["use_meta"] is use_meta
+    assert (checkpoint["meta_encoder"] is not None) is use_meta
+    model = MelanomaNet(**checkpoint["model"], pretrained=False)
+    model.load_state_dict(checkpoint["state_dict"])
+
+
+def test_existing_run_is_refused_then_resumed(synthetic_dir, tmp_path, capsys):
+    command = seed_command(synthetic_dir, tmp_path)
+    train.main(command)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(command)
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    best = (tmp_path / "weights" / "efficientnetb2_256_20ep_best.pth").read_bytes()
+    assert load_checkpoint(tmp_path / "weights" / "efficientnetb2_256_20ep_best.pth", "melanoma")
+    # --resume with more epochs continues the same run: the log gains exactly one line per new epoch
+    command[command.index("--n-epochs") + 1] = "2"
+    with pytest.raises(SystemExit):  # n_epochs differs from the saved run: refused, nothing touched
+        train.main([*command, "--resume"])
+    assert (tmp_path / "weights" / "efficientnetb2_256_20ep_best.pth").read_bytes() == best
+
+
+def test_bad_inputs_end_in_one_sentence_and_exit_code_2(synthetic_dir, tmp_path, capsys):
+    def fails_with(argv, *fragments):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        for fragment in fragments:
+            assert fragment in err
+
+    fails_with(seed_command(tmp_path / "nowhere", tmp_path), "nowhere", "--data-dir")
+
+    broken = tmp_path / "broken"
+    (broken / "train" / "train").mkdir(parents=True)
+    frame = pd.read_csv(synthetic_dir / "train.csv")
+    frame.drop(columns=["target"]).to_csv(broken / "train.csv", index=False)
+    fails_with(seed_command(broken, tmp_path), "train.csv", "target")
+
+    frame.to_csv(broken / "train.csv", index=False)
+    for name in frame["image_name"][1:]:
+        (broken / "train" / "train" / f"{name}.jpg").write_bytes(
+            (synthetic_dir / "train" / "train" / f"{name}.jpg").read_bytes()
+        )
+    fails_with(seed_command(broken, tmp_path), f"{frame['image_name'][0]}.jpg", "missing")
+
+    fails_with(seed_command(synthetic_dir, tmp_path, "--fold", "3"), "--fold 3")
+    if not torch.cuda.is_available():
+        fails_with(seed_command(synthetic_dir, tmp_path, "--device", "cuda"), "--device cuda")
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": 1, "kind": "melanoma", "payload": object()}, handle)
+    with pytest.raises(UserError, match="pickle"):
+        load_checkpoint(path, "melanoma")
+
+
+def test_interrupted_run_resumes_to_the_same_result(synthetic_dir, tmp_path, monkeypatch):
+    uninterrupted = train.main(seed_command(synthetic_dir, tmp_path / "a", "--n-epochs", "2"))
+
+    real_epoch = train.train_one_epoch
+    calls = []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    command = seed_command(synthetic_dir, tmp_path / "b", "--n-epochs", "2")
+    monkeypatch.setattr(train, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(command)
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    assert not (tmp_path / "b" / "weights" / "efficientnetb2_256_20ep_final.pth").exists()
+    resumed = train.main([*command, "--resume"])
+
+    assert resumed["mean_auc"] == pytest.approx(uninterrupted["mean_auc"], abs=1e-6)
+    lines = [
+        (tmp_path / run / "logs" / "metrics_efficientnetb2_256_20ep.jsonl").read_text().splitlines() for run in "ab"
+    ]
+    assert len(lines[1]) == 2  # each epoch once
+    for record_a, record_b in zip(*(map(json.loads, run) for run in lines), strict=True):
+        for key in ("train_loss", "valid_loss", "auc"):
+            assert record_b[key] == pytest.approx(record_a[key], abs=1e-6)
+    final = [
+        torch.load(tmp_path / run / "weights" / "efficientnetb2_256_20ep_final.pth", weights_only=True) for run in "ab"
+    ]
+    for name, tensor in final[0]["state_dict"].items():
+        assert torch.allclose(tensor.float(), final[1]["state_dict"][name].float(), atol=1e-6), name
