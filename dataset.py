@@ -3,6 +3,7 @@ the augmentations, artifact annotation files, and one Dataset that fuses images 
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import random
@@ -383,3 +384,155 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 DEFAULT_BIAS_HEADS = ("hair_dense", "hair_short", "hair_medium", "black_frame", "ruler_mark", "other")
+PROB_SUFFIX = "_prob"
+_LABEL_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "": math.nan}
+
+
+def bias_train_transforms(image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    """Augmentations for the artifact detector: flips, transposes, colour and blur, nothing that adds or erases
+    an artifact. The melanoma pipeline's constant-border Affine paints black wedges (a fake black frame) and its
+    cutout hole can erase a ruler or paint a patch, so both would teach the detector wrong labels."""
+    return A.Compose(
+        [
+            A.Resize(image_size, image_size),
+            A.Transpose(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.HorizontalFlip(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75),
+            A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
+            A.OneOf(
+                [A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(math.sqrt(5) / 255, math.sqrt(30) / 255))],
+                p=0.3,
+            ),
+            A.Normalize(mean=tuple(mean), std=tuple(std)),
+        ]
+    )
+
+
+def resolve_image(img_dir: Path, name: str) -> Path | None:
+    """The file an annotation names: `name` itself when it has an image extension, else `name` plus the first
+    of .jpg/.jpeg/.png/.bmp (either case) that exists. None when there is no such file."""
+    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+        candidates = [img_dir / name]
+    else:
+        candidates = [img_dir / f"{name}{ext}" for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)]
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_bias_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd.DataFrame, list[str], np.ndarray]:
+    """Reads an artifact annotation file; returns (frame, heads, labels).
+
+    Two forms are accepted:
+    - the original headerless one, lines `image_file,hair_dense,hair_short,hair_medium,black_frame,ruler_mark,other`;
+    - a CSV whose header names the heads: first column the image (with or without extension), every other
+      column a head, of any name and number (e.g. isic2018/bias.csv).
+    The first line is a header when none of its label cells is a number.
+
+    Cells hold 0, 1 or nothing; a blank cell means "not annotated" and becomes NaN in `labels` (float32,
+    shape images x heads), to be left out of that head's loss and metrics. A column `<head>_prob` is ignored when
+    the column `<head>` exists too, so the file written by `multi_classification.py --mode test` reads back.
+    `frame` has image_name (as written in the file), filepath (under `img_dir`) and line (1-based line number).
+    Any bad cell, a missing or duplicated image, or a file without heads is a UserError naming the line.
+    """
+    path, img_dir = Path(path), Path(img_dir)
+    if not path.is_file():
+        raise UserError(f"annotation file {path} does not exist: check --ann_path.")
+    if not img_dir.is_dir():
+        raise UserError(f"image folder {img_dir} does not exist: check --img_path.")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            rows = [(number, [cell.strip() for cell in row]) for number, row in enumerate(csv.reader(handle), start=1)]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path} is not a readable CSV text file ({error}): save it as UTF-8 CSV.") from None
+    rows = [(number, row) for number, row in rows if any(row)]
+    if not rows:
+        raise UserError(f"annotation file {path} is empty: it needs one line per image, image name then 0/1 labels.")
+
+    first_number, first = rows[0]
+    if len(first) < 2:
+        raise UserError(
+            f"{path} line {first_number} has no label columns: each line needs the image name, then one 0/1 "
+            "value per artifact head."
+        )
+    if not any(_is_number(cell) for cell in first[1:]):
+        columns = first[1:]
+        rows = rows[1:]
+        for index, name in enumerate(columns, start=2):
+            if not name:
+                raise UserError(f"{path} line {first_number}: header column {index} has no name; name every head.")
+        repeated = sorted({name for name in columns if columns.count(name) > 1})
+        if repeated:
+            raise UserError(f"{path} line {first_number} names head {repeated[0]} twice: give each column one name.")
+        if not rows:
+            raise UserError(f"{path} has a header but no rows: add one line per image.")
+    else:
+        if len(first) != len(DEFAULT_BIAS_HEADS) + 1:
+            raise UserError(
+                f"{path} line {first_number} has {len(first) - 1} labels without a header; the headerless form "
+                f"has {len(DEFAULT_BIAS_HEADS)} ({','.join(DEFAULT_BIAS_HEADS)}): fix the line or add a header line "
+                "naming the heads."
+            )
+        columns = list(DEFAULT_BIAS_HEADS)
+    keep = [
+        i for i, name in enumerate(columns) if not (name.endswith(PROB_SUFFIX) and name[: -len(PROB_SUFFIX)] in columns)
+    ]
+    heads = [columns[i] for i in keep]
+
+    names, filepaths, numbers, labels = [], [], [], []
+    seen: dict[str, int] = {}
+    for number, row in rows:
+        if len(row) != len(columns) + 1:
+            raise UserError(
+                f"{path} line {number} has {len(row)} values, the file has {len(columns) + 1} columns: "
+                "give every line the image name and one value per head."
+            )
+        name = row[0]
+        if not name:
+            raise UserError(f"{path} line {number} has no image name: every line must start with its image file.")
+        values = []
+        for i in keep:
+            value = _LABEL_VALUES.get(row[i + 1])
+            if value is None:
+                raise UserError(
+                    f"{path} line {number} has {row[i + 1]!r} for {columns[i]}: labels must be 0, 1 or blank "
+                    "(not annotated)."
+                )
+            values.append(value)
+        filepath = resolve_image(img_dir, name)
+        if filepath is None:
+            raise UserError(
+                f"{path} line {number} names image {name}, which is not in {img_dir}: restore it, fix --img_path, "
+                "or remove the line."
+            )
+        key = os.path.normcase(os.path.abspath(filepath))
+        if key in seen:
+            raise UserError(f"{path} line {number} repeats image {name} of line {seen[key]}: keep one line per image.")
+        seen[key] = number
+        names.append(name)
+        filepaths.append(str(filepath))
+        numbers.append(number)
+        labels.append(values)
+
+    frame = pd.DataFrame({"image_name": names, "filepath": filepaths, "line": numbers})
+    return frame, heads, np.asarray(labels, dtype=np.float32).reshape(len(names), len(heads))
+
+
+def list_images(img_dir: str | Path) -> list[Path]:
+    """Every image file (jpg, jpeg, png, bmp, either case) directly in `img_dir`, sorted by name."""
+    img_dir = Path(img_dir)
+    if not img_dir.is_dir():
+        raise UserError(f"image folder {img_dir} does not exist: check --img_path.")
+    files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UserError(
+            f"image folder {img_dir} holds no .jpg, .jpeg, .png or .bmp files: point --img_path at the images."
+        )
+    return files

@@ -141,3 +141,25 @@ class BiasNet(nn.Module):
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         features = backbone_features(self.enet, image)
         return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> nn.Module:
+    """Rebuilds the network a checkpoint of this project was saved from, with its weights, in eval mode.
+
+    checkpoint["model"] holds the constructor arguments of MelanomaNet (kind "melanoma") or BiasNet (kind "bias");
+    the backbone starts from random weights (no download) since the checkpoint's own weights replace them.
+    """
+    networks = {"melanoma": MelanomaNet, "bias": BiasNet}
+    kind, config = checkpoint.get("kind"), checkpoint.get("model")
+    if kind not in networks or not isinstance(config, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} lacks the model configuration or weights: use a checkpoint written by this project.")
+    try:
+        model = networks[kind](**config, pretrained=False)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise UserError(
+            f"the weights in {path} do not fit its own model configuration ({first}): the file is damaged or was "
+            "written by another version of this project."
+        ) from None
+    return model.eval()

@@ -33,6 +33,8 @@ from utils import (
     PRECISIONS,
     UserError,
     binary_metrics,
+    check_resume_compatible,
+    claim_outputs,
     default_num_workers,
     ensure_writable_dir,
     exit_on_user_error,
@@ -42,20 +44,25 @@ from utils import (
     make_warmup_cosine,
     predict_logits,
     resolve_precision,
-    rng_state,
+    restore_training_state,
     save_checkpoint,
     seed_everything,
     select_device,
-    set_rng_state,
     set_visible_devices,
     to_plain,
     train_one_epoch,
+    training_state,
     write_csv_atomic,
     write_text_atomic,
 )
 
 PRETRAINED_LR = 3e-4
 SCRATCH_LR = 1e-3
+# what must match for --resume to continue a run (checkpoint keys, and arguments with their flags)
+RESUME_KEYS = ("model", "use_meta", "image_size", "fold", "n_folds")
+RESUME_FLAGS = {
+    key: "--" + key.replace("_", "-") for key in ("n_epochs", "batch_size", "init_lr", "seed", "enet_type", "data_dir")
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,12 +290,8 @@ def train_fold(
     start_epoch, best_auc, history, best_oof = 1, -1.0, [], None
     if args.resume and paths["last"].is_file():
         state = load_checkpoint(paths["last"], "melanoma")
-        check_resume_compatible(state, config, paths["last"])
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        check_resume_compatible(state, config, paths["last"], RESUME_KEYS, RESUME_FLAGS)
+        restore_training_state(state, model, optimizer, scheduler, scaler)
         start_epoch, best_auc, history = state["epoch"] + 1, state["best_auc"], state["history"]
         best_oof = pd.DataFrame(state["best_oof"]) if state["best_oof"] else None
         print(f"resuming {run_name} after epoch {state['epoch']} (best auc so far {best_auc:.4f})", flush=True)
@@ -339,10 +342,7 @@ def train_fold(
             paths["last"],
             {
                 **checkpoint,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_state(),
+                **training_state(optimizer, scheduler, scaler),
                 "best_auc": best_auc,
                 "history": to_plain(history),
                 "best_oof": to_plain(best_oof.to_dict(orient="list")),
@@ -364,39 +364,11 @@ def train_fold(
     return best_oof
 
 
-def check_resume_compatible(state: dict, config: dict, path: Path) -> None:
-    """A resumed run must be the same run: same model, data encoding and training settings."""
-    for key in ("model", "use_meta", "image_size", "fold", "n_folds"):
-        if state.get(key) != to_plain(config[key]):
-            raise UserError(
-                f"{path} was saved with {key} = {state.get(key)}, this run has {to_plain(config[key])}: "
-                "resume with the original flags, or start afresh with --overwrite."
-            )
-    for key in ("n_epochs", "batch_size", "init_lr", "seed", "enet_type", "data_dir"):
-        if state["args"].get(key) != config["args"].get(key):
-            raise UserError(
-                f"{path} was saved with --{key.replace('_', '-')} {state['args'].get(key)}, this run has "
-                f"{config['args'].get(key)}: resume with the original flags, or start afresh with --overwrite."
-            )
-
-
 def check_outputs_free(args: argparse.Namespace, run_names: list[str]) -> None:
     """Refuses to overwrite an earlier run's files unless asked to (--overwrite), or told to continue it."""
     for run_name in run_names:
         paths = run_paths(args, run_name)
-        existing = [path for path in paths.values() if path.exists()]
-        if not existing:
-            continue
-        if args.resume and paths["last"].is_file():
-            continue
-        if args.overwrite:
-            for path in existing:
-                path.unlink()
-            continue
-        raise UserError(
-            f"{existing[0]} already exists from an earlier run named {run_name}: pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --save-name."
-        )
+        claim_outputs(list(paths.values()), paths["last"], args.resume, args.overwrite, "choose another --save-name")
 
 
 # --------------------------------------------------------------------------- main

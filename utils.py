@@ -11,13 +11,13 @@ import pickle
 import random
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
@@ -137,6 +137,62 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def training_state(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> dict:
+    """What a resumable (_last) checkpoint holds beside the weights: optimizer, scheduler, scaler and RNG states."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def restore_training_state(
+    state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler
+) -> None:
+    """Puts a run back where a _last checkpoint left it (its "state_dict" and the parts of training_state)."""
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
+def check_resume_compatible(
+    state: dict, config: dict, path: str | Path, keys: Sequence[str], arg_flags: dict[str, str]
+) -> None:
+    """A resumed run must be the same run: `keys` of the checkpoint config and the arguments in `arg_flags`
+    (argument name -> the flag that sets it) must equal this run's, else a UserError names the first difference."""
+    for key in keys:
+        if state.get(key) != to_plain(config[key]):
+            raise UserError(
+                f"{path} was saved with {key} = {state.get(key)}, this run has {to_plain(config[key])}: "
+                "resume with the original flags, or start afresh with --overwrite."
+            )
+    for key, flag in arg_flags.items():
+        if state["args"].get(key) != config["args"].get(key):
+            raise UserError(
+                f"{path} was saved with {flag} {state['args'].get(key)}, this run has "
+                f"{config['args'].get(key)}: resume with the original flags, or start afresh with --overwrite."
+            )
+
+
+def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bool, alternative: str) -> None:
+    """Refuses to overwrite an earlier run's files: they are kept when the run is continued (--resume with its
+    `last` checkpoint present), deleted with --overwrite, else a UserError suggests `alternative`."""
+    existing = [path for path in paths if path.exists()]
+    if not existing or (resume and last.is_file()):
+        return
+    if overwrite:
+        for path in existing:
+            path.unlink()
+        return
+    raise UserError(
+        f"{existing[0]} already exists from an earlier run: pass --resume to continue it, --overwrite to replace "
+        f"it, or {alternative}."
+    )
 
 
 def default_num_workers() -> int:
@@ -300,6 +356,45 @@ def binary_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float = 0.
         "balanced_acc": float(np.nanmean([sensitivity, specificity])),
         "sensitivity": sensitivity,
         "specificity": specificity,
+    }
+
+
+def best_f1_threshold(targets: np.ndarray, probs: np.ndarray) -> float:
+    """The probability cut-off with the highest F1 (predict positive when prob >= cut-off); 0.5 when the
+    targets hold no positive, where F1 is undefined."""
+    targets, probs = np.asarray(targets).astype(int), np.asarray(probs, dtype=float)
+    if not (targets == 1).any():
+        return 0.5
+    precision, recall, thresholds = precision_recall_curve(targets, probs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return float(thresholds[int(np.argmax(f1[:-1]))])
+
+
+def head_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """One binary head: ROC AUC, average precision, F1, precision, recall and accuracy at `threshold`, and the
+    support. Rows whose target is NaN (not annotated) are left out; a metric that is undefined for the rows
+    left (AUC and AP without both classes) is NaN, and precision with no positive prediction is 0."""
+    targets, probs = np.asarray(targets, dtype=float), np.asarray(probs, dtype=float)
+    annotated = ~np.isnan(targets)
+    targets, probs = targets[annotated].astype(int), probs[annotated]
+    predicted = probs >= threshold
+    true_pos = int((predicted & (targets == 1)).sum())
+    n_pred, n_pos = int(predicted.sum()), int((targets == 1).sum())
+    precision = true_pos / n_pred if n_pred else 0.0
+    recall = true_pos / n_pos if n_pos else float("nan")
+    f1 = 2 * true_pos / (n_pred + n_pos) if n_pred + n_pos else float("nan")
+    has_both = 0 < n_pos < targets.size
+    return {
+        "auc": safe_auc(targets, probs),
+        "ap": float(average_precision_score(targets, probs)) if has_both else float("nan"),
+        "f1": f1,
+        "precision": precision,
+        "recall": recall,
+        "acc": float((predicted == (targets == 1)).mean()) if targets.size else float("nan"),
+        "threshold": float(threshold),
+        "support": int(targets.size),
+        "positives": n_pos,
     }
 
 
