@@ -13,8 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from baselines import baseline_aucs
 from dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -32,12 +36,15 @@ from utils import (
     CHECKPOINT_FORMAT,
     PRECISIONS,
     UserError,
+    World,
+    average_buffers_over_world,
     binary_metrics,
     check_resume_compatible,
     claim_outputs,
     default_num_workers,
     ensure_writable_dir,
     exit_on_user_error,
+    gather_over_world,
     load_checkpoint,
     make_grad_scaler,
     make_loader,
@@ -47,8 +54,9 @@ from utils import (
     restore_training_state,
     save_checkpoint,
     seed_everything,
-    select_device,
     set_visible_devices,
+    setup_world,
+    teardown_world,
     to_plain,
     train_one_epoch,
     training_state,
@@ -121,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained-weights", default=None, help="local ImageNet state_dict for the backbone")
     weights.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    parser.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also fit the metadata logistic regression and image-statistics gradient boosting on each fold",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from <model-dir>/<save-name>_last.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
     parser.add_argument(
@@ -213,9 +227,11 @@ def train_fold(
     run_name: str,
     device: torch.device,
     amp_dtype: torch.dtype | None,
-) -> pd.DataFrame:
+    world: World,
+) -> tuple[pd.DataFrame, dict, nn.Module]:
     """Trains on every fold but `fold`, validates on `fold`; returns the out-of-fold predictions of the best
-    epoch. Writes <run>_best/_final/_last.pth, the log, the metrics file and the OOF CSV."""
+    epoch, the baselines' validation AUCs and the trained network. Writes <run>_best/_final/_last.pth, the log,
+    the metrics file and the OOF CSV (the main process only, in a distributed run)."""
     paths = run_paths(args, run_name)
     train_rows = frame[frame["fold"] != fold].reset_index(drop=True)
     valid_rows = frame[frame["fold"] == fold].reset_index(drop=True)
@@ -231,8 +247,13 @@ def train_fold(
         encoder = MetaEncoder([name for name in args.meta_features.split(",") if name]).fit(train_rows)
         train_meta, valid_meta = encoder.transform(train_rows), encoder.transform(valid_rows)
 
+    baselines = {}
+    if args.baselines and world.is_main:
+        baselines = baseline_aucs(train_rows, valid_rows, seed=args.seed)
+        print("baselines on this fold: " + ", ".join(f"{k} {v:.4f}" for k, v in baselines.items()), flush=True)
+
     seed_everything(args.seed + fold)
-    model = MelanomaNet(
+    net = MelanomaNet(
         args.enet_type,
         out_dim=args.out_dim,
         n_meta_features=encoder.n_features if encoder else 0,
@@ -241,7 +262,15 @@ def train_fold(
         weights_path=args.pretrained_weights,
     ).to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+    # DDP averages gradients over processes and keeps the weights identical; `net` is what gets saved, so a
+    # checkpoint is the same whether trained on 1 or N processes
+    model = (
+        DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if world.distributed
+        else net
+    )
+    torch.manual_seed(args.seed + fold + 1000 * world.rank)  # dropout differs per rank, the initial weights do not
 
     train_set = ImageDataset(
         train_rows["filepath"],
@@ -253,16 +282,20 @@ def train_fold(
     valid_set = ImageDataset(
         valid_rows["filepath"], valid_transforms(args.image_size), valid_meta, valid_rows["target"]
     )
-    train_sampler = EpochSampler(len(train_set), shuffle=True, seed=args.seed + fold)
+    train_sampler = EpochSampler(len(train_set), True, args.seed + fold, world.rank, world.size)
     # drop_last keeps BatchNorm away from a final batch of one image
     train_loader = make_loader(
         train_set, train_sampler, args.batch_size, args.num_workers, device, drop_last=len(train_set) > args.batch_size
     )
     valid_loader = make_loader(
-        valid_set, EpochSampler(len(valid_set), shuffle=False, seed=0), args.batch_size, args.num_workers, device
+        valid_set,
+        EpochSampler(len(valid_set), False, 0, world.rank, world.size),
+        args.batch_size,
+        args.num_workers,
+        device,
     )
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.init_lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.init_lr)
     scheduler = make_warmup_cosine(optimizer, args.n_epochs, len(train_loader))
     scaler = make_grad_scaler(device, amp_dtype)
     loss_fn = melanoma_loss(args.out_dim)
@@ -291,10 +324,11 @@ def train_fold(
     if args.resume and paths["last"].is_file():
         state = load_checkpoint(paths["last"], "melanoma")
         check_resume_compatible(state, config, paths["last"], RESUME_KEYS, RESUME_FLAGS)
-        restore_training_state(state, model, optimizer, scheduler, scaler)
+        restore_training_state(state, net, optimizer, scheduler, scaler)
         start_epoch, best_auc, history = state["epoch"] + 1, state["best_auc"], state["history"]
         best_oof = pd.DataFrame(state["best_oof"]) if state["best_oof"] else None
-        print(f"resuming {run_name} after epoch {state['epoch']} (best auc so far {best_auc:.4f})", flush=True)
+        if world.is_main:
+            print(f"resuming {run_name} after epoch {state['epoch']} (best auc so far {best_auc:.4f})", flush=True)
 
     for epoch in range(start_epoch, args.n_epochs + 1):
         started = time.time()
@@ -311,9 +345,12 @@ def train_fold(
             scheduler,
             channels_last=args.channels_last,
             epoch=epoch,
-            progress=args.progress,
+            progress=args.progress and world.is_main,
+            world=world,
         )
-        logits, targets = predict_logits(model, valid_loader, device, amp_dtype, args.channels_last, args.progress)
+        average_buffers_over_world(net, world)
+        logits, targets = predict_logits(net, valid_loader, device, amp_dtype, args.channels_last, args.progress)
+        logits, targets = gather_over_world(logits, targets, len(valid_set), world, device)
         valid_loss = float(loss_fn(logits, targets))
         probs = melanoma_probability(logits)
         metrics = binary_metrics(targets.numpy(), probs)
@@ -325,17 +362,21 @@ def train_fold(
             "train_loss": train_loss,
             "valid_loss": valid_loss,
             **metrics,
+            **baselines,
             "seconds": round(time.time() - started, 2),
         }
         history.append(record)
-        print(log_line(record), flush=True)
-
-        checkpoint = {**config, "epoch": epoch, "metrics": to_plain(metrics), "state_dict": model.state_dict()}
-        if metrics["auc"] > best_auc:
+        improved = metrics["auc"] > best_auc
+        if improved:
             best_auc = metrics["auc"]
             best_oof = pd.DataFrame(
                 {"image_name": valid_rows["image_name"], "fold": fold, "target": valid_rows["target"], "prob": probs}
             )
+        if not world.is_main:
+            continue
+        print(log_line(record), flush=True)
+        checkpoint = {**config, "epoch": epoch, "metrics": to_plain(metrics), "state_dict": net.state_dict()}
+        if improved:
             save_checkpoint(paths["best"], checkpoint)
             print(f"  best auc {metrics['auc']:.4f}: saved {paths['best']}", flush=True)
         save_checkpoint(
@@ -356,12 +397,16 @@ def train_fold(
     if best_oof is None:  # resumed a run that had already finished
         state = load_checkpoint(paths["last"], "melanoma")
         best_oof = pd.DataFrame(state["best_oof"])
-    print(
-        f"fold {fold}: best valid auc {best_auc:.4f}; checkpoints {paths['best']} and {paths['final']}, "
-        f"log {paths['log']}, metrics {paths['metrics']}, out-of-fold predictions {paths['oof']}",
-        flush=True,
-    )
-    return best_oof
+        baselines = {key: value for key, value in state["history"][-1].items() if key.startswith("baseline_")}
+    if world.is_main:
+        print(
+            f"fold {fold}: best valid auc {best_auc:.4f}"
+            + "".join(f" ({key} {value:.4f})" for key, value in baselines.items())
+            + f"; checkpoints {paths['best']} and {paths['final']}, log {paths['log']}, metrics {paths['metrics']}, "
+            f"out-of-fold predictions {paths['oof']}",
+            flush=True,
+        )
+    return best_oof, baselines, net
 
 
 def check_outputs_free(args: argparse.Namespace, run_names: list[str]) -> None:
@@ -378,47 +423,66 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
         set_visible_devices(args.CUDA_VISIBLE_DEVICES)
-        device = select_device(args.device)
-        amp_dtype = resolve_precision(args.precision, device)
-        if args.image_size < 32:
-            raise UserError(
-                f"--image-size {args.image_size} is below the 32 px minimum of EfficientNet: use 32 or more."
-            )
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        folds = parse_folds(args.fold, args.n_folds)
-        frame = read_melanoma_table(args.data_dir, "train", use_meta=args.use_meta, require_target=True)
-        frame["fold"] = make_folds(frame, args.n_folds, args.seed)
+        world, device = setup_world(args.device)
+        try:
+            return run(args, world, device)
+        finally:
+            teardown_world(world)
+
+
+def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
+    """Trains the requested folds; returns per-fold AUCs, their mean, the baselines and the trained networks."""
+    if not world.distributed and args.CUDA_VISIBLE_DEVICES and "," in args.CUDA_VISIBLE_DEVICES:
+        print(
+            "notice: one process trains on the first listed GPU; to train on all of them start "
+            "`torchrun --nproc_per_node N train.py ...`.",
+            flush=True,
+        )
+    amp_dtype = resolve_precision(args.precision, device)
+    if args.image_size < 32:
+        raise UserError(f"--image-size {args.image_size} is below the 32 px minimum of EfficientNet: use 32 or more.")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    folds = parse_folds(args.fold, args.n_folds)
+    frame = read_melanoma_table(args.data_dir, "train", use_meta=args.use_meta, require_target=True)
+    frame["fold"] = make_folds(frame, args.n_folds, args.seed)
+    run_names = [args.save_name] if len(folds) == 1 else [f"{args.save_name}_fold{fold}" for fold in folds]
+    if world.is_main:
         ensure_writable_dir(args.model_dir, "model folder (--model-dir)")
         ensure_writable_dir(args.log_dir, "log folder (--log-dir)")
-        run_names = [args.save_name] if len(folds) == 1 else [f"{args.save_name}_fold{fold}" for fold in folds]
         check_outputs_free(args, run_names)
+    if world.distributed:
+        dist.barrier()
 
+    if world.is_main:
         print(
             f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {args.n_folds} patient-grouped folds, "
             f"validating on fold(s) {folds}; {args.enet_type} at {args.image_size} px on {device}, "
             f"precision {amp_dtype or 'fp32'}{', metadata branch' if args.use_meta else ''}",
             flush=True,
         )
-        oof_parts = [
-            train_fold(args, frame, fold, run_name, device, amp_dtype)
-            for fold, run_name in zip(folds, run_names, strict=True)
-        ]
-        oof = pd.concat(oof_parts, ignore_index=True)
-        summary = {
-            "folds": folds,
-            "fold_auc": [binary_metrics(part["target"], part["prob"])["auc"] for part in oof_parts],
-        }
-        summary["mean_auc"] = float(np.mean(summary["fold_auc"]))
-        if len(folds) > 1:
-            oof_path = Path(args.log_dir) / f"oof_{args.save_name}.csv"
-            write_csv_atomic(oof, oof_path)
-            print(
-                f"cross-validation: auc per fold {[round(a, 4) for a in summary['fold_auc']]}, "
-                f"mean {summary['mean_auc']:.4f} +- {np.std(summary['fold_auc']):.4f}; pooled predictions {oof_path}",
-                flush=True,
-            )
-        return summary
+    results = [
+        train_fold(args, frame, fold, run_name, device, amp_dtype, world)
+        for fold, run_name in zip(folds, run_names, strict=True)
+    ]
+    oof_parts = [oof for oof, _, _ in results]
+    oof = pd.concat(oof_parts, ignore_index=True)
+    summary = {
+        "folds": folds,
+        "fold_auc": [binary_metrics(part["target"], part["prob"])["auc"] for part in oof_parts],
+        "baselines": [baselines for _, baselines, _ in results],
+        "models": [net for _, _, net in results],
+    }
+    summary["mean_auc"] = float(np.mean(summary["fold_auc"]))
+    if len(folds) > 1 and world.is_main:
+        oof_path = Path(args.log_dir) / f"oof_{args.save_name}.csv"
+        write_csv_atomic(oof, oof_path)
+        print(
+            f"cross-validation: auc per fold {[round(a, 4) for a in summary['fold_auc']]}, "
+            f"mean {summary['mean_auc']:.4f} +- {np.std(summary['fold_auc']):.4f}; pooled predictions {oof_path}",
+            flush=True,
+        )
+    return summary
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ import random
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from torch import nn
 from tqdm import tqdm
@@ -37,7 +39,11 @@ def exit_on_user_error() -> Iterator[None]:
     try:
         yield
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        message = str(error)
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            # a DataLoader worker re-raises with the worker's whole traceback; its last line is the sentence
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
@@ -78,8 +84,91 @@ def select_device(request: str) -> torch.device:
             "--device cuda was asked for but no CUDA GPU is visible: check --CUDA_VISIBLE_DEVICES and the "
             "driver, or use --device cpu."
         )
-    print("notice: no CUDA GPU found, training on the CPU.", flush=True)
+    print("notice: no CUDA GPU found, running on the CPU.", flush=True)
     return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a distributed run (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE); one process
+    without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup_world(device_request: str) -> tuple[World, torch.device]:
+    """Joins the process group when started by torchrun (NCCL on GPUs, gloo on CPUs) and picks this process's
+    device; a plain `python train.py` is a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), select_device(device_request)
+    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
+    if device_request != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+        device, backend = torch.device("cuda", world.local_rank), "nccl"
+    elif device_request == "cuda":
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu with torchrun.")
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    if world.is_main:
+        print(f"distributed: {size} processes on the {backend} backend", flush=True)
+    return world, device
+
+
+def teardown_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_over_world(value: float, world: World, device: torch.device) -> float:
+    """The mean of a per-process number over all processes (identical on every rank)."""
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / world.size
+
+
+def average_buffers_over_world(model: nn.Module, world: World) -> None:
+    """Averages the BatchNorm running statistics over processes (each rank saw other images), so that every
+    rank validates, and rank 0 saves, the same model, estimated from all the data."""
+    if not world.distributed:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= world.size
+
+
+def gather_over_world(
+    logits: torch.Tensor, targets: torch.Tensor | None, n_items: int, world: World, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reassembles the predictions of an EpochSampler(shuffle=False) split over ranks into the full, ordered set
+    of `n_items` rows on every rank, so that AUC is computed over the whole validation set, never per rank.
+
+    Rank r held items r, r + size, r + 2 size, ... (padded by repetition to equal length), hence the interleave."""
+    if not world.distributed:
+        return logits, targets
+
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor, device=device) for _ in range(world.size)]
+        dist.all_gather(parts, tensor.to(device).contiguous())
+        stacked = torch.stack([part.cpu() for part in parts], dim=1)  # (per_rank, size, ...)
+        return stacked.reshape(-1, *tensor.shape[1:])[:n_items]
+
+    return gather(logits), None if targets is None else gather(targets)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -187,7 +276,7 @@ def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bo
         return
     if overwrite:
         for path in existing:
-            path.unlink()
+            path.unlink(missing_ok=True)
         return
     raise UserError(
         f"{existing[0]} already exists from an earlier run: pass --resume to continue it, --overwrite to replace "
@@ -252,8 +341,13 @@ def train_one_epoch(
     channels_last: bool = False,
     epoch: int = 0,
     progress: bool | None = None,
+    world: World | None = None,
 ) -> float:
-    """One pass over `loader`; the scheduler steps per batch. Returns the mean training loss."""
+    """One pass over `loader`; the scheduler steps per batch. Returns the mean training loss.
+
+    In a distributed run the loss is averaged over all processes every step, so that every rank logs the same
+    number and all stop together if it diverges."""
+    world = world or World()
     model.train()
     losses = []
     bar = tqdm(
@@ -270,7 +364,7 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             logits = model(image, meta)
         loss = loss_fn(logits.float(), target)
-        loss_value = loss.item()
+        loss_value = mean_over_world(loss.item(), world, device)
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
                 f"the training loss became {loss_value} at epoch {epoch}, batch {step}: lower --init-lr or "

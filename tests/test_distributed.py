@@ -1,0 +1,60 @@
+"""Two processes on the gloo backend (CPU), as `torchrun --nproc_per_node 2 train.py ...` starts them."""
+
+import socket
+
+import pandas as pd
+import torch
+import torch.multiprocessing as mp
+
+from utils import load_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_on_rank(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(1)
+    import train
+
+    summary = train.main(argv)
+    torch.save(summary["models"][0].state_dict(), f"{out_dir}/rank{rank}.pt")
+
+
+def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthetic_dir, tmp_path):
+    argv = [
+        "--save-name", "ddp", "--data-dir", str(synthetic_dir), "--image-size", "32", "--n-epochs", "1",
+        "--enet-type", "efficientnet-b0", "--no-pretrained", "--batch-size", "8", "--num-workers", "0",
+        "--n-folds", "3", "--device", "cpu", "--no-baselines",
+        "--model-dir", str(tmp_path / "weights"), "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    mp.spawn(train_on_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+
+    assert sorted(path.name for path in (tmp_path / "weights").iterdir()) == [
+        "ddp_best.pth", "ddp_final.pth", "ddp_last.pth",
+    ]  # fmt: skip
+    assert len((tmp_path / "logs" / "log_ddp.txt").read_text().splitlines()) == 1
+
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), f"{name} differs between ranks"
+    saved = load_checkpoint(tmp_path / "weights" / "ddp_final.pth", "melanoma")["state_dict"]
+    assert set(saved) == set(rank0) and all(torch.equal(saved[name], rank0[name]) for name in saved)
+
+    # validation covered every row of the fold, not one rank's half
+    import train
+    from dataset import make_folds, read_melanoma_table
+
+    frame = read_melanoma_table(synthetic_dir, "train", use_meta=False, require_target=True)
+    fold_rows = frame["image_name"][make_folds(frame, 3, 0) == 0]
+    oof = pd.read_csv(tmp_path / "logs" / "oof_ddp.csv")
+    assert sorted(oof["image_name"]) == sorted(fold_rows)
+    logged_auc = float((tmp_path / "logs" / "log_ddp.txt").read_text().split("auc: ")[1].split(",")[0])
+    assert abs(train.binary_metrics(oof["target"], oof["prob"])["auc"] - logged_auc) < 1e-5
