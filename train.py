@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from baselines import baseline_aucs
 from dataset import (
+    AUGMENTATIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     META_FEATURES,
@@ -124,6 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="NHWC memory layout (faster convolutions on GPUs and recent CPUs)",
     )
+    parser.add_argument(
+        "--augment",
+        default=None,
+        choices=AUGMENTATIONS,
+        help="training augmentation strength (default: full with ImageNet weights, light with --no-pretrained)",
+    )
     parser.add_argument("--n-folds", type=int, default=5)
     parser.add_argument("--fold", default="0", help="validation fold: an index, a comma list, or 'all'")
     weights = parser.add_mutually_exclusive_group()
@@ -144,8 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tqdm progress bars (default: only on a terminal)",
     )
     args = parser.parse_args(argv)
+    # from random weights the full 1st-place augmentation stops the network learning within a CPU-sized budget
+    # (README, "Training from random weights"): lighter augmentation and a higher rate are the measured defaults
     if args.init_lr is None:
         args.init_lr = SCRATCH_LR if args.no_pretrained else PRETRAINED_LR
+    if args.augment is None:
+        args.augment = "light" if args.no_pretrained else "full"
     return args
 
 
@@ -274,7 +285,7 @@ def train_fold(
 
     train_set = ImageDataset(
         train_rows["filepath"],
-        train_transforms(args.image_size),
+        train_transforms(args.image_size, strength=args.augment),
         train_meta,
         train_rows["target"],
         augment_seed=args.seed + fold,

@@ -1,0 +1,297 @@
+"""Bias audit of a melanoma model: how well it does on images with and without each artifact, and how its
+predictions move when a synthetic artifact is pasted onto images that have none.
+
+    python audit.py --model-path weights/r1_best.pth --data-dir ../shared/data/isic2018/ \
+        --artifacts ../shared/data/isic2018/bias.csv --out audit_r1.csv
+    python audit.py --model-path weights/r1_best.pth --images photos/ --meta-csv photos.csv \
+        --artifacts annotations.csv      # labelled CSV (image_name, target, metadata) + images + artifact labels
+
+--artifacts takes the output of `multi_classification.py --mode test` or any annotation file it reads (headerless
+gans_biases.csv lines, or a header naming the artifact columns, first column the image name; `*_prob` columns
+are ignored). With --data-dir, the images of the train split are audited; when that is the folder the model was
+trained on, only its held-out validation fold is used (the model has seen the rest), unless --all-rows.
+
+One table, printed and written to --out as CSV (reproducible for a given --seed):
+
+    artifact, test, images, melanoma, auc, sensitivity, specificity at --threshold, and for the counterfactual
+    rows benign_to_malignant, malignant_to_benign (predictions that cross --threshold) and mean_shift (mean
+    change of P(melanoma)).
+
+test is `all` (every audited image), `with` / `without` (images labelled 1 / 0 for that artifact), or
+`inserted <kind>`: the images without that artifact (the `without` row's images), each with a synthetic
+black_frame, ruler or hair pasted on (drawn as in synthetic.py on a 256 px canvas, seeded per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from dataset import make_folds, read_bias_annotations, read_melanoma_table, valid_transforms
+from inference import (
+    LoadedModel,
+    attach_metadata,
+    frame_from_images,
+    image_name,
+    load_melanoma_model,
+    predict_probabilities,
+    require_metadata,
+)
+from predict import add_runtime_args, check_output, prepare_runtime
+from synthetic import _draw_black_frame, _draw_hair, _draw_ruler
+from utils import UserError, binary_metrics, exit_on_user_error, write_csv_atomic
+
+# artifact kinds that can be pasted, and the label columns that mean "this image already has it"
+INSERTIONS = {
+    "black_frame": ("black_frame", "dark_corner"),
+    "ruler": ("ruler_mark", "ruler"),
+    "hair": ("hair", "hair_dense", "hair_short", "hair_medium"),
+}
+CANVAS = 256  # artifacts are drawn at the resolution of the Kaggle images and the synthetic data, then resized
+COLUMNS = (
+    "artifact",
+    "test",
+    "images",
+    "melanoma",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "benign_to_malignant",
+    "malignant_to_benign",
+    "mean_shift",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", required=True, help="melanoma checkpoint from train.py")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="Kaggle-layout folder with train.csv and train/train/*.jpg")
+    source.add_argument("--images", help="folder of images, with --meta-csv holding image_name and target")
+    parser.add_argument("--meta-csv", help="with --images: CSV of image_name, target (0/1) and the metadata")
+    parser.add_argument("--artifacts", "--ann_path", required=True, help="artifact labels (see above)")
+    parser.add_argument("--all-rows", action="store_true", help="audit every row, also the model's training rows")
+    parser.add_argument(
+        "--insert",
+        default=",".join(INSERTIONS),
+        help=f"comma list of artifacts to paste, from {','.join(INSERTIONS)} ('' for none)",
+    )
+    parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(melanoma)")
+    parser.add_argument("--n-tta", type=int, default=1, help="dihedral test-time augmentations, 1..8")
+    parser.add_argument("--allow-missing-meta", action="store_true", help="encode absent metadata as missing")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pasted artifacts")
+    parser.add_argument("--out", default="audit.csv", help="the table as CSV (default audit.csv)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    if args.images and not args.meta_csv:
+        parser.error("--images needs --meta-csv with image_name and target")
+    return args
+
+
+# --------------------------------------------------------------------------- pasting artifacts
+
+
+def paste_artifact(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A copy of a square RGB uint8 image with a synthetic artifact drawn on, as synthetic.py draws them."""
+    canvas = image.astype(np.float32)
+    if kind == "black_frame":
+        _draw_black_frame(rng, canvas)
+    elif kind == "ruler":
+        _draw_ruler(rng, canvas)
+    elif kind == "hair":
+        _draw_hair(rng, canvas, "hair_medium")
+    else:
+        raise ValueError(f"unknown artifact {kind!r}")
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+
+
+class PasteThenTransform:
+    """Resizes to a square canvas, pastes `kind` (None: nothing), then applies `then` (the model's own transform).
+
+    Used as an ImageDataset transform: with the dataset's augment_seed, ImageDataset hands each image a generator
+    seeded by (seed, index), so every image gets the same artifact on every run, with any number of workers."""
+
+    def __init__(self, kind: str | None, canvas: int, then) -> None:
+        self.kind, self.canvas, self.then = kind, canvas, then
+        self.rng: np.random.Generator | None = None
+
+    def set_random_state(self, generator: np.random.Generator, py_random=None) -> None:
+        self.rng = generator
+
+    def __call__(self, *, image: np.ndarray) -> dict:
+        if image.shape[:2] != (self.canvas, self.canvas):
+            image = cv2.resize(image, (self.canvas, self.canvas), interpolation=cv2.INTER_AREA)
+        if self.kind is not None:
+            if self.rng is None:
+                raise RuntimeError("PasteThenTransform needs an ImageDataset with augment_seed")
+            image = paste_artifact(image, self.kind, self.rng)
+        return self.then(image=image)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def audited_rows(args: argparse.Namespace, loaded: LoadedModel) -> tuple[pd.DataFrame, Path, str]:
+    """The labelled images to audit (image_name, filepath, target, metadata), their folder, and a description."""
+    if args.images:
+        frame = attach_metadata(frame_from_images([args.images]), args.meta_csv)
+        if "target" not in frame.columns:
+            raise UserError(f"{args.meta_csv} lacks the column target: the audit needs 0/1 melanoma labels.")
+        target = pd.to_numeric(frame["target"], errors="coerce")
+        if not target.isin([0, 1]).all():
+            bad = frame["image_name"][~target.isin([0, 1])].iloc[0]
+            raise UserError(f"{args.meta_csv} has no 0/1 target for image {bad}: label every image 0 or 1.")
+        frame["target"] = target.astype(int)
+        return frame, Path(args.images), f"{len(frame)} images of {args.images}"
+
+    data_dir = Path(args.data_dir)
+    frame = read_melanoma_table(data_dir, "train", use_meta=False, require_target=True)
+    trained_on = (loaded.info.get("args") or {}).get("data_dir")
+    same_data = trained_on is not None and Path(trained_on).resolve() == data_dir.resolve()
+    if same_data and not args.all_rows and loaded.info.get("fold") is not None:
+        fold, n_folds, seed = loaded.info["fold"], loaded.info["n_folds"], loaded.info["args"]["seed"]
+        frame = frame[make_folds(frame, n_folds, seed) == fold].reset_index(drop=True)
+        described = (
+            f"the {len(frame)} held-out images of fold {fold} (the model trained on the rest; --all-rows for all)"
+        )
+    else:
+        described = f"all {len(frame)} images of {data_dir}"
+    return frame, data_dir / "train" / "train", described
+
+
+def artifact_labels(path: str, image_dir: Path, names: pd.Series) -> tuple[pd.DataFrame, list[str]]:
+    """The annotation file's 0/1 labels (NaN: not annotated) aligned with `names`."""
+    annotations, heads, labels = read_bias_annotations(path, image_dir)
+    table = pd.DataFrame(labels, columns=heads)
+    table.index = [image_name(name) for name in annotations["image_name"]]
+    aligned = table.reindex(names.tolist()).reset_index(drop=True)
+    if aligned.isna().all(axis=None):
+        raise UserError(f"{path} labels none of the audited images: pass the artifact labels of these images.")
+    return aligned, heads
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def metric_row(artifact: str, test: str, targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+    metrics = binary_metrics(targets, probs, threshold) if len(targets) else {}
+    return {
+        "artifact": artifact,
+        "test": test,
+        "images": len(targets),
+        "melanoma": int(np.sum(targets)),
+        **{key: metrics.get(key, np.nan) for key in ("auc", "sensitivity", "specificity")},
+    }
+
+
+def run_audit(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    frame: pd.DataFrame,
+    labels: pd.DataFrame,
+    heads: list[str],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> pd.DataFrame:
+    """The audit table: overall, with / without each labelled artifact, and the pasted (counterfactual) rows."""
+    base_transform = valid_transforms(loaded.image_size, loaded.mean, loaded.std)
+    canvas = max(CANVAS, loaded.image_size)
+
+    def probabilities(rows: pd.DataFrame, kind: str | None, seed: int | None) -> np.ndarray:
+        return predict_probabilities(
+            loaded,
+            rows,
+            device,
+            amp_dtype,
+            n_tta=args.n_tta,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            channels_last=args.channels_last,
+            transform=PasteThenTransform(kind, canvas, base_transform),
+            augment_seed=seed,
+            progress=args.progress,
+        )
+
+    targets = frame["target"].to_numpy()
+    # the reference goes through the same resize to the canvas as the pasted images, so only the artifact differs
+    base = probabilities(frame, None, None)
+    rows = [metric_row("(all)", "all", targets, base, args.threshold)]
+    kinds = [kind for kind in args.insert.split(",") if kind]
+
+    def inserted_row(kind: str, artifact: str, without: np.ndarray) -> dict:
+        index = np.flatnonzero(without)
+        seed = args.seed * 1000 + list(INSERTIONS).index(kind)
+        pasted = probabilities(frame.iloc[index].reset_index(drop=True), kind, seed)
+        before, after = base[index], pasted
+        row = metric_row(artifact, f"inserted {kind}", targets[index], pasted, args.threshold)
+        row["benign_to_malignant"] = int(np.sum((before < args.threshold) & (after >= args.threshold)))
+        row["malignant_to_benign"] = int(np.sum((before >= args.threshold) & (after < args.threshold)))
+        row["mean_shift"] = float(np.mean(after - before)) if len(index) else np.nan
+        return row
+
+    for head in heads:
+        values = labels[head].to_numpy()
+        for test, mask in (("with", values == 1), ("without", values == 0)):
+            rows.append(metric_row(head, test, targets[mask], base[mask], args.threshold))
+        for kind in kinds:
+            related = [h for h in heads if h in INSERTIONS[kind]]
+            if related and related[-1] == head:  # after the last label column of that artifact
+                rows.append(inserted_row(kind, "|".join(related), (labels[related] == 0).all(axis=1).to_numpy()))
+    for kind in kinds:
+        if not any(h in INSERTIONS[kind] for h in heads):  # no label says which images have it: paste onto all
+            rows.append(inserted_row(kind, f"{kind} (unlabelled)", np.ones(len(frame), dtype=bool)))
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    # counts stay integers, blank where they do not apply
+    return table.astype({"benign_to_malignant": "Int64", "malignant_to_benign": "Int64"})
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    for column in ("benign_to_malignant", "malignant_to_benign"):
+        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else str(int(v)))
+    for column in ("auc", "sensitivity", "specificity"):
+        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    shown["mean_shift"] = shown["mean_shift"].map(lambda v: "" if pd.isna(v) else f"{v:+.4f}")
+    return shown.to_string(index=False)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    with exit_on_user_error():
+        out = Path(args.out)
+        check_output(out, args.overwrite)
+        unknown = [kind for kind in args.insert.split(",") if kind and kind not in INSERTIONS]
+        if unknown:
+            raise UserError(
+                f"--insert {unknown[0]!r} is not an artifact I can paste: choose from {', '.join(INSERTIONS)}."
+            )
+        if args.seed < 0:
+            raise UserError(f"--seed {args.seed} is negative: use 0 or more.")
+        if not 0.0 <= args.threshold <= 1.0:
+            raise UserError(f"--threshold {args.threshold} is outside 0..1: it applies to P(melanoma).")
+        device, amp_dtype = prepare_runtime(args)
+        loaded = load_melanoma_model(args.model_path, device, args.channels_last)
+        frame, image_dir, described = audited_rows(args, loaded)
+        require_metadata(frame, [loaded], args.allow_missing_meta, "the audited CSV")
+        labels, heads = artifact_labels(args.artifacts, image_dir, frame["image_name"])
+        unlabelled = int(labels.isna().all(axis=1).sum())
+        print(
+            f"auditing {loaded.path} on {described}, {int(frame['target'].sum())} melanoma"
+            f"{f'; {unlabelled} image(s) without artifact labels' if unlabelled else ''}; threshold {args.threshold}, "
+            f"seed {args.seed}",
+            flush=True,
+        )
+        table = run_audit(args, loaded, frame, labels, heads, device, amp_dtype)
+        write_csv_atomic(table, out)
+        print(format_table(table), f"\nwrote {out}", sep="", flush=True)
+        return table
+
+
+if __name__ == "__main__":
+    main()

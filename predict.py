@@ -1,0 +1,174 @@
+"""Score images with one or more melanoma models from train.py: test-time augmentation and ensembles.
+
+Kaggle test set of a data folder (test.csv, test/test/*.jpg) to a submission (image_name,target):
+
+    python predict.py --data-dir ./melanoma_external_256/ --model-path weights/r1_best.pth --n-tta 8 \
+        --out submission.csv
+
+Several checkpoints, or a run's prefix (weights/r1 takes weights/r1_best.pth, or all folds
+weights/r1_fold<k>_best.pth of a --fold all run), are ensembled by their mean probability (--rank-average: by
+their mean rank). Any images (files or folders) to a CSV image_name,filepath,target, with the metadata of
+--use-meta models from a CSV or from flags:
+
+    python predict.py --images photos/ --meta-csv photos.csv --model-path weights/r1 weights/r2 --out probs.csv
+    python predict.py --images lesion.jpg --sex male --age 55 --site torso --model-path weights/meta_best.pth
+
+`target` is always P(melanoma) in [0, 1] (with --rank-average a rank score in (0, 1]).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dataset import SITE_COLUMN, read_melanoma_table
+from inference import (
+    MAX_TTA,
+    attach_metadata,
+    combine,
+    expand_model_paths,
+    frame_from_images,
+    load_melanoma_model,
+    predict_probabilities,
+    require_metadata,
+)
+from utils import (
+    PRECISIONS,
+    UserError,
+    default_num_workers,
+    ensure_writable_dir,
+    exit_on_user_error,
+    resolve_precision,
+    select_device,
+    set_visible_devices,
+    write_csv_atomic,
+)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Device, precision and loading flags shared by predict.py, evaluate.py and audit.py."""
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass, TTA views included")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=default_num_workers(),
+        help="data-loading processes (default: cores / 2)",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument(
+        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16/fp16 autocast on a GPU, fp32 on the CPU"
+    )
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout"
+    )
+    parser.add_argument("--CUDA_VISIBLE_DEVICES", default=None, help="GPU ids, set before CUDA starts")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model-path",
+        nargs="+",
+        required=True,
+        help="checkpoint(s) from train.py, or <model-dir>/<save-name> of a run (all its folds)",
+    )
+    parser.add_argument("--which", default="best", choices=("best", "final", "last"), help="checkpoint of a run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="Kaggle-layout folder: predicts <data-dir>/test.csv")
+    source.add_argument("--images", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--split", default="test", choices=("test", "train"), help="with --data-dir: which CSV")
+    parser.add_argument("--meta-csv", help="with --images: CSV of image_name, sex, age_approx, site (, patient_id)")
+    parser.add_argument("--sex", choices=("male", "female"), help="with --images: the same sex for every image")
+    parser.add_argument("--age", type=float, help="with --images: the same age for every image")
+    parser.add_argument("--site", help="with --images: the same anatomical site for every image, e.g. torso")
+    parser.add_argument(
+        "--allow-missing-meta",
+        action="store_true",
+        help="let --use-meta models predict without metadata, encoded as missing (less accurate)",
+    )
+    parser.add_argument("--n-tta", type=int, default=1, help=f"dihedral test-time augmentations, 1..{MAX_TTA}")
+    parser.add_argument("--rank-average", action="store_true", help="ensemble by mean rank instead of probability")
+    parser.add_argument("--out", default="submission.csv", help="output CSV (default submission.csv)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    if args.data_dir and (args.meta_csv or args.sex or args.age is not None or args.site):
+        parser.error("--meta-csv, --sex, --age and --site go with --images; --data-dir reads its own test.csv")
+    return args
+
+
+def prepare_runtime(args: argparse.Namespace):
+    """Device and autocast dtype from the shared flags."""
+    set_visible_devices(args.CUDA_VISIBLE_DEVICES)
+    device = select_device(args.device)
+    return device, resolve_precision(args.precision, device)
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists: pass --overwrite to replace it, or choose another --out.")
+    ensure_writable_dir(path.parent, "output folder")
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    with exit_on_user_error():
+        out = Path(args.out)
+        check_output(out, args.overwrite)
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
+        device, amp_dtype = prepare_runtime(args)
+        models = [load_melanoma_model(path, device, args.channels_last) for path in expand_model_paths(args.model_path)]
+
+        if args.data_dir:
+            frame = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
+            source = f"the {args.split} CSV of {args.data_dir}"
+        else:
+            values = {"sex": args.sex, "age_approx": args.age, SITE_COLUMN: args.site}
+            frame = attach_metadata(frame_from_images(args.images), args.meta_csv, values)
+            source = str(args.meta_csv) if args.meta_csv else "the command line"
+        require_metadata(frame, models, args.allow_missing_meta, source)
+
+        print(
+            f"{len(frame)} images, {len(models)} model(s), {args.n_tta} TTA view(s) each, on {device}"
+            f"{', rank average' if args.rank_average and len(models) > 1 else ''}",
+            flush=True,
+        )
+        probabilities = []
+        for loaded in models:
+            probs = predict_probabilities(
+                loaded,
+                frame,
+                device,
+                amp_dtype,
+                n_tta=args.n_tta,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                channels_last=args.channels_last,
+                progress=args.progress,
+            )
+            print(f"  {loaded.path}: mean P(melanoma) {probs.mean():.4f}", flush=True)
+            probabilities.append(probs)
+        target = combine(probabilities, args.rank_average)
+
+        result = pd.DataFrame({"image_name": frame["image_name"]})
+        if not args.data_dir:
+            result["filepath"] = frame["filepath"]
+        result["target"] = target
+        write_csv_atomic(result, out)
+        print(
+            f"wrote {out}: {len(result)} rows, {int(np.sum(target >= 0.5))} at or above 0.5, mean {target.mean():.4f}",
+            flush=True,
+        )
+        return result
+
+
+if __name__ == "__main__":
+    main()

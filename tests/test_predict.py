@@ -1,0 +1,193 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import predict
+import train
+from inference import TTAModel, combine, dihedral, expand_model_paths
+from utils import UserError
+
+
+def train_tiny(data_dir, out_dir, name, *extra):
+    """A one-epoch efficientnet-b0 at 32 px from random weights: seconds, and a real train.py checkpoint."""
+    train.main([
+        "--save-name", name, "--data-dir", str(data_dir), "--image-size", "32", "--n-epochs", "1",
+        "--enet-type", "efficientnet-b0", "--no-pretrained", "--batch-size", "16", "--num-workers", "0",
+        "--n-folds", "3", "--model-dir", str(out_dir / "weights"), "--log-dir", str(out_dir / "logs"), *extra,
+    ])  # fmt: skip
+    return out_dir / "weights" / f"{name}_best.pth"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict_runs")
+    return {
+        "plain": train_tiny(synthetic_dir, out, "plain"),
+        "meta": train_tiny(synthetic_dir, out, "meta", "--use-meta"),
+    }
+
+
+def run_predict(tmp_path, *args):
+    out = tmp_path / "out.csv"
+    result = predict.main([*map(str, args), "--out", str(out), "--num-workers", "0"])
+    written = pd.read_csv(out)
+    pd.testing.assert_frame_equal(written, result.reset_index(drop=True), check_dtype=False)
+    return result
+
+
+def test_submission_has_exactly_the_test_images_with_tta8_and_ensemble(synthetic_dir, checkpoints, tmp_path):
+    test_names = pd.read_csv(synthetic_dir / "test.csv")["image_name"].tolist()
+    command = ["--data-dir", synthetic_dir, "--n-tta", 8, "--model-path"]
+    singles = []
+    for name in ("plain", "meta"):
+        result = run_predict(tmp_path / name, *command, checkpoints[name])
+        assert result["image_name"].tolist() == test_names and list(result.columns) == ["image_name", "target"]
+        assert result["target"].between(0, 1).all()
+        singles.append(result["target"])
+    assert not np.allclose(singles[0], singles[1])
+    ensemble = run_predict(tmp_path / "mean", *command, checkpoints["plain"], checkpoints["meta"])
+    assert ensemble["image_name"].tolist() == test_names
+    assert ensemble["target"].between(0, 1).all()
+    np.testing.assert_allclose(ensemble["target"], (singles[0] + singles[1]) / 2, rtol=1e-6)
+    ranked = run_predict(tmp_path / "rank", *command, checkpoints["plain"], checkpoints["meta"], "--rank-average")
+    expected = (singles[0].rank(pct=True) + singles[1].rank(pct=True)) / 2
+    np.testing.assert_allclose(ranked["target"], expected)
+    assert ranked["target"].min() > 0 and ranked["target"].max() <= 1
+
+
+def test_combine_mean_and_rank():
+    a, b = np.array([0.1, 0.9, 0.5]), np.array([0.3, 0.7, 0.2])
+    np.testing.assert_allclose(combine([a, b]), [0.2, 0.8, 0.35])
+    np.testing.assert_allclose(combine([a, b], rank_average=True), [(1 / 3 + 2 / 3) / 2, 1.0, (2 / 3 + 1 / 3) / 2])
+
+
+def test_folder_of_images_with_metadata_from_csv_and_flags(synthetic_dir, checkpoints, tmp_path):
+    folder = synthetic_dir / "test" / "test"
+    expected = sorted(path.stem for path in folder.glob("*.jpg"))
+    from_csv = run_predict(
+        tmp_path / "csv", "--images", folder, "--meta-csv", synthetic_dir / "test.csv", "--model-path",
+        checkpoints["meta"],
+    )  # fmt: skip
+    assert from_csv["image_name"].tolist() == expected
+    assert list(from_csv.columns) == ["image_name", "filepath", "target"]
+    single = run_predict(
+        tmp_path / "flags", "--images", folder / f"{expected[0]}.jpg", "--sex", "male", "--age", 70, "--site", "torso",
+        "--model-path", checkpoints["meta"],
+    )  # fmt: skip
+    assert single["image_name"].tolist() == expected[:1] and single["target"].between(0, 1).all()
+
+
+def test_meta_model_refuses_without_metadata_unless_asked(synthetic_dir, checkpoints, tmp_path, capsys):
+    out = tmp_path / "probs.csv"
+    command = [
+        "--images", str(synthetic_dir / "test" / "test"), "--model-path", str(checkpoints["meta"]), "--out", str(out),
+        "--num-workers", "0",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(command)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--use-meta" in error and "--allow-missing-meta" in error and "Traceback" not in error
+    assert not out.exists()
+    # only some of the flags is still refused: the missing ones are named
+    with pytest.raises(SystemExit):
+        predict.main([*command, "--age", "50"])
+    error = capsys.readouterr().err
+    assert "sex" in error and "age_approx" not in error.split("has no")[1]
+    result = predict.main([*command, "--allow-missing-meta"])
+    assert len(result) == 12 and result["target"].between(0, 1).all()
+    # an image-only model needs no metadata at all
+    plain = predict.main([*command[:3], str(checkpoints["plain"]), "--out", str(tmp_path / "p.csv")])
+    assert len(plain) == 12
+
+
+def test_existing_output_is_kept_without_overwrite(synthetic_dir, checkpoints, tmp_path, capsys):
+    out = tmp_path / "submission.csv"
+    out.write_text("keep me\n")
+    command = ["--data-dir", str(synthetic_dir), "--model-path", str(checkpoints["plain"]), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(command)
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == "keep me\n"
+    predict.main([*command, "--overwrite", "--num-workers", "0"])
+    assert len(pd.read_csv(out)) == 12
+
+
+def test_missing_checkpoint_is_one_clear_error(synthetic_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(
+            ["--data-dir", str(synthetic_dir), "--model-path", str(tmp_path / "nope"), "--out", str(tmp_path / "x.csv")]
+        )
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "nope" in error and len(error.strip().splitlines()) == 1
+
+
+def test_run_prefix_expands_to_its_folds_in_order(checkpoints, tmp_path):
+    for fold in (0, 1, 2, 10):
+        shutil.copy(checkpoints["plain"], tmp_path / f"cv_fold{fold}_best.pth")
+    (tmp_path / "cv_fold1_final.pth").touch()
+    paths = expand_model_paths([str(tmp_path / "cv")])
+    assert [path.name for path in paths] == [f"cv_fold{k}_best.pth" for k in (0, 1, 2, 10)]
+    assert expand_model_paths([str(checkpoints["plain"].parent / "plain")]) == [checkpoints["plain"]]
+    with pytest.raises(UserError):
+        expand_model_paths([str(tmp_path / "other")])
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+def test_dihedral_gives_the_eight_distinct_symmetries():
+    image = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    views = [dihedral(image, index) for index in range(8)]
+    assert torch.equal(views[0], image)
+    assert len({tuple(view.flatten().tolist()) for view in views}) == 8
+    # each is a symmetry of the square: the set of pixels of every channel is unchanged
+    for view in views:
+        assert torch.equal(view.flatten(2).sort().values, image.flatten(2).sort().values)
+
+
+class CornerModel(nn.Module):
+    """A deliberately orientation-sensitive model: its logit is the mean of the top-left quadrant."""
+
+    def forward(self, image, meta=None):
+        return image[:, :, : image.shape[2] // 2, : image.shape[3] // 2].mean(dim=(1, 2, 3))[:, None]
+
+
+def test_tta_averages_probabilities_over_the_first_n_views():
+    image = torch.randn(3, 3, 8, 8)
+    for n_tta in (1, 2, 5, 8):
+        expected = torch.stack([torch.sigmoid(CornerModel()(dihedral(image, i))) for i in range(n_tta)]).mean(0)
+        got = torch.sigmoid(TTAModel(CornerModel(), n_tta)(image))
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(UserError):
+        TTAModel(CornerModel(), 9)
+
+
+class SmallConvNet(nn.Module):
+    """A random conv net small enough for a unit test, and like any CNN not invariant to flips."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(), nn.Linear(16, 1),
+        )  # fmt: skip
+
+    def forward(self, image, meta=None):
+        return self.layers(image)
+
+
+def test_tta8_makes_a_network_invariant_to_flips_and_transposes():
+    torch.manual_seed(0)
+    model = SmallConvNet().eval()
+    image = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        bare = [torch.sigmoid(model(dihedral(image, i))) for i in range(8)]
+        tta = [torch.sigmoid(TTAModel(model, 8)(dihedral(image, i))) for i in range(8)]
+    assert not torch.allclose(bare[0], bare[1], atol=1e-4)  # the bare network does see the flip
+    for other in tta[1:]:
+        torch.testing.assert_close(other, tta[0])
