@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import multi_classification
-
 import train
 from synthetic import make_synthetic_dataset
 from utils import UserError, exit_on_user_error
