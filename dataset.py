@@ -62,8 +62,13 @@ def _require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) ->
         )
 
 
-def read_melanoma_table(data_dir: str | Path, split: str, use_meta: bool, require_target: bool) -> pd.DataFrame:
+def read_melanoma_table(
+    data_dir: str | Path, split: str, use_meta: bool, require_target: bool, bad_images: str = "fail"
+) -> pd.DataFrame:
     """Reads the train or test CSV of a Kaggle-layout folder and checks it.
+
+    Image files that are empty, not JPEG/PNG, or truncated (no end marker) stop the run (bad_images="fail") or
+    are left out with a count (bad_images="skip").
 
     Adds `filepath` (the JPEG at <data-dir>/<split>/<split>/<image_name>.jpg). Every check ends in a
     UserError naming the file and the fix.
@@ -122,7 +127,38 @@ def read_melanoma_table(data_dir: str | Path, split: str, use_meta: bool, requir
             f"{len(missing)} image(s) listed in {csv_path} are missing, first {missing[0]}: "
             "restore them or remove their rows."
         )
+    damaged = [(path, problem) for path in frame["filepath"] if (problem := image_file_problem(path))]
+    if damaged and bad_images == "fail":
+        path, problem = damaged[0]
+        raise UserError(
+            f"{len(damaged)} image(s) listed in {csv_path} are damaged, first {path} ({problem}): replace them, "
+            "or pass --bad-images skip to leave them out."
+        )
+    if damaged:
+        print(f"notice: left out {len(damaged)} damaged image(s) of {csv_path}, first {damaged[0][0]}", flush=True)
+        frame = frame[~frame["filepath"].isin({path for path, _ in damaged})]
+        if frame.empty:
+            raise UserError(f"every image listed in {csv_path} is damaged: re-download the data set.")
     return frame.reset_index(drop=True)
+
+
+def image_file_problem(path: str) -> str | None:
+    """A cheap integrity check that reads a few bytes of each end: what is wrong with the file, or None.
+
+    Catches empty files, files that are not JPEG or PNG, and JPEGs cut short by an interrupted copy (OpenCV
+    would decode those with a grey lower part and only a warning). Undecodable content beyond that is caught
+    when the image is loaded."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if not head:
+            return "empty file"
+        handle.seek(max(0, os.path.getsize(path) - 64))
+        tail = handle.read()
+    if head.startswith(b"\xff\xd8"):
+        return None if b"\xff\xd9" in tail else "truncated JPEG: no end-of-image marker"
+    if head.startswith(b"\x89PNG"):
+        return None if b"IEND" in tail else "truncated PNG"
+    return "not a JPEG or PNG file"
 
 
 # --------------------------------------------------------------------------- metadata encoding

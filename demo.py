@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
         announce("multi_classification.py", train_command)
         multi_classification.main(train_command)
         announce("multi_classification.py", [*common, "--mode", "val"])
-        head_auc = multi_classification.main([*common, "--mode", "val"])["auc"]
+        table = multi_classification.main([*common, "--mode", "val"])["table"]
+        head_auc = dict(zip(table["head"], table["auc"], strict=True))
         save_path = out / "annotations.csv"
         test_command = [*common, "--mode", "test", "--save_path", str(save_path)]
         test_command[1] = str(data_dir / "test" / "test")

@@ -142,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also fit the metadata logistic regression and image-statistics gradient boosting on each fold",
     )
+    parser.add_argument(
+        "--bad-images",
+        default="fail",
+        choices=("fail", "skip"),
+        help="empty, truncated or non-image files: stop with their name (fail) or leave them out with a count (skip)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from <model-dir>/<save-name>_last.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
     parser.add_argument(
@@ -455,7 +461,7 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     folds = parse_folds(args.fold, args.n_folds)
-    frame = read_melanoma_table(args.data_dir, "train", use_meta=args.use_meta, require_target=True)
+    frame = read_melanoma_table(args.data_dir, "train", args.use_meta, require_target=True, bad_images=args.bad_images)
     frame["fold"] = make_folds(frame, args.n_folds, args.seed)
     run_names = [args.save_name] if len(folds) == 1 else [f"{args.save_name}_fold{fold}" for fold in folds]
     if world.is_main:
