@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
         device = select_device(args.device)
-        amp_dtype = resolve_precision(args.precision, device)
+        amp_dtype = resolve_precision(args.precision, device, args.image_size)
         parts = set(args.only.split(","))
         if args.data_dir is None:
             parts -= {"data", "loop"}

@@ -117,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="auto: bf16 (or fp16 + GradScaler) autocast on a GPU, fp32 on the CPU",
+        help="auto: bf16 (or fp16 + GradScaler) autocast on a GPU; on the CPU bf16 from 192 px where the CPU has "
+        "native bf16, else fp32",
     )
     parser.add_argument(
         "--channels-last",
@@ -455,7 +456,7 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
             "`torchrun --nproc_per_node N train.py ...`.",
             flush=True,
         )
-    amp_dtype = resolve_precision(args.precision, device)
+    amp_dtype = resolve_precision(args.precision, device, args.image_size)
     if args.image_size < 32:
         raise UserError(f"--image-size {args.image_size} is below the 32 px minimum of EfficientNet: use 32 or more.")
     if device.type == "cuda":
