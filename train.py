@@ -50,6 +50,7 @@ from utils import (
     make_grad_scaler,
     make_loader,
     make_warmup_cosine,
+    precision_name,
     predict_logits,
     resolve_precision,
     restore_training_state,
@@ -476,7 +477,7 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
         print(
             f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {args.n_folds} patient-grouped folds, "
             f"validating on fold(s) {folds}; {args.enet_type} at {args.image_size} px on {device}, "
-            f"precision {amp_dtype or 'fp32'}{', metadata branch' if args.use_meta else ''}",
+            f"precision {precision_name(amp_dtype)}{', metadata branch' if args.use_meta else ''}",
             flush=True,
         )
     results = [

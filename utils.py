@@ -205,6 +205,10 @@ def resolve_precision(name: str, device: torch.device, image_size: int | None = 
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if amp_dtype is None:
         return contextlib.nullcontext()
