@@ -289,8 +289,9 @@ def train_transforms(
     strength: str = "full",
 ):
     """Training augmentation. "full" is the 1st-place SIIM-ISIC pipeline in the albumentations 2.x API; "light"
-    keeps its geometric and colour jitter but drops blur/noise, distortions, CLAHE and cutout; "none" only
-    resizes and normalises.
+    keeps only its geometric part (flips, transposes, shift-scale-rotate): colour is much of the signal, and a
+    network learning from random weights on a small set does not get past colour jitter, blur and cutout;
+    "none" only resizes and normalises.
 
     The resize comes first rather than last: every later step then works on image_size pixels instead of the
     file's, which is several times cheaper when training below the stored resolution, and equivalent in
@@ -306,7 +307,7 @@ def train_transforms(
     if strength == "none":
         return A.Compose([resize, normalize])
     if strength == "light":
-        return A.Compose([resize, *dihedral, jitter, hsv, affine, normalize])
+        return A.Compose([resize, *dihedral, affine, normalize])
     if strength != "full":
         raise UserError(f"unknown augmentation strength {strength!r}: choose one of {', '.join(AUGMENTATIONS)}.")
     return A.Compose(
@@ -440,9 +441,10 @@ _LABEL_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "": math.nan}
 
 
 def bias_train_transforms(image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-    """Augmentations for the artifact detector: flips, transposes, colour and blur, nothing that adds or erases
-    an artifact. The melanoma pipeline's constant-border Affine paints black wedges (a fake black frame) and its
-    cutout hole can erase a ruler or paint a patch, so both would teach the detector wrong labels."""
+    """Augmentations for the artifact detector: flips, transposes, colour and mild noise, nothing that adds or
+    erases an artifact. The melanoma pipeline's constant-border Affine paints black wedges (a fake black frame),
+    its cutout hole can erase a ruler or paint a patch, and its blurs wipe out marks a few pixels wide at small
+    image sizes: each would teach the detector wrong labels."""
     return A.Compose(
         [
             A.Resize(image_size, image_size),
@@ -451,10 +453,7 @@ def bias_train_transforms(image_size: int, mean: Sequence[float] = IMAGENET_MEAN
             A.HorizontalFlip(p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75),
             A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
-            A.OneOf(
-                [A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(math.sqrt(5) / 255, math.sqrt(30) / 255))],
-                p=0.3,
-            ),
+            A.GaussNoise(std_range=(math.sqrt(5) / 255, math.sqrt(30) / 255), p=0.3),
             A.Normalize(mean=tuple(mean), std=tuple(std)),
         ]
     )
