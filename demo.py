@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         annotations = data_dir / "gans_biases.csv"
         common = ["--img_path", str(data_dir / "train" / "train"), "--ann_path", str(annotations)]
         common += ["--model_path", str(bias_model), "--image_size", str(args.image_size)]
-        train_command = [*common, "--mode", "train", "--epochs", str(args.n_epochs + 4), "--batch", "32"]
+        train_command = [*common, "--mode", "train", "--epochs", str(args.n_epochs + 7), "--batch", "32"]
         train_command += ["--enet_type", args.enet_type, "--no-pretrained", "--seed", str(args.seed), "--overwrite"]
         announce("multi_classification.py", train_command)
         multi_classification.main(train_command)

@@ -287,7 +287,8 @@ def _draw_ruler(rng: np.random.Generator, image: np.ndarray) -> None:
 
 
 def _draw_other(rng: np.random.Generator, image: np.ndarray) -> None:
-    """An ink ring, a marker dot or a small bright rectangular patch, inside the dermoscope field."""
+    """An ink ring, a marker dot or a bright rectangular patch, inside the dermoscope field; large enough to stay
+    visible (several pixels) when the image is trained at 64 px."""
     size = image.shape[0]
     scale = size / 256.0
     angle = rng.uniform(0.0, 2.0 * math.pi)
@@ -299,16 +300,16 @@ def _draw_other(rng: np.random.Generator, image: np.ndarray) -> None:
     mask = np.zeros((size, size), dtype=np.uint8)
     centre = (round(cx * 16), round(cy * 16))
     if kind == 0:  # ink ring
-        radius = rng.uniform(0.045, 0.09) * size
-        thickness = max(1, round(rng.uniform(2.0, 4.0) * scale))
+        radius = rng.uniform(0.08, 0.12) * size
+        thickness = max(1, round(rng.uniform(6.0, 9.0) * scale))
         cv2.circle(mask, centre, round(radius * 16), 255, thickness, cv2.LINE_AA, shift=4)
         colour = inks[rng.integers(0, len(inks))]
     elif kind == 1:  # marker dot
-        radius = rng.uniform(0.03, 0.055) * size
+        radius = rng.uniform(0.05, 0.08) * size
         cv2.circle(mask, centre, round(radius * 16), 255, -1, cv2.LINE_AA, shift=4)
         colour = inks[rng.integers(0, len(inks))]
     else:  # bright patch (sticker, reflection)
-        half = rng.uniform(0.025, 0.06, 2) * size
+        half = rng.uniform(0.05, 0.08, 2) * size
         box = ((float(cx), float(cy)), (float(2 * half[0]), float(2 * half[1])), float(rng.uniform(0, 90)))
         corners = cv2.boxPoints(box)
         mask = _fill(corners, size)

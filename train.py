@@ -52,6 +52,7 @@ from utils import (
     make_warmup_cosine,
     precision_name,
     predict_logits,
+    refresh_batchnorm,
     resolve_precision,
     restore_training_state,
     save_checkpoint,
@@ -139,6 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     weights.add_argument("--pretrained-weights", default=None, help="local ImageNet state_dict for the backbone")
     weights.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     parser.add_argument(
+        "--bn-refresh-batches",
+        type=int,
+        default=None,
+        help="re-estimate BatchNorm statistics on this many training batches before each validation "
+        "(default 10 with --no-pretrained, 0 with ImageNet weights)",
+    )
+    parser.add_argument(
         "--baselines",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -163,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # (README, "Training from random weights"): lighter augmentation and a higher rate are the measured defaults
     if args.init_lr is None:
         args.init_lr = SCRATCH_LR if args.no_pretrained else PRETRAINED_LR
+    if args.bn_refresh_batches is None:
+        args.bn_refresh_batches = 10 if args.no_pretrained else 0
     if args.augment is None:
         args.augment = "light" if args.no_pretrained else "full"
     return args
@@ -367,6 +377,8 @@ def train_fold(
             progress=args.progress and world.is_main,
             world=world,
         )
+        if args.bn_refresh_batches:
+            refresh_batchnorm(net, train_loader, device, amp_dtype, args.channels_last, args.bn_refresh_batches)
         average_buffers_over_world(net, world)
         logits, targets = predict_logits(net, valid_loader, device, amp_dtype, args.channels_last, args.progress)
         logits, targets = gather_over_world(logits, targets, len(valid_set), world, device)

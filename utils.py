@@ -400,6 +400,36 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def refresh_batchnorm(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    max_batches: int,
+) -> None:
+    """Re-estimates every BatchNorm's running statistics as a plain average over `max_batches` training batches
+    of the current weights. From random weights the weights move so fast that running averages trail them, and
+    in eval mode the network then gives every image the same output (validation AUC exactly 0.5)."""
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not norms or max_batches <= 0:
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    model.train()
+    for index, batch in enumerate(loader):
+        if index >= max_batches:
+            break
+        image, meta = _model_inputs(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            model(image, meta)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+
+
+@torch.no_grad()
 def predict_logits(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,

@@ -291,6 +291,21 @@ def test_test_mode_never_overwrites_an_existing_file(trained, synthetic, tmp_pat
     assert save_path.read_text() == "image_name,hair\nx,1\n"
 
 
+def test_an_undecodable_image_is_one_line_also_from_a_loader_worker(trained, synthetic, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((synthetic / "test" / "test").glob("*.jpg"))[:3]:
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    argv = ["--img_path", str(images), "--mode", "test", "--model_path", str(trained), "--num_workers", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        mc.main([*argv, "--save_path", str(tmp_path / "out.csv")])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error.count("\n") == 0
+    assert error.startswith("error: image ") and "broken.jpg cannot be decoded" in error
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_val_refuses_a_file_with_other_heads_and_a_melanoma_checkpoint(trained, tmp_path, capsys):
     write_images(tmp_path, ["a.jpg"])
     (tmp_path / "ann.csv").write_text("image_name,dark_corner\na,1\n")
