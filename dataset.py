@@ -289,7 +289,8 @@ def train_transforms(
     strength: str = "full",
 ):
     """Training augmentation. "full" is the 1st-place SIIM-ISIC pipeline in the albumentations 2.x API; "light"
-    keeps only its geometric part (flips, transposes, shift-scale-rotate): colour is much of the signal, and a
+    keeps only geometric changes (flips, transposes, any rotation, small shift and scale, reflected borders):
+    colour is much of the signal, and a
     network learning from random weights on a small set does not get past colour jitter, blur and cutout;
     "none" only resizes and normalises.
 
@@ -307,7 +308,15 @@ def train_transforms(
     if strength == "none":
         return A.Compose([resize, normalize])
     if strength == "light":
-        return A.Compose([resize, *dihedral, affine, normalize])
+        # reflected borders: a black constant border paints fake dark corners, a melanoma confound in real data
+        rotate = A.Affine(
+            translate_percent=(-0.05, 0.05),
+            scale=(0.9, 1.1),
+            rotate=(-180, 180),
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=0.85,
+        )
+        return A.Compose([resize, *dihedral, rotate, normalize])
     if strength != "full":
         raise UserError(f"unknown augmentation strength {strength!r}: choose one of {', '.join(AUGMENTATIONS)}.")
     return A.Compose(

@@ -54,3 +54,26 @@ def test_failed_download_names_both_options(monkeypatch):
     with pytest.raises(UserError) as error:
         build_backbone("efficientnet-b0", pretrained=True)
     assert "--pretrained-weights" in str(error.value) and "--no-pretrained" in str(error.value)
+
+
+def test_refresh_batchnorm_recovers_statistics_that_trail_the_weights():
+    from utils import refresh_batchnorm
+
+    torch.manual_seed(0)
+    model = MelanomaNet("efficientnet-b0", pretrained=False)
+    batches = [{"image": torch.randn(8, 3, 32, 32) * 3 + 1} for _ in range(3)]
+    for module in model.modules():  # stale statistics, as after fast early training
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.fill_(50.0)
+            module.running_var.fill_(1e-4)
+    model.eval()
+    with torch.no_grad():
+        stale = model(batches[0]["image"])
+    refresh_batchnorm(model, batches, torch.device("cpu"), None, channels_last=False, max_batches=2)
+    model.eval()
+    with torch.no_grad():
+        fresh = model(batches[0]["image"])
+    bn = model.enet._bn0
+    assert bn.momentum == 0.1 and torch.all(bn.running_var > 1e-3)
+    assert torch.isfinite(fresh).all() and fresh.std() > 0
+    assert not torch.allclose(stale, fresh)
