@@ -23,7 +23,7 @@ from dataset import EpochSampler, ImageDataset, MetaEncoder, read_melanoma_table
 from models import ENET_TYPES, MelanomaNet
 from train import melanoma_loss
 from utils import (
-    PRECISIONS,
+    add_device_flags,
     autocast,
     default_num_workers,
     exit_on_user_error,
@@ -41,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--enet-type", default="efficientnet-b0", choices=ENET_TYPES)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    add_device_flags(parser)
     parser.add_argument("--use-meta", action="store_true")
     parser.add_argument("--data-dir", default=None, help="Kaggle-layout folder for the data and end-to-end parts")
     parser.add_argument("--num-workers", type=int, default=default_num_workers())

@@ -24,7 +24,7 @@ import torch
 from dataset import IMAGENET_MEAN, IMAGENET_STD, read_melanoma_table
 from inference import LoadedModel, load_melanoma_model, predict_probabilities
 from models import ENET_TYPES, MelanomaNet
-from utils import PRECISIONS, autocast, exit_on_user_error, resolve_precision, select_device, write_text_atomic
+from utils import add_device_flags, autocast, exit_on_user_error, resolve_precision, select_device, write_text_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,9 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading processes of the predict path")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    add_device_flags(parser)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 

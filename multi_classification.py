@@ -53,8 +53,8 @@ from dataset import (
 from models import ENET_TYPES, BiasNet, model_from_checkpoint
 from utils import (
     CHECKPOINT_FORMAT,
-    PRECISIONS,
     UserError,
+    add_device_flags,
     best_f1_threshold,
     check_resume_compatible,
     claim_outputs,
@@ -143,22 +143,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threshold", type=float, default=None, help="one cut-off for every head, instead of the model's own"
     )
     parser.add_argument("--all", action="store_true", help="val: score every row, also the training images")
-    parser.add_argument("--CUDA_VISIBLE_DEVICES", default=None, help="GPU ids, e.g. 0, set before CUDA starts")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="auto: bf16 (or fp16 + GradScaler) autocast on a GPU, fp32 on the CPU",
-    )
-    parser.add_argument(
-        "--channels-last",
-        "--channels_last",
-        dest="channels_last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="NHWC memory layout (faster convolutions on GPUs and recent CPUs)",
-    )
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument(
         "--pretrained-weights",
@@ -176,12 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--resume", action="store_true", help="train: continue from <model>_last.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="tqdm progress bars (default: only on a terminal)",
-    )
+    add_device_flags(parser, underscore_aliases=True)
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = SCRATCH_LR if args.no_pretrained else PRETRAINED_LR

@@ -36,8 +36,8 @@ from inference import (
     require_metadata,
 )
 from utils import (
-    PRECISIONS,
     UserError,
+    add_device_flags,
     default_num_workers,
     ensure_writable_dir,
     exit_on_user_error,
@@ -57,17 +57,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         default=default_num_workers(),
         help="data-loading processes (default: cores / 2)",
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument(
-        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16/fp16 autocast on a GPU, fp32 on the CPU"
-    )
-    parser.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory layout"
-    )
-    parser.add_argument("--CUDA_VISIBLE_DEVICES", default=None, help="GPU ids, set before CUDA starts")
-    parser.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)"
-    )
+    add_device_flags(parser)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,9 +35,9 @@ from dataset import (
 from models import ENET_TYPES, MelanomaNet
 from utils import (
     CHECKPOINT_FORMAT,
-    PRECISIONS,
     UserError,
     World,
+    add_device_flags,
     average_buffers_over_world,
     binary_metrics,
     check_resume_compatible,
@@ -83,7 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256, help="training resolution in pixels")
     parser.add_argument("--n-epochs", type=int, default=15)
     parser.add_argument("--enet-type", default="efficientnet-b2", choices=ENET_TYPES)
-    parser.add_argument("--CUDA_VISIBLE_DEVICES", default=None, help="GPU ids, e.g. 0 or 0,1, set before CUDA starts")
     parser.add_argument("--use-meta", action="store_true", help="add the patient-metadata branch")
     parser.add_argument(
         "--meta-features",
@@ -114,20 +113,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", default="./weights")
     parser.add_argument("--log-dir", default="./logs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="auto: bf16 (or fp16 + GradScaler) autocast on a GPU; on the CPU bf16 from 192 px where the CPU has "
-        "native bf16, else fp32",
-    )
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="NHWC memory layout (faster convolutions on GPUs and recent CPUs)",
-    )
     parser.add_argument(
         "--augment",
         default=None,
@@ -160,12 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--resume", action="store_true", help="continue from <model-dir>/<save-name>_last.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="tqdm progress bars (default: only on a terminal)",
-    )
+    add_device_flags(parser)
     args = parser.parse_args(argv)
     # from random weights the full 1st-place augmentation stops the network learning within a CPU-sized budget
     # (README, "Training from random weights"): lighter augmentation and a higher rate are the measured defaults
