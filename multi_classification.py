@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
+from torch.nn.parallel import DistributedDataParallel
 
 from dataset import (
     IMAGENET_MEAN,
@@ -54,18 +56,22 @@ from models import ENET_TYPES, BiasNet, model_from_checkpoint
 from utils import (
     CHECKPOINT_FORMAT,
     UserError,
+    World,
     add_device_flags,
+    average_buffers_over_world,
     best_f1_threshold,
     check_resume_compatible,
     claim_outputs,
     default_num_workers,
     ensure_writable_dir,
     exit_on_user_error,
+    gather_over_world,
     head_metrics,
     load_checkpoint,
     make_grad_scaler,
     make_loader,
     make_warmup_cosine,
+    precision_name,
     predict_logits,
     resolve_precision,
     restore_training_state,
@@ -73,6 +79,8 @@ from utils import (
     seed_everything,
     select_device,
     set_visible_devices,
+    setup_world,
+    teardown_world,
     to_plain,
     train_one_epoch,
     training_state,
@@ -317,34 +325,47 @@ def claim_report(path: Path, explicit: bool, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- train
 
 
-def run_train(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+def run_train(
+    args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None, world: World | None = None
+) -> dict:
+    """Trains the detector; under torchrun as DistributedDataParallel, rank 0 alone writing (as train.py)."""
+    world = world or World()
     image_size = args.image_size or DEFAULT_IMAGE_SIZE
     frame, heads, labels = read_bias_annotations(args.ann_path, args.img_path)
     train_index, val_index = split_train_val(labels, args.ratio, args.seed)
     paths = output_paths(args.model_path)
-    ensure_writable_dir(paths["model"].parent, "model folder (--model_path)")
-    claim_outputs(
-        [paths["model"], paths["last"], paths["history"]],
-        paths["last"],
-        args.resume,
-        args.overwrite,
-        "choose another --model_path",
-    )
+    if world.is_main:
+        ensure_writable_dir(paths["model"].parent, "model folder (--model_path)")
+        claim_outputs(
+            [paths["model"], paths["last"], paths["history"]],
+            paths["last"],
+            args.resume,
+            args.overwrite,
+            "choose another --model_path",
+        )
+    if world.distributed:
+        dist.barrier()
+    log = print if world.is_main else (lambda *_, **__: None)
     for i, head in enumerate(heads):
         column = labels[train_index, i]
         if not (column == 1).any() or not (column == 0).any():
-            print(f"notice: head {head} has only one class among the training images: it cannot learn.", flush=True)
-    print(
+            log(f"notice: head {head} has only one class among the training images: it cannot learn.", flush=True)
+    log(
         f"{len(frame)} annotated images, heads {', '.join(heads)}; {len(train_index)} train / {len(val_index)} val; "
-        f"{args.enet_type} at {image_size} px on {device}, precision {amp_dtype or 'fp32'}, lr {args.lr}",
+        f"{args.enet_type} at {image_size} px on {device}, precision {precision_name(amp_dtype)}, lr {args.lr}",
         flush=True,
     )
 
     seed_everything(args.seed)
-    model = BiasNet(args.enet_type, heads, pretrained=not args.no_pretrained, weights_path=args.pretrained_weights)
-    model = model.to(device)
+    net = BiasNet(args.enet_type, heads, pretrained=not args.no_pretrained, weights_path=args.pretrained_weights)
+    net = net.to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+    model = (
+        DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if world.distributed
+        else net
+    )
     train_set = ImageDataset(
         frame["filepath"].iloc[train_index],
         bias_train_transforms(image_size),
@@ -352,15 +373,15 @@ def run_train(args: argparse.Namespace, device: torch.device, amp_dtype: torch.d
         augment_seed=args.seed,
     )
     val_set = ImageDataset(frame["filepath"].iloc[val_index], valid_transforms(image_size), targets=labels[val_index])
-    train_sampler = EpochSampler(len(train_set), shuffle=True, seed=args.seed)
+    train_sampler = EpochSampler(len(train_set), True, args.seed, world.rank, world.size)
     # drop_last keeps BatchNorm away from a final batch of one image
     train_loader = make_loader(
         train_set, train_sampler, args.batch, args.num_workers, device, drop_last=len(train_set) > args.batch
     )
     val_loader = make_loader(
-        val_set, EpochSampler(len(val_set), shuffle=False, seed=0), args.batch, args.num_workers, device
+        val_set, EpochSampler(len(val_set), False, 0, world.rank, world.size), args.batch, args.num_workers, device
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     scheduler = make_warmup_cosine(optimizer, args.epochs, len(train_loader))
     scaler = make_grad_scaler(device, amp_dtype)
 
@@ -384,10 +405,10 @@ def run_train(args: argparse.Namespace, device: torch.device, amp_dtype: torch.d
     if args.resume and paths["last"].is_file():
         state = load_checkpoint(paths["last"], "bias")
         check_resume_compatible(state, config, paths["last"], RESUME_KEYS, RESUME_FLAGS)
-        restore_training_state(state, model, optimizer, scheduler, scaler)
+        restore_training_state(state, net, optimizer, scheduler, scaler)
         start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
         best_table, history = pd.DataFrame(state["best_table"]), state["history"]
-        print(f"resuming {paths['last']} after epoch {state['epoch']} (best epoch {best_epoch})", flush=True)
+        log(f"resuming {paths['last']} after epoch {state['epoch']} (best epoch {best_epoch})", flush=True)
 
     for epoch in range(start_epoch, args.epochs + 1):
         started = time.time()
@@ -404,16 +425,19 @@ def run_train(args: argparse.Namespace, device: torch.device, amp_dtype: torch.d
             scheduler,
             channels_last=args.channels_last,
             epoch=epoch,
-            progress=args.progress,
+            progress=args.progress and world.is_main,
+            world=world,
         )
-        logits, targets = predict_logits(model, val_loader, device, amp_dtype, args.channels_last, args.progress)
+        average_buffers_over_world(net, world)
+        logits, targets = predict_logits(net, val_loader, device, amp_dtype, args.channels_last, args.progress)
+        logits, targets = gather_over_world(logits, targets, len(val_set), world, device)
         valid_loss = float(masked_bce(logits, targets))
         probs, targets = torch.sigmoid(logits).numpy(), targets.numpy()
         thresholds = choose_thresholds(targets, probs)
         table = metrics_table(heads, targets, probs, thresholds)
         score = mean_auc(table)
         seconds = round(time.time() - started, 2)
-        print(
+        log(
             f"epoch {epoch}/{args.epochs}, lr {lr:.7f}, train loss {train_loss:.5f}, valid loss {valid_loss:.5f}, "
             f"mean val auc {score:.4f}, {seconds} s\n{format_table(table)}",
             flush=True,
@@ -428,11 +452,15 @@ def run_train(args: argparse.Namespace, device: torch.device, amp_dtype: torch.d
             "epoch": epoch,
             "thresholds": thresholds,
             "metrics": to_plain(table.to_dict(orient="list")),
-            "state_dict": model.state_dict(),
+            "state_dict": net.state_dict(),
         }
         comparable = -1.0 if np.isnan(score) else score  # no head with both classes in val: keep the first epoch
-        if best_score is None or comparable > best_score:
+        improved = best_score is None or comparable > best_score
+        if improved:
             best_score, best_epoch, best_table = comparable, epoch, table
+        if not world.is_main:
+            continue
+        if improved:
             save_checkpoint(paths["model"], checkpoint)
             print(f"  best mean val auc {score:.4f}: saved {paths['model']}", flush=True)
         save_checkpoint(
@@ -448,7 +476,7 @@ def run_train(args: argparse.Namespace, device: torch.device, amp_dtype: torch.d
         )
         write_csv_atomic(pd.DataFrame(history), paths["history"])
 
-    print(
+    log(
         f"best epoch {best_epoch} (mean val auc {mean_auc(best_table):.4f}), thresholds chosen on the val split:\n"
         f"{format_table(best_table)}\nmodel {paths['model']}, resumable state {paths['last']}, "
         f"per-epoch metrics {paths['history']}",
@@ -551,12 +579,20 @@ def main(argv: list[str] | None = None) -> dict:
     with exit_on_user_error():
         check_args(args)
         set_visible_devices(args.CUDA_VISIBLE_DEVICES)
-        device = select_device(args.device)
-        amp_dtype = resolve_precision(args.precision, device)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        run = {"train": run_train, "val": run_val, "test": run_test}[args.mode]
-        return run(args, device, amp_dtype)
+        if args.mode != "train":  # scoring is one process; torchrun is for training
+            device = select_device(args.device)
+            amp_dtype = resolve_precision(args.precision, device, args.image_size)
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
+            return {"val": run_val, "test": run_test}[args.mode](args, device, amp_dtype)
+        world, device = setup_world(args.device)
+        try:
+            amp_dtype = resolve_precision(args.precision, device, args.image_size or DEFAULT_IMAGE_SIZE)
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
+            return run_train(args, device, amp_dtype, world)
+        finally:
+            teardown_world(world)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train_on_rank(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+def train_on_rank(rank: int, world_size: int, port: int, argv: list[str], out_dir: str, script: str = "train") -> None:
+    import importlib
     import os
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
     )
     torch.set_num_threads(1)
-    import train
-
-    summary = train.main(argv)
-    torch.save(summary["models"][0].state_dict(), f"{out_dir}/rank{rank}.pt")
+    if script == "train":
+        summary = importlib.import_module("train").main(argv)
+        torch.save(summary["models"][0].state_dict(), f"{out_dir}/rank{rank}.pt")
+    else:
+        importlib.import_module(script).main(argv)
 
 
 def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthetic_dir, tmp_path):
@@ -58,3 +60,18 @@ def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthe
     assert sorted(oof["image_name"]) == sorted(fold_rows)
     logged_auc = float((tmp_path / "logs" / "log_ddp.txt").read_text().split("auc: ")[1].split(",")[0])
     assert abs(train.binary_metrics(oof["target"], oof["prob"])["auc"] - logged_auc) < 1e-5
+
+
+def test_two_process_artifact_detector_writes_one_model(synthetic_dir, tmp_path):
+    model_path = tmp_path / "bias.pth"
+    argv = [
+        "--img_path", str(synthetic_dir / "train" / "train"), "--ann_path", str(synthetic_dir / "gans_biases.csv"),
+        "--mode", "train", "--model_path", str(model_path), "--epochs", "1", "--batch", "8", "--image_size", "32",
+        "--enet_type", "efficientnet-b0", "--no-pretrained", "--num_workers", "0", "--device", "cpu",
+    ]  # fmt: skip
+    mp.spawn(train_on_rank, args=(2, free_port(), argv, str(tmp_path), "multi_classification"), nprocs=2, join=True)
+    checkpoint = load_checkpoint(model_path, "bias")
+    assert not any(name.startswith("module.") for name in checkpoint["state_dict"])
+    assert len(checkpoint["val_images"]) == len(set(checkpoint["val_images"])) > 0
+    history = pd.read_csv(tmp_path / "bias_history.csv")
+    assert history["epoch"].tolist() == [1] * len(checkpoint["heads"])  # one row per head, written once
