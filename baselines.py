@@ -50,10 +50,6 @@ def image_statistics(filepaths: list[str], size: int = STATS_SIZE) -> np.ndarray
     return np.asarray(rows, dtype=np.float32)
 
 
-def _meta(encoder: MetaEncoder, frame: pd.DataFrame) -> np.ndarray:
-    return encoder.transform(frame)
-
-
 def has_baseline_metadata(frame: pd.DataFrame) -> bool:
     return all(column in frame.columns for column in ("sex", "age_approx", SITE_COLUMN))
 
@@ -71,7 +67,7 @@ def baseline_aucs(
     use_meta = has_baseline_metadata(train_rows)
     if use_meta:
         encoder = MetaEncoder(BASELINE_META_FEATURES).fit(train_rows)
-        train_meta, valid_meta = _meta(encoder, train_rows), _meta(encoder, valid_rows)
+        train_meta, valid_meta = encoder.transform(train_rows), encoder.transform(valid_rows)
         logistic = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
         logistic.fit(train_meta, train_rows["target"])
         result["baseline_meta_logreg_auc"] = safe_auc(valid_rows["target"], logistic.predict_proba(valid_meta)[:, 1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import pickle
@@ -605,11 +604,6 @@ def write_csv_atomic(frame: Any, path: str | Path) -> None:
     """Writes a pandas DataFrame as CSV, atomically."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-
-
-def append_jsonl(path: str | Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
