@@ -20,9 +20,6 @@ from utils import UserError, exit_on_user_error
 
 MIN_MELANOMA_AUC = 0.8
 MIN_ARTIFACT_AUC = 0.9
-# the "other" marks (small ink rings, dots, bright patches) reach only ~0.7 at demo scale (600 images, 64-96 px);
-# they are reported but not held to the bar (README, "The demo")
-UNCHECKED_HEADS = ("other",)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         annotations = data_dir / "gans_biases.csv"
         common = ["--img_path", str(data_dir / "train" / "train"), "--ann_path", str(annotations)]
         common += ["--model_path", str(bias_model), "--image_size", str(args.image_size)]
-        train_command = [*common, "--mode", "train", "--epochs", str(args.n_epochs + 7), "--batch", "32"]
+        # the default batch of 16 and three times the epochs: from random weights the small marks (ink, stubble)
+        # need that many optimiser steps before every head clears 0.9 whatever the seed
+        train_command = [*common, "--mode", "train", "--epochs", str(3 * args.n_epochs)]
         train_command += ["--enet_type", args.enet_type, "--no-pretrained", "--seed", str(args.seed), "--overwrite"]
         announce("multi_classification.py", train_command)
         multi_classification.main(train_command)
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         table = multi_classification.main([*common, "--mode", "val"])["table"]
         head_auc = dict(zip(table["head"], table["auc"], strict=True))
         save_path = out / "annotations.csv"
-        test_command = [*common, "--mode", "test", "--save_path", str(save_path)]
+        test_command = [*common, "--mode", "test", "--save_path", str(save_path), "--overwrite"]
         test_command[1] = str(data_dir / "test" / "test")
         announce("multi_classification.py", test_command)
         multi_classification.main(test_command)
@@ -92,17 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
         print("artifact validation AUC: " + ", ".join(f"{head} {auc:.3f}" for head, auc in head_auc.items()))
 
         failures = [f"melanoma {name} AUC {auc:.3f}" for name, auc in results.items() if auc <= MIN_MELANOMA_AUC]
-        failures += [
-            f"artifact {head} AUC {auc:.3f}"
-            for head, auc in head_auc.items()
-            if auc <= MIN_ARTIFACT_AUC and head not in UNCHECKED_HEADS
-        ]
+        failures += [f"artifact {head} AUC {auc:.3f}" for head, auc in head_auc.items() if auc <= MIN_ARTIFACT_AUC]
         if failures:
             raise UserError(f"the demo models did not learn enough ({'; '.join(failures)}): please report this.")
-        print(
-            f"check passed: melanoma AUC above {MIN_MELANOMA_AUC}, artifact heads above {MIN_ARTIFACT_AUC} "
-            f"(reported only: {', '.join(UNCHECKED_HEADS)})."
-        )
+        print(f"check passed: melanoma AUC above {MIN_MELANOMA_AUC}, every artifact head above {MIN_ARTIFACT_AUC}.")
         return {"melanoma_auc": results, "artifact_auc": head_auc}
 
 

@@ -57,9 +57,11 @@ from utils import (
     CHECKPOINT_FORMAT,
     UserError,
     World,
+    add_bn_refresh_flag,
     add_device_flags,
     average_buffers_over_world,
     best_f1_threshold,
+    bn_refresh_default,
     check_resume_compatible,
     claim_outputs,
     default_num_workers,
@@ -73,6 +75,7 @@ from utils import (
     make_warmup_cosine,
     precision_name,
     predict_logits,
+    refresh_batchnorm,
     resolve_precision,
     restore_training_state,
     save_checkpoint,
@@ -168,10 +171,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--resume", action="store_true", help="train: continue from <model>_last.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    add_bn_refresh_flag(parser, underscore_aliases=True)
     add_device_flags(parser, underscore_aliases=True)
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = SCRATCH_LR if args.no_pretrained else PRETRAINED_LR
+    if args.bn_refresh_batches is None:
+        args.bn_refresh_batches = bn_refresh_default(args.no_pretrained)
     return args
 
 
@@ -428,6 +434,8 @@ def run_train(
             progress=args.progress and world.is_main,
             world=world,
         )
+        if args.bn_refresh_batches:
+            refresh_batchnorm(net, train_loader, device, amp_dtype, args.channels_last, args.bn_refresh_batches)
         average_buffers_over_world(net, world)
         logits, targets = predict_logits(net, val_loader, device, amp_dtype, args.channels_last, args.progress)
         logits, targets = gather_over_world(logits, targets, len(val_set), world, device)

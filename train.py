@@ -37,9 +37,11 @@ from utils import (
     CHECKPOINT_FORMAT,
     UserError,
     World,
+    add_bn_refresh_flag,
     add_device_flags,
     average_buffers_over_world,
     binary_metrics,
+    bn_refresh_default,
     check_resume_compatible,
     claim_outputs,
     default_num_workers,
@@ -124,13 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained-weights", default=None, help="local ImageNet state_dict for the backbone")
     weights.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    parser.add_argument(
-        "--bn-refresh-batches",
-        type=int,
-        default=None,
-        help="re-estimate BatchNorm statistics on this many training batches before each validation "
-        "(default 10 with --no-pretrained, 0 with ImageNet weights)",
-    )
+    add_bn_refresh_flag(parser)
     parser.add_argument(
         "--baselines",
         action=argparse.BooleanOptionalAction,
@@ -152,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init_lr is None:
         args.init_lr = SCRATCH_LR if args.no_pretrained else PRETRAINED_LR
     if args.bn_refresh_batches is None:
-        args.bn_refresh_batches = 10 if args.no_pretrained else 0
+        args.bn_refresh_batches = bn_refresh_default(args.no_pretrained)
     if args.augment is None:
         args.augment = "light" if args.no_pretrained else "full"
     return args

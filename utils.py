@@ -204,6 +204,28 @@ def add_device_flags(parser: argparse.ArgumentParser, underscore_aliases: bool =
     )
 
 
+SCRATCH_BN_REFRESH_BATCHES = 10
+
+
+def add_bn_refresh_flag(parser: argparse.ArgumentParser, underscore_aliases: bool = False) -> None:
+    """--bn-refresh-batches, shared by both trainers; resolve its default with `bn_refresh_default`."""
+    names = ["--bn-refresh-batches", "--bn_refresh_batches"] if underscore_aliases else ["--bn-refresh-batches"]
+    parser.add_argument(
+        *names,
+        dest="bn_refresh_batches",
+        type=int,
+        default=None,
+        help="re-estimate BatchNorm statistics on this many training batches before each validation "
+        f"(default {SCRATCH_BN_REFRESH_BATCHES} with --no-pretrained, 0 with ImageNet weights)",
+    )
+
+
+def bn_refresh_default(no_pretrained: bool) -> int:
+    """From random weights the running statistics trail the weights (see refresh_batchnorm); fine-tuned ImageNet
+    statistics do not need it."""
+    return SCRATCH_BN_REFRESH_BATCHES if no_pretrained else 0
+
+
 CPU_BF16_MIN_SIZE = 192
 
 

@@ -227,6 +227,30 @@ def test_both_flag_spellings_and_the_original_defaults():
     assert mc.parse_args(["--img_path", "d", "--mode", "test", "--model_path", "m", "--no-pretrained"]).lr == 1e-3
 
 
+def test_bn_refresh_is_on_from_scratch_and_off_with_imagenet_weights():
+    base = ["--img_path", "d", "--mode", "test", "--model_path", "m"]
+    assert mc.parse_args([*base, "--no-pretrained"]).bn_refresh_batches == 10
+    assert mc.parse_args(base).bn_refresh_batches == 0
+    assert mc.parse_args([*base, "--bn_refresh_batches", "3"]).bn_refresh_batches == 3
+    assert mc.parse_args([*base, "--bn-refresh-batches", "3"]).bn_refresh_batches == 3
+
+
+def test_train_reestimates_batchnorm_before_each_validation(synthetic, tmp_path, monkeypatch):
+    calls = []
+    real_refresh = mc.refresh_batchnorm
+
+    def spy(model, loader, device, amp_dtype, channels_last, max_batches):
+        before = model.enet._bn1.running_mean.clone()
+        real_refresh(model, loader, device, amp_dtype, channels_last, max_batches)
+        calls.append((max_batches, not torch.equal(before, model.enet._bn1.running_mean)))
+
+    monkeypatch.setattr(mc, "refresh_batchnorm", spy)
+    argv = ["--img_path", str(synthetic / "train" / "train"), "--ann_path", str(synthetic / "gans_biases.csv")]
+    argv += ["--mode", "train", "--model_path", str(tmp_path / "m.pth"), "--epochs", "2", *TINY]
+    mc.main([*argv, "--bn_refresh_batches", "2"])
+    assert calls == [(2, True), (2, True)]
+
+
 # --------------------------------------------------------------------------- train, val, test
 
 
