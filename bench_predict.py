@@ -54,7 +54,8 @@ def bare_throughput(loaded: LoadedModel, batch: int, n_images: int, device, amp_
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     image = torch.randn(batch, 3, loaded.image_size, loaded.image_size, device=device)
     image = image.contiguous(memory_format=memory_format)
-    meta = None if loaded.encoder is None else torch.zeros(batch, loaded.encoder.n_features, device=device)
+    n_side = loaded.model.n_meta_features
+    meta = torch.zeros(batch, n_side, device=device) if n_side else None
     steps = max(1, round(n_images / batch))
     synchronize(device)
     started = time.perf_counter()

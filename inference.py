@@ -24,6 +24,7 @@ from dataset import (
     read_csv,
     valid_transforms,
 )
+from features import FeatureScaler, side_inputs
 from models import model_from_checkpoint
 from train import melanoma_probability
 from utils import UserError, load_checkpoint, make_loader, predict_logits
@@ -48,6 +49,7 @@ class LoadedModel:
     std: list[float]
     encoder: MetaEncoder | None
     info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, args, epoch, metrics
+    feature_scaler: FeatureScaler | None = None  # lesion features (train.py --lesion-features), else None
 
     @property
     def meta_columns(self) -> list[str]:
@@ -68,8 +70,17 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
         model = model.to(memory_format=torch.channels_last)
     encoder = MetaEncoder.from_state_dict(checkpoint["meta_encoder"]) if checkpoint["use_meta"] else None
     info = {key: checkpoint.get(key) for key in ("fold", "n_folds", "args", "epoch", "metrics")}
+    scaler_state = checkpoint.get("lesion_features")
+    feature_scaler = FeatureScaler.from_state_dict(scaler_state) if scaler_state else None
     return LoadedModel(
-        path, model, int(checkpoint["image_size"]), list(checkpoint["mean"]), list(checkpoint["std"]), encoder, info
+        path,
+        model,
+        int(checkpoint["image_size"]),
+        list(checkpoint["mean"]),
+        list(checkpoint["std"]),
+        encoder,
+        info,
+        feature_scaler,
     )
 
 
@@ -146,8 +157,9 @@ class TTAModel(nn.Module):
 def make_dataset(
     loaded: LoadedModel, frame: pd.DataFrame, transform=None, augment_seed: int | None = None
 ) -> ImageDataset:
-    """The images of `frame` (column filepath) as this model sees them, with its metadata encoding."""
-    meta = loaded.encoder.transform(frame) if loaded.encoder is not None else None
+    """The images of `frame` (column filepath) as this model sees them, with its metadata encoding and lesion
+    features (computed from the files, so a `transform` that edits pixels does not reach them)."""
+    meta = side_inputs(frame, loaded.encoder, loaded.feature_scaler)
     transform = transform or valid_transforms(loaded.image_size, loaded.mean, loaded.std)
     return ImageDataset(frame["filepath"], transform, meta, augment_seed=augment_seed)
 

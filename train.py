@@ -32,6 +32,7 @@ from dataset import (
     train_transforms,
     valid_transforms,
 )
+from features import FeatureScaler, lesion_features, side_inputs
 from models import ENET_TYPES, MelanomaNet
 from utils import (
     CHECKPOINT_FORMAT,
@@ -72,7 +73,7 @@ from utils import (
 PRETRAINED_LR = 3e-4
 SCRATCH_LR = 1e-3
 # what must match for --resume to continue a run (checkpoint keys, and arguments with their flags)
-RESUME_KEYS = ("model", "use_meta", "image_size", "fold", "n_folds")
+RESUME_KEYS = ("model", "use_meta", "lesion_features", "image_size", "fold", "n_folds")
 RESUME_FLAGS = {
     key: "--" + key.replace("_", "-") for key in ("n_epochs", "batch_size", "init_lr", "seed", "enet_type", "data_dir")
 }
@@ -134,6 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also fit the metadata logistic regression and image-statistics gradient boosting on each fold",
     )
     parser.add_argument(
+        "--lesion-features",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="feed hand-crafted ABCD-rule lesion features (colours, asymmetry, border, size) into the side branch "
+        "next to the metadata (default: on with --no-pretrained, off with ImageNet weights)",
+    )
+    parser.add_argument(
         "--bad-images",
         default="fail",
         choices=("fail", "skip"),
@@ -151,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.bn_refresh_batches = bn_refresh_default(args.no_pretrained)
     if args.augment is None:
         args.augment = "light" if args.no_pretrained else "full"
+    if args.lesion_features is None:
+        args.lesion_features = args.no_pretrained
     return args
 
 
@@ -233,10 +243,12 @@ def train_fold(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     world: World,
+    lesion: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, dict, nn.Module]:
     """Trains on every fold but `fold`, validates on `fold`; returns the out-of-fold predictions of the best
     epoch, the baselines' validation AUCs and the trained network. Writes <run>_best/_final/_last.pth, the log,
-    the metrics file and the OOF CSV (the main process only, in a distributed run)."""
+    the metrics file and the OOF CSV (the main process only, in a distributed run). `lesion` holds the lesion
+    features of every row of `frame` when the run uses them."""
     paths = run_paths(args, run_name)
     train_rows = frame[frame["fold"] != fold].reset_index(drop=True)
     valid_rows = frame[frame["fold"] == fold].reset_index(drop=True)
@@ -246,11 +258,17 @@ def train_fold(
             "use fewer --n-folds or add images of the other class."
         )
 
-    encoder = None
-    train_meta = valid_meta = None
+    encoder = feature_scaler = None
     if args.use_meta:
         encoder = MetaEncoder([name for name in args.meta_features.split(",") if name]).fit(train_rows)
-        train_meta, valid_meta = encoder.transform(train_rows), encoder.transform(valid_rows)
+    train_lesion = valid_lesion = None
+    if lesion is not None:
+        in_fold = (frame["fold"] == fold).to_numpy()
+        train_lesion, valid_lesion = lesion[~in_fold], lesion[in_fold]
+        feature_scaler = FeatureScaler().fit(train_lesion)
+    train_meta = side_inputs(train_rows, encoder, feature_scaler, train_lesion)
+    valid_meta = side_inputs(valid_rows, encoder, feature_scaler, valid_lesion)
+    n_side = 0 if train_meta is None else train_meta.shape[1]
 
     baselines = {}
     if args.baselines and world.is_main:
@@ -261,7 +279,7 @@ def train_fold(
     net = MelanomaNet(
         args.enet_type,
         out_dim=args.out_dim,
-        n_meta_features=encoder.n_features if encoder else 0,
+        n_meta_features=n_side,
         n_meta_dim=parse_meta_dims(args.n_meta_dim),
         pretrained=not args.no_pretrained,
         weights_path=args.pretrained_weights,
@@ -311,12 +329,13 @@ def train_fold(
         "model": {
             "enet_type": args.enet_type,
             "out_dim": args.out_dim,
-            "n_meta_features": encoder.n_features if encoder else 0,
+            "n_meta_features": n_side,
             "n_meta_dim": parse_meta_dims(args.n_meta_dim),
         },
         "use_meta": bool(args.use_meta),
         "meta_encoder": encoder.state_dict() if encoder else None,
         "meta_feature_names": encoder.feature_names if encoder else [],
+        "lesion_features": feature_scaler.state_dict() if feature_scaler else None,
         "image_size": args.image_size,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
@@ -453,6 +472,12 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
     folds = parse_folds(args.fold, args.n_folds)
     frame = read_melanoma_table(args.data_dir, "train", args.use_meta, require_target=True, bad_images=args.bad_images)
     frame["fold"] = make_folds(frame, args.n_folds, args.seed)
+    lesion = None
+    if args.lesion_features:
+        started = time.time()
+        lesion = lesion_features(list(frame["filepath"]))
+        if world.is_main:
+            print(f"lesion features of {len(frame)} images in {time.time() - started:.1f} s", flush=True)
     run_names = [args.save_name] if len(folds) == 1 else [f"{args.save_name}_fold{fold}" for fold in folds]
     if world.is_main:
         ensure_writable_dir(args.model_dir, "model folder (--model-dir)")
@@ -465,11 +490,12 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
         print(
             f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {args.n_folds} patient-grouped folds, "
             f"validating on fold(s) {folds}; {args.enet_type} at {args.image_size} px on {device}, "
-            f"precision {precision_name(amp_dtype)}{', metadata branch' if args.use_meta else ''}",
+            f"precision {precision_name(amp_dtype)}{', metadata branch' if args.use_meta else ''}"
+            f"{', lesion features' if args.lesion_features else ''}",
             flush=True,
         )
     results = [
-        train_fold(args, frame, fold, run_name, device, amp_dtype, world)
+        train_fold(args, frame, fold, run_name, device, amp_dtype, world, lesion)
         for fold, run_name in zip(folds, run_names, strict=True)
     ]
     oof_parts = [oof for oof, _, _ in results]

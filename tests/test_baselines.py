@@ -1,5 +1,6 @@
-from baselines import baseline_aucs, image_statistics
+from baselines import baseline_aucs
 from dataset import make_folds, read_melanoma_table
+from features import colour_statistics
 
 
 def test_baselines_fit_on_the_training_fold_and_score_the_validation_fold(synthetic_dir):
@@ -14,9 +15,9 @@ def test_baselines_fit_on_the_training_fold_and_score_the_validation_fold(synthe
     assert set(image_only) == {"baseline_stats_gbm_auc"}
 
 
-def test_image_statistics_see_the_lesion(synthetic_dir):
+def test_colour_statistics_see_the_lesion(synthetic_dir):
     frame = read_melanoma_table(synthetic_dir, "train", use_meta=False, require_target=True)
-    stats = image_statistics(list(frame["filepath"]))
+    stats = colour_statistics(list(frame["filepath"]))
     assert stats.shape[0] == len(frame) and stats.shape[1] > 30
     contrast = stats[:, -1]  # grey-level spread: synthetic melanomas are drawn larger, with black and blue patches
     assert contrast[frame["target"] == 1].mean() > contrast[frame["target"] == 0].mean()

@@ -191,3 +191,17 @@ def test_tta8_makes_a_network_invariant_to_flips_and_transposes():
     assert not torch.allclose(bare[0], bare[1], atol=1e-4)  # the bare network does see the flip
     for other in tta[1:]:
         torch.testing.assert_close(other, tta[0])
+
+
+def test_prediction_reproduces_the_validation_scores_with_lesion_features(synthetic_dir, checkpoints, tmp_path):
+    """--no-pretrained runs feed lesion features into the side branch: predict.py must recompute and scale them
+    exactly as training did, or its scores drift from the ones the run validated."""
+    checkpoint = torch.load(checkpoints["plain"], weights_only=True)
+    assert checkpoint["lesion_features"] is not None
+    assert checkpoint["model"]["n_meta_features"] == len(checkpoint["lesion_features"]["mean"])
+    oof = pd.read_csv(checkpoints["plain"].parent.parent / "logs" / "oof_plain.csv")
+    command = ["--data-dir", synthetic_dir, "--split", "train", "--model-path", checkpoints["plain"]]
+    result = run_predict(tmp_path, *command)
+    merged = oof.merge(result, on="image_name")
+    assert len(merged) == len(oof)
+    np.testing.assert_allclose(merged["target_y"], merged["prob"], atol=1e-5)

@@ -41,6 +41,17 @@ def test_seed_commands_train_end_to_end(synthetic_dir, tmp_path, use_meta):
     assert (checkpoint["meta_encoder"] is not None) is use_meta
     model = MelanomaNet(**checkpoint["model"], pretrained=False)
     model.load_state_dict(checkpoint["state_dict"])
+    # --no-pretrained feeds the lesion features (after the metadata) into the side branch
+    n_meta = len(checkpoint["meta_feature_names"])
+    assert checkpoint["model"]["n_meta_features"] == n_meta + len(checkpoint["lesion_features"]["mean"])
+
+
+def test_lesion_features_can_be_turned_off(synthetic_dir, tmp_path):
+    train.main(seed_command(synthetic_dir, tmp_path, "--no-lesion-features"))
+    checkpoint = load_checkpoint(tmp_path / "weights" / "efficientnetb2_256_20ep_best.pth", "melanoma")
+    assert checkpoint["lesion_features"] is None and checkpoint["model"]["n_meta_features"] == 0
+    assert train.parse_args(["--save-name", "x", "--data-dir", "d"]).lesion_features is False
+    assert train.parse_args(["--save-name", "x", "--data-dir", "d", "--no-pretrained"]).lesion_features is True
 
 
 def test_existing_run_is_refused_then_resumed(synthetic_dir, tmp_path, capsys):
