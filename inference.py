@@ -25,8 +25,7 @@ from dataset import (
     valid_transforms,
 )
 from features import FeatureScaler, side_inputs
-from models import model_from_checkpoint
-from train import melanoma_probability
+from models import MetadataLogit, melanoma_probability, model_from_checkpoint
 from utils import UserError, load_checkpoint, make_loader, predict_logits
 
 MAX_TTA = 8
@@ -50,6 +49,7 @@ class LoadedModel:
     encoder: MetaEncoder | None
     info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, args, epoch, metrics
     feature_scaler: FeatureScaler | None = None  # lesion features (train.py --lesion-features), else None
+    meta_model: MetadataLogit | None = None  # --fusion late: the metadata's logistic regression, else None
 
     @property
     def meta_columns(self) -> list[str]:
@@ -72,6 +72,8 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
     info = {key: checkpoint.get(key) for key in ("fold", "n_folds", "args", "epoch", "metrics")}
     scaler_state = checkpoint.get("lesion_features")
     feature_scaler = FeatureScaler.from_state_dict(scaler_state) if scaler_state else None
+    meta_state = checkpoint.get("meta_model")
+    meta_model = MetadataLogit.from_state_dict(meta_state) if meta_state else None
     return LoadedModel(
         path,
         model,
@@ -81,6 +83,7 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
         encoder,
         info,
         feature_scaler,
+        meta_model,
     )
 
 
@@ -159,7 +162,9 @@ def make_dataset(
 ) -> ImageDataset:
     """The images of `frame` (column filepath) as this model sees them, with its metadata encoding and lesion
     features (computed from the files, so a `transform` that edits pixels does not reach them)."""
-    meta = side_inputs(frame, loaded.encoder, loaded.feature_scaler)
+    # under late fusion the metadata goes to the logistic regression, not into the network
+    network_encoder = None if loaded.meta_model is not None else loaded.encoder
+    meta = side_inputs(frame, network_encoder, loaded.feature_scaler)
     transform = transform or valid_transforms(loaded.image_size, loaded.mean, loaded.std)
     return ImageDataset(frame["filepath"], transform, meta, augment_seed=augment_seed)
 
@@ -188,7 +193,8 @@ def predict_probabilities(
     loader = make_loader(dataset, sampler, images_per_batch, num_workers, device)
     tta_model = TTAModel(loaded.model, n_tta)
     logits, _ = predict_logits(tta_model, loader, device, amp_dtype, channels_last, progress, desc="predict")
-    return melanoma_probability(logits)
+    evidence = loaded.meta_model.evidence(loaded.encoder.transform(frame)) if loaded.meta_model is not None else None
+    return melanoma_probability(logits, evidence)
 
 
 def combine(probabilities: Sequence[np.ndarray], rank_average: bool = False) -> np.ndarray:

@@ -7,8 +7,10 @@ import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from efficientnet_pytorch import EfficientNet
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from utils import UserError
@@ -163,3 +165,60 @@ def model_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint")
             "written by another version of this project."
         ) from None
     return model.eval()
+
+
+class MetadataLogit:
+    """Late fusion's metadata model: a logistic regression on the encoded metadata, fitted on the training fold.
+
+    The melanoma score is then logit(network) + logit(metadata) - logit(prevalence): two calibrated opinions
+    combined as independent evidence (naive Bayes in log-odds). Stored as plain numbers in the checkpoint, so it
+    loads with weights_only=True and needs no scikit-learn object."""
+
+    def __init__(self, mean=None, scale=None, coef=None, intercept: float = 0.0, prior_logit: float = 0.0) -> None:
+        self.mean = None if mean is None else np.asarray(mean, dtype=np.float64)
+        self.scale = None if scale is None else np.asarray(scale, dtype=np.float64)
+        self.coef = None if coef is None else np.asarray(coef, dtype=np.float64)
+        self.intercept = float(intercept)
+        self.prior_logit = float(prior_logit)
+
+    def fit(self, meta: np.ndarray, target: np.ndarray, seed: int = 0) -> MetadataLogit:
+        meta, target = np.asarray(meta, dtype=np.float64), np.asarray(target, dtype=np.float64)
+        self.mean, self.scale = meta.mean(axis=0), meta.std(axis=0) + 1e-6
+        regression = LogisticRegression(max_iter=3000, C=1.0, random_state=seed)
+        regression.fit((meta - self.mean) / self.scale, target)
+        self.coef, self.intercept = regression.coef_[0], float(regression.intercept_[0])
+        prevalence = float(np.clip(target.mean(), 1e-6, 1 - 1e-6))
+        self.prior_logit = float(np.log(prevalence / (1 - prevalence)))
+        return self
+
+    def evidence(self, meta: np.ndarray) -> np.ndarray:
+        """What the metadata adds to the network's logit: its own logit minus the prevalence's."""
+        logit = ((np.asarray(meta, dtype=np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
+        return logit - self.prior_logit
+
+    def state_dict(self) -> dict:
+        return {
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept,
+            "prior_logit": self.prior_logit,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> MetadataLogit:
+        return cls(**state)
+
+
+def melanoma_logit(logits: torch.Tensor) -> np.ndarray:
+    """The network's log-odds of melanoma: its single logit, or class 1 minus class 0 of a 2-way softmax."""
+    logits = logits.double()
+    return (logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]).numpy()
+
+
+def melanoma_probability(logits: torch.Tensor, meta_evidence: np.ndarray | None = None) -> np.ndarray:
+    """P(melanoma) from the network's logits, plus the metadata's evidence under late fusion."""
+    log_odds = melanoma_logit(logits)
+    if meta_evidence is not None:
+        log_odds = log_odds + meta_evidence
+    return 1.0 / (1.0 + np.exp(-log_odds))

@@ -33,7 +33,7 @@ from dataset import (
     valid_transforms,
 )
 from features import FeatureScaler, lesion_features, side_inputs
-from models import ENET_TYPES, MelanomaNet
+from models import ENET_TYPES, MelanomaNet, MetadataLogit, melanoma_probability
 from utils import (
     CHECKPOINT_FORMAT,
     UserError,
@@ -58,6 +58,7 @@ from utils import (
     refresh_batchnorm,
     resolve_precision,
     restore_training_state,
+    safe_auc,
     save_checkpoint,
     seed_everything,
     set_visible_devices,
@@ -73,7 +74,7 @@ from utils import (
 PRETRAINED_LR = 3e-4
 SCRATCH_LR = 1e-3
 # what must match for --resume to continue a run (checkpoint keys, and arguments with their flags)
-RESUME_KEYS = ("model", "use_meta", "lesion_features", "image_size", "fold", "n_folds")
+RESUME_KEYS = ("model", "use_meta", "fusion", "lesion_features", "image_size", "fold", "n_folds")
 RESUME_FLAGS = {
     key: "--" + key.replace("_", "-") for key in ("n_epochs", "batch_size", "init_lr", "seed", "enet_type", "data_dir")
 }
@@ -135,6 +136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also fit the metadata logistic regression and image-statistics gradient boosting on each fold",
     )
     parser.add_argument(
+        "--fusion",
+        default=None,
+        choices=("concat", "late"),
+        help="with --use-meta: concat (the 1st-place metadata branch inside the network) or late (an image network "
+        "plus a metadata logistic regression, added in log-odds); default late with --no-pretrained, else concat",
+    )
+    parser.add_argument(
         "--lesion-features",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -161,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.augment = "light" if args.no_pretrained else "full"
     if args.lesion_features is None:
         args.lesion_features = args.no_pretrained
+    if args.fusion is None:
+        args.fusion = "late" if args.no_pretrained else "concat"
     return args
 
 
@@ -194,13 +204,6 @@ def melanoma_loss(out_dim: int):
     if out_dim == 1:
         return lambda logits, target: F.binary_cross_entropy_with_logits(logits[:, 0], target)
     return lambda logits, target: F.cross_entropy(logits, target.long())
-
-
-def melanoma_probability(logits: torch.Tensor) -> np.ndarray:
-    """P(melanoma): the sigmoid of a single logit, or the softmax of class 1."""
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0]).numpy()
-    return torch.softmax(logits, dim=1)[:, 1].numpy()
 
 
 def run_paths(args: argparse.Namespace, run_name: str) -> dict[str, Path]:
@@ -266,9 +269,18 @@ def train_fold(
         in_fold = (frame["fold"] == fold).to_numpy()
         train_lesion, valid_lesion = lesion[~in_fold], lesion[in_fold]
         feature_scaler = FeatureScaler().fit(train_lesion)
-    train_meta = side_inputs(train_rows, encoder, feature_scaler, train_lesion)
-    valid_meta = side_inputs(valid_rows, encoder, feature_scaler, valid_lesion)
+    late_fusion = args.use_meta and args.fusion == "late"
+    network_encoder = None if late_fusion else encoder
+    train_meta = side_inputs(train_rows, network_encoder, feature_scaler, train_lesion)
+    valid_meta = side_inputs(valid_rows, network_encoder, feature_scaler, valid_lesion)
     n_side = 0 if train_meta is None else train_meta.shape[1]
+    meta_model, valid_evidence = None, None
+    if late_fusion:
+        meta_model = MetadataLogit().fit(encoder.transform(train_rows), train_rows["target"], seed=args.seed)
+        valid_evidence = meta_model.evidence(encoder.transform(valid_rows))
+        if world.is_main:
+            alone = safe_auc(valid_rows["target"], valid_evidence)
+            print(f"late fusion: metadata logistic regression fitted on the training fold (alone {alone:.4f})")
 
     baselines = {}
     if args.baselines and world.is_main:
@@ -333,6 +345,8 @@ def train_fold(
             "n_meta_dim": parse_meta_dims(args.n_meta_dim),
         },
         "use_meta": bool(args.use_meta),
+        "fusion": "late" if late_fusion else "concat",
+        "meta_model": meta_model.state_dict() if meta_model else None,
         "meta_encoder": encoder.state_dict() if encoder else None,
         "meta_feature_names": encoder.feature_names if encoder else [],
         "lesion_features": feature_scaler.state_dict() if feature_scaler else None,
@@ -378,7 +392,7 @@ def train_fold(
         logits, targets = predict_logits(net, valid_loader, device, amp_dtype, args.channels_last, args.progress)
         logits, targets = gather_over_world(logits, targets, len(valid_set), world, device)
         valid_loss = float(loss_fn(logits, targets))
-        probs = melanoma_probability(logits)
+        probs = melanoma_probability(logits, valid_evidence)
         metrics = binary_metrics(targets.numpy(), probs)
         record = {
             "time": time.ctime(),

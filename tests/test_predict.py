@@ -193,14 +193,18 @@ def test_tta8_makes_a_network_invariant_to_flips_and_transposes():
         torch.testing.assert_close(other, tta[0])
 
 
-def test_prediction_reproduces_the_validation_scores_with_lesion_features(synthetic_dir, checkpoints, tmp_path):
-    """--no-pretrained runs feed lesion features into the side branch: predict.py must recompute and scale them
-    exactly as training did, or its scores drift from the ones the run validated."""
-    checkpoint = torch.load(checkpoints["plain"], weights_only=True)
+@pytest.mark.parametrize("name", ["plain", "meta"])
+def test_prediction_reproduces_the_validation_scores(synthetic_dir, checkpoints, tmp_path, name):
+    """--no-pretrained runs feed lesion features into the side branch and (with --use-meta) add a metadata
+    logistic regression in log-odds: predict.py must rebuild both exactly as training did, or its scores drift
+    from the ones the run validated."""
+    checkpoint = torch.load(checkpoints[name], weights_only=True)
     assert checkpoint["lesion_features"] is not None
     assert checkpoint["model"]["n_meta_features"] == len(checkpoint["lesion_features"]["mean"])
-    oof = pd.read_csv(checkpoints["plain"].parent.parent / "logs" / "oof_plain.csv")
-    command = ["--data-dir", synthetic_dir, "--split", "train", "--model-path", checkpoints["plain"]]
+    assert checkpoint["fusion"] == ("late" if name == "meta" else "concat")
+    assert (checkpoint["meta_model"] is not None) is (name == "meta")
+    oof = pd.read_csv(checkpoints[name].parent.parent / "logs" / f"oof_{name}.csv")
+    command = ["--data-dir", synthetic_dir, "--split", "train", "--model-path", checkpoints[name]]
     result = run_predict(tmp_path, *command)
     merged = oof.merge(result, on="image_name")
     assert len(merged) == len(oof)

@@ -41,9 +41,20 @@ def test_seed_commands_train_end_to_end(synthetic_dir, tmp_path, use_meta):
     assert (checkpoint["meta_encoder"] is not None) is use_meta
     model = MelanomaNet(**checkpoint["model"], pretrained=False)
     model.load_state_dict(checkpoint["state_dict"])
-    # --no-pretrained feeds the lesion features (after the metadata) into the side branch
-    n_meta = len(checkpoint["meta_feature_names"])
-    assert checkpoint["model"]["n_meta_features"] == n_meta + len(checkpoint["lesion_features"]["mean"])
+    # --no-pretrained feeds the lesion features into the side branch; its metadata goes to the late-fusion
+    # logistic regression, not into the network
+    assert checkpoint["model"]["n_meta_features"] == len(checkpoint["lesion_features"]["mean"])
+    assert checkpoint["fusion"] == ("late" if use_meta else "concat")
+    assert (checkpoint["meta_model"] is not None) is use_meta
+
+
+def test_concat_fusion_puts_the_metadata_into_the_network(synthetic_dir, tmp_path):
+    train.main(seed_command(synthetic_dir, tmp_path, "--use-meta", "--fusion", "concat"))
+    checkpoint = load_checkpoint(tmp_path / "weights" / "efficientnetb2_256_20ep_best.pth", "melanoma")
+    n_meta, n_lesion = len(checkpoint["meta_feature_names"]), len(checkpoint["lesion_features"]["mean"])
+    assert checkpoint["fusion"] == "concat" and checkpoint["meta_model"] is None
+    assert checkpoint["model"]["n_meta_features"] == n_meta + n_lesion
+    assert train.parse_args(["--save-name", "x", "--data-dir", "d"]).fusion == "concat"
 
 
 def test_lesion_features_can_be_turned_off(synthetic_dir, tmp_path):
