@@ -37,6 +37,7 @@ from models import ENET_TYPES, MelanomaNet, MetadataLogit, melanoma_probability
 from utils import (
     CHECKPOINT_FORMAT,
     UserError,
+    WeightAverage,
     World,
     add_bn_refresh_flag,
     add_device_flags,
@@ -73,10 +74,12 @@ from utils import (
 
 PRETRAINED_LR = 3e-4
 SCRATCH_LR = 1e-3
+SCRATCH_EMA_DECAY = 0.98  # an average over the last ~50 steps, 1.5 epochs of the shared sample at batch 32
 # what must match for --resume to continue a run (checkpoint keys, and arguments with their flags)
 RESUME_KEYS = ("model", "use_meta", "fusion", "lesion_features", "image_size", "fold", "n_folds")
 RESUME_FLAGS = {
-    key: "--" + key.replace("_", "-") for key in ("n_epochs", "batch_size", "init_lr", "seed", "enet_type", "data_dir")
+    key: "--" + key.replace("_", "-")
+    for key in ("n_epochs", "batch_size", "init_lr", "seed", "enet_type", "data_dir", "ema_decay")
 }
 
 
@@ -136,6 +139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also fit the metadata logistic regression and image-statistics gradient boosting on each fold",
     )
     parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="validate and save an exponential moving average of the weights with this decay per step, 0 for off "
+        "(default 0.98 with --no-pretrained, 0 with ImageNet weights)",
+    )
+    parser.add_argument(
         "--fusion",
         default=None,
         choices=("concat", "late"),
@@ -171,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lesion_features = args.no_pretrained
     if args.fusion is None:
         args.fusion = "late" if args.no_pretrained else "concat"
+    if args.ema_decay is None:
+        args.ema_decay = SCRATCH_EMA_DECAY if args.no_pretrained else 0.0
     return args
 
 
@@ -305,6 +317,9 @@ def train_fold(
         if world.distributed
         else net
     )
+    weight_average = WeightAverage(net, args.ema_decay) if args.ema_decay > 0 else None
+    # the network that is validated and saved: the weight average when there is one
+    eval_net = weight_average.model if weight_average else net
     torch.manual_seed(args.seed + fold + 1000 * world.rank)  # dropout differs per rank, the initial weights do not
 
     train_set = ImageDataset(
@@ -363,6 +378,8 @@ def train_fold(
         state = load_checkpoint(paths["last"], "melanoma")
         check_resume_compatible(state, config, paths["last"], RESUME_KEYS, RESUME_FLAGS)
         restore_training_state(state, net, optimizer, scheduler, scaler)
+        if weight_average:
+            weight_average.model.load_state_dict(state["state_dict"])
         start_epoch, best_auc, history = state["epoch"] + 1, state["best_auc"], state["history"]
         best_oof = pd.DataFrame(state["best_oof"]) if state["best_oof"] else None
         if world.is_main:
@@ -385,11 +402,12 @@ def train_fold(
             epoch=epoch,
             progress=args.progress and world.is_main,
             world=world,
+            weight_average=weight_average,
         )
         if args.bn_refresh_batches:
-            refresh_batchnorm(net, train_loader, device, amp_dtype, args.channels_last, args.bn_refresh_batches)
-        average_buffers_over_world(net, world)
-        logits, targets = predict_logits(net, valid_loader, device, amp_dtype, args.channels_last, args.progress)
+            refresh_batchnorm(eval_net, train_loader, device, amp_dtype, args.channels_last, args.bn_refresh_batches)
+        average_buffers_over_world(eval_net, world)
+        logits, targets = predict_logits(eval_net, valid_loader, device, amp_dtype, args.channels_last, args.progress)
         logits, targets = gather_over_world(logits, targets, len(valid_set), world, device)
         valid_loss = float(loss_fn(logits, targets))
         probs = melanoma_probability(logits, valid_evidence)
@@ -415,7 +433,7 @@ def train_fold(
         if not world.is_main:
             continue
         print(log_line(record), flush=True)
-        checkpoint = {**config, "epoch": epoch, "metrics": to_plain(metrics), "state_dict": net.state_dict()}
+        checkpoint = {**config, "epoch": epoch, "metrics": to_plain(metrics), "state_dict": eval_net.state_dict()}
         if improved:
             save_checkpoint(paths["best"], checkpoint)
             print(f"  best auc {metrics['auc']:.4f}: saved {paths['best']}", flush=True)
@@ -424,6 +442,7 @@ def train_fold(
             {
                 **checkpoint,
                 **training_state(optimizer, scheduler, scaler),
+                **({"training_weights": net.state_dict()} if weight_average else {}),
                 "best_auc": best_auc,
                 "history": to_plain(history),
                 "best_oof": to_plain(best_oof.to_dict(orient="list")),
@@ -446,7 +465,7 @@ def train_fold(
             f"out-of-fold predictions {paths['oof']}",
             flush=True,
         )
-    return best_oof, baselines, net
+    return best_oof, baselines, eval_net
 
 
 def check_outputs_free(args: argparse.Namespace, run_names: list[str]) -> None:

@@ -7,7 +7,7 @@ import torch
 
 import train
 from models import MelanomaNet
-from utils import UserError, load_checkpoint
+from utils import UserError, WeightAverage, load_checkpoint
 
 
 def seed_command(data_dir, tmp_path, *extra):
@@ -152,3 +152,21 @@ def test_interrupted_run_resumes_to_the_same_result(synthetic_dir, tmp_path, mon
     ]
     for name, tensor in final[0]["state_dict"].items():
         assert torch.allclose(tensor.float(), final[1]["state_dict"][name].float(), atol=1e-6), name
+
+
+def test_weight_average_is_what_gets_validated_and_saved(synthetic_dir, tmp_path):
+    average = WeightAverage(torch.nn.Linear(2, 1), decay=0.9)
+    start = average.model.weight.clone()
+    with torch.no_grad():
+        average.source.weight.add_(1.0)
+    average.update()
+    torch.testing.assert_close(average.model.weight, 0.9 * start + 0.1 * average.source.weight)
+
+    assert train.parse_args(["--save-name", "x", "--data-dir", "d", "--no-pretrained"]).ema_decay == 0.98
+    assert train.parse_args(["--save-name", "x", "--data-dir", "d"]).ema_decay == 0.0
+    train.main(seed_command(synthetic_dir, tmp_path))
+    last = load_checkpoint(tmp_path / "weights" / "efficientnetb2_256_20ep_last.pth", "melanoma")
+    best = load_checkpoint(tmp_path / "weights" / "efficientnetb2_256_20ep_best.pth", "melanoma")
+    weight = "enet._conv_stem.weight"
+    assert not torch.equal(last["training_weights"][weight], last["state_dict"][weight])
+    torch.testing.assert_close(best["state_dict"][weight], last["state_dict"][weight])
