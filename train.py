@@ -32,7 +32,7 @@ from dataset import (
     train_transforms,
     valid_transforms,
 )
-from features import FeatureScaler, lesion_features, side_inputs
+from features import FeatureScaler, colour_statistics, lesion_features, side_inputs
 from models import ENET_TYPES, MelanomaNet, MetadataLogit, melanoma_probability
 from utils import (
     CHECKPOINT_FORMAT,
@@ -258,12 +258,13 @@ def train_fold(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     world: World,
+    colour: np.ndarray | None = None,
     lesion: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, dict, nn.Module]:
     """Trains on every fold but `fold`, validates on `fold`; returns the out-of-fold predictions of the best
     epoch, the baselines' validation AUCs and the trained network. Writes <run>_best/_final/_last.pth, the log,
-    the metrics file and the OOF CSV (the main process only, in a distributed run). `lesion` holds the lesion
-    features of every row of `frame` when the run uses them."""
+    the metrics file and the OOF CSV (the main process only, in a distributed run). `colour` and `lesion` hold the
+    colour statistics and lesion features of every row of `frame`, computed once per run, where it needs them."""
     paths = run_paths(args, run_name)
     train_rows = frame[frame["fold"] != fold].reset_index(drop=True)
     valid_rows = frame[frame["fold"] == fold].reset_index(drop=True)
@@ -276,9 +277,9 @@ def train_fold(
     encoder = feature_scaler = None
     if args.use_meta:
         encoder = MetaEncoder([name for name in args.meta_features.split(",") if name]).fit(train_rows)
+    in_fold = (frame["fold"] == fold).to_numpy()
     train_lesion = valid_lesion = None
     if lesion is not None:
-        in_fold = (frame["fold"] == fold).to_numpy()
         train_lesion, valid_lesion = lesion[~in_fold], lesion[in_fold]
         feature_scaler = FeatureScaler().fit(train_lesion)
     late_fusion = args.use_meta and args.fusion == "late"
@@ -292,11 +293,12 @@ def train_fold(
         valid_evidence = meta_model.evidence(encoder.transform(valid_rows))
         if world.is_main:
             alone = safe_auc(valid_rows["target"], valid_evidence)
-            print(f"late fusion: metadata logistic regression fitted on the training fold (alone {alone:.4f})")
+            print(f"late fusion: metadata logistic regression on the training fold (alone {alone:.4f})", flush=True)
 
     baselines = {}
     if args.baselines and world.is_main:
-        baselines = baseline_aucs(train_rows, valid_rows, seed=args.seed)
+        stats = {} if colour is None else {"train_stats": colour[~in_fold], "valid_stats": colour[in_fold]}
+        baselines = baseline_aucs(train_rows, valid_rows, seed=args.seed, **stats)
         print("baselines on this fold: " + ", ".join(f"{k} {v:.4f}" for k, v in baselines.items()), flush=True)
 
     seed_everything(args.seed + fold)
@@ -500,17 +502,13 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
     amp_dtype = resolve_precision(args.precision, device, args.image_size)
     if args.image_size < 32:
         raise UserError(f"--image-size {args.image_size} is below the 32 px minimum of EfficientNet: use 32 or more.")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise UserError(f"--ema-decay {args.ema_decay} must lie in [0, 1): e.g. 0.98, or 0 to turn the average off.")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     folds = parse_folds(args.fold, args.n_folds)
     frame = read_melanoma_table(args.data_dir, "train", args.use_meta, require_target=True, bad_images=args.bad_images)
     frame["fold"] = make_folds(frame, args.n_folds, args.seed)
-    lesion = None
-    if args.lesion_features:
-        started = time.time()
-        lesion = lesion_features(list(frame["filepath"]))
-        if world.is_main:
-            print(f"lesion features of {len(frame)} images in {time.time() - started:.1f} s", flush=True)
     run_names = [args.save_name] if len(folds) == 1 else [f"{args.save_name}_fold{fold}" for fold in folds]
     if world.is_main:
         ensure_writable_dir(args.model_dir, "model folder (--model-dir)")
@@ -527,8 +525,17 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
             f"{', lesion features' if args.lesion_features else ''}",
             flush=True,
         )
+    # image features once per run, not per fold: the baselines' colour statistics are also part of the lesion ones
+    colour = lesion = None
+    if args.lesion_features or (args.baselines and world.is_main):
+        started = time.time()
+        colour = colour_statistics(list(frame["filepath"]))
+        if args.lesion_features:
+            lesion = lesion_features(list(frame["filepath"]), colour)
+            if world.is_main:
+                print(f"lesion features of {len(frame)} images in {time.time() - started:.1f} s", flush=True)
     results = [
-        train_fold(args, frame, fold, run_name, device, amp_dtype, world, lesion)
+        train_fold(args, frame, fold, run_name, device, amp_dtype, world, colour, lesion)
         for fold, run_name in zip(folds, run_names, strict=True)
     ]
     oof_parts = [oof for oof, _, _ in results]

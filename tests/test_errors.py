@@ -100,6 +100,11 @@ def test_fold_errors(copy_of, tmp_path, capsys):
     fails_with(capsys, seed_command(copy_of, tmp_path, "--fold", "2"), "validation fold 2 holds only target 0")
 
 
+def test_bad_ema_decay(synthetic_dir, tmp_path, capsys):
+    argv = seed_command(synthetic_dir, tmp_path, "--ema-decay", "1.5")
+    fails_with(capsys, argv, "--ema-decay 1.5 must lie in [0, 1)")
+
+
 def test_unwritable_output_folder(synthetic_dir, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

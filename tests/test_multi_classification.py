@@ -49,25 +49,17 @@ def synthetic(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_train=36, n_test=11, image_size=64, seed=3)
 
 
+def train_argv(synthetic: Path, model_path: Path, epochs: int) -> list[str]:
+    """The seed's train command on the synthetic images, shrunk to seconds."""
+    argv = ["--img_path", str(synthetic / "train" / "train"), "--ann_path", str(synthetic / "gans_biases.csv")]
+    return [*argv, "--mode", "train", "--model_path", str(model_path), "--epochs", str(epochs), *TINY]
+
+
 @pytest.fixture(scope="module")
 def trained(synthetic, tmp_path_factory) -> Path:
     """A detector trained for one epoch by the seed's train command."""
     model_path = tmp_path_factory.mktemp("model") / "bias.pth"
-    mc.main(
-        [
-            "--img_path",
-            str(synthetic / "train" / "train"),
-            "--ann_path",
-            str(synthetic / "gans_biases.csv"),
-            "--mode",
-            "train",
-            "--model_path",
-            str(model_path),
-            "--epochs",
-            "1",
-            *TINY,
-        ]
-    )
+    mc.main(train_argv(synthetic, model_path, epochs=1))
     return model_path
 
 
@@ -245,9 +237,7 @@ def test_train_reestimates_batchnorm_before_each_validation(synthetic, tmp_path,
         calls.append((max_batches, not torch.equal(before, model.enet._bn1.running_mean)))
 
     monkeypatch.setattr(mc, "refresh_batchnorm", spy)
-    argv = ["--img_path", str(synthetic / "train" / "train"), "--ann_path", str(synthetic / "gans_biases.csv")]
-    argv += ["--mode", "train", "--model_path", str(tmp_path / "m.pth"), "--epochs", "2", *TINY]
-    mc.main([*argv, "--bn_refresh_batches", "2"])
+    mc.main([*train_argv(synthetic, tmp_path / "m.pth", epochs=2), "--bn_refresh_batches", "2"])
     assert calls == [(2, True), (2, True)]
 
 
@@ -375,19 +365,7 @@ def test_a_model_saved_on_a_gpu_loads_on_the_cpu(trained, synthetic, tmp_path):
 
 def test_resume_ends_like_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     def argv(model_path: Path) -> list[str]:
-        return [
-            "--img_path",
-            str(synthetic / "train" / "train"),
-            "--ann_path",
-            str(synthetic / "gans_biases.csv"),
-            "--mode",
-            "train",
-            "--model_path",
-            str(model_path),
-            "--epochs",
-            "2",
-            *TINY,
-        ]
+        return train_argv(synthetic, model_path, epochs=2)
 
     whole = mc.main(argv(tmp_path / "whole.pth"))
 
