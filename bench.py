@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="Kaggle-layout folder for the data and end-to-end parts")
     parser.add_argument("--num-workers", type=int, default=default_num_workers())
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the model measurements (the loop warms up on one untimed epoch)")
     parser.add_argument("--data-images", type=int, default=200, help="images for the data-pipeline measurement")
     parser.add_argument("--only", default="model,infer,data,loop", help="comma list of parts to run")
     parser.add_argument("--json", default=None, help="write the results here (default bench_results/<settings>.json)")
@@ -135,29 +135,31 @@ def bench_data_pipeline(args) -> float:
 
 
 def bench_training_loop(args, device, amp_dtype) -> float:
-    """train.py's loop (DataLoader, workers, transfers, loss bookkeeping, scheduler) on real files."""
-    n_warm, n_timed = args.warmup * args.batch_size, args.steps * args.batch_size
-    warm, n_meta = training_dataset(args, 0, n_warm)
-    timed, _ = training_dataset(args, n_warm, n_warm + n_timed)
-    if len(timed) < n_timed:
-        raise SystemExit(f"--data-dir has too few images for {args.warmup + args.steps} steps: lower --steps")
+    """train.py's loop (DataLoader, workers, transfers, loss bookkeeping, scheduler) on real files.
+
+    Like train.py, one loader with persistent workers serves every epoch: the first epoch over the images is the
+    warm-up (worker start, cuDNN autotuning), the second is timed, from the first batch request to the last step."""
+    n_timed = args.steps * args.batch_size
+    dataset, n_meta = training_dataset(args, 0, n_timed)
+    if len(dataset) < n_timed:
+        raise SystemExit(f"--data-dir has too few images for {args.steps} steps of {args.batch_size}: lower --steps")
     model = build_model(args, device, n_meta)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
     scaler = make_grad_scaler(device, amp_dtype)
     loss_fn = melanoma_loss(1)
-    for subset, epoch in ((warm, 0), (timed, 1)):
-        sampler = EpochSampler(len(subset), shuffle=True, seed=0)
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=0)
+    loader = make_loader(dataset, sampler, args.batch_size, args.num_workers, device, drop_last=True)
+    for epoch in (0, 1):
         sampler.set_epoch(epoch)
-        loader = make_loader(subset, sampler, args.batch_size, args.num_workers, device, drop_last=True)
         synchronize(device)
-        started = time.perf_counter()  # includes starting the workers, as every epoch of train.py does
+        started = time.perf_counter()
         train_one_epoch(
             model, loader, optimizer, loss_fn, device, amp_dtype, scaler, scheduler, args.channels_last, progress=False
         )
         synchronize(device)
         elapsed = time.perf_counter() - started
-    return len(timed) / elapsed
+    return n_timed / elapsed
 
 
 def main(argv: list[str] | None = None) -> dict:
