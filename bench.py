@@ -17,6 +17,7 @@ import resource
 import time
 from pathlib import Path
 
+import cv2
 import torch
 
 from dataset import EpochSampler, ImageDataset, MetaEncoder, read_melanoma_table, train_transforms
@@ -46,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="Kaggle-layout folder for the data and end-to-end parts")
     parser.add_argument("--num-workers", type=int, default=default_num_workers())
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the model measurements (the loop warms up on one untimed epoch)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed model steps first (the loop warms up on one untimed epoch)"
+    )
     parser.add_argument("--data-images", type=int, default=200, help="images for the data-pipeline measurement")
     parser.add_argument("--only", default="model,infer,data,loop", help="comma list of parts to run")
     parser.add_argument("--json", default=None, help="write the results here (default bench_results/<settings>.json)")
@@ -125,6 +128,7 @@ def training_dataset(args, start: int = 0, stop: int | None = None) -> tuple[Ima
 def bench_data_pipeline(args) -> float:
     """Decode + augment images/s in this one process: what each DataLoader worker delivers."""
     dataset, _ = training_dataset(args)
+    cv2.setNumThreads(1)  # as make_loader sets it for the workers
     n_images = min(args.data_images, len(dataset))
     for index in range(min(10, n_images)):
         dataset[(0, index)]

@@ -44,9 +44,13 @@ def build_backbone(enet_type: str, pretrained: bool = True, weights_path: str | 
             ) from None
     else:
         backbone = EfficientNet.from_name(enet_type)
-    for module in backbone.modules():
+    for module in list(backbone.modules()):
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = TORCH_BN_MOMENTUM
+        if hasattr(module, "_swish"):
+            # The library's swish is a Python autograd Function (sigmoid, multiply, and a recomputing backward as
+            # separate kernels); PyTorch's SiLU is the same function in one fused kernel each way.
+            module._swish = nn.SiLU()
     backbone._fc = nn.Identity()
     return backbone
 

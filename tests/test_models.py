@@ -97,3 +97,17 @@ def test_metadata_logit_is_the_regressions_log_odds_minus_the_prior():
     logits = torch.tensor([[0.0], [2.0]])
     np.testing.assert_allclose(melanoma_probability(logits), [0.5, 1 / (1 + np.exp(-2))])
     np.testing.assert_allclose(melanoma_probability(logits, np.array([1.0, -2.0])), [1 / (1 + np.exp(-1)), 0.5])
+
+
+def test_backbone_uses_fused_silu_with_the_same_outputs_as_the_library_swish():
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet-b0", pretrained=False).eval()
+    swish_modules = [m for m in backbone.modules() if "Swish" in type(m).__name__]
+    assert swish_modules == []
+    assert isinstance(backbone._swish, nn.SiLU) and all(isinstance(b._swish, nn.SiLU) for b in backbone._blocks)
+    library = EfficientNet.from_name("efficientnet-b0").eval()
+    library._fc = nn.Identity()
+    library.load_state_dict(backbone.state_dict())
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(image), library(image), rtol=1e-4, atol=1e-5)
