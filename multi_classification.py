@@ -58,12 +58,14 @@ from utils import (
     UserError,
     World,
     add_bn_refresh_flag,
+    add_compile_flag,
     add_device_flags,
     average_buffers_over_world,
     best_f1_threshold,
     bn_refresh_default,
     check_resume_compatible,
     claim_outputs,
+    compile_for_training,
     default_num_workers,
     ensure_writable_dir,
     exit_on_user_error,
@@ -172,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="train: continue from <model>_last.pth")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
     add_bn_refresh_flag(parser, underscore_aliases=True)
+    add_compile_flag(parser)
     add_device_flags(parser, underscore_aliases=True)
     args = parser.parse_args(argv)
     if args.lr is None:
@@ -372,6 +375,7 @@ def run_train(
         if world.distributed
         else net
     )
+    model = compile_for_training(model, args.compile)
     train_set = ImageDataset(
         frame["filepath"].iloc[train_index],
         bias_train_transforms(image_size),
@@ -590,14 +594,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.mode != "train":  # scoring is one process; torchrun is for training
             device = select_device(args.device)
             amp_dtype = resolve_precision(args.precision, device, args.image_size)
-            if device.type == "cuda":
-                torch.backends.cudnn.benchmark = True
             return {"val": run_val, "test": run_test}[args.mode](args, device, amp_dtype)
         world, device = setup_world(args.device)
         try:
             amp_dtype = resolve_precision(args.precision, device, args.image_size or DEFAULT_IMAGE_SIZE)
-            if device.type == "cuda":
-                torch.backends.cudnn.benchmark = True
             return run_train(args, device, amp_dtype, world)
         finally:
             teardown_world(world)

@@ -40,12 +40,14 @@ from utils import (
     WeightAverage,
     World,
     add_bn_refresh_flag,
+    add_compile_flag,
     add_device_flags,
     average_buffers_over_world,
     binary_metrics,
     bn_refresh_default,
     check_resume_compatible,
     claim_outputs,
+    compile_for_training,
     default_num_workers,
     ensure_writable_dir,
     exit_on_user_error,
@@ -79,7 +81,7 @@ SCRATCH_EMA_DECAY = 0.98  # an average over the last ~50 steps, 1.5 epochs of th
 RESUME_KEYS = ("model", "use_meta", "fusion", "lesion_features", "image_size", "fold", "n_folds")
 RESUME_FLAGS = {
     key: "--" + key.replace("_", "-")
-    for key in ("n_epochs", "batch_size", "init_lr", "seed", "enet_type", "data_dir", "ema_decay")
+    for key in ("n_epochs", "batch_size", "init_lr", "seed", "fold_seed", "enet_type", "data_dir", "ema_decay")
 }
 
 
@@ -119,7 +121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model-dir", default="./weights")
     parser.add_argument("--log-dir", default="./logs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, shuffling and augmentation")
+    parser.add_argument(
+        "--fold-seed",
+        type=int,
+        default=0,
+        help="the patient-grouped fold split; kept apart from --seed so that runs with different seeds validate "
+        "on the same folds (and their out-of-fold predictions can be averaged)",
+    )
     parser.add_argument(
         "--augment",
         default=None,
@@ -132,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     weights.add_argument("--pretrained-weights", default=None, help="local ImageNet state_dict for the backbone")
     weights.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     add_bn_refresh_flag(parser)
+    add_compile_flag(parser)
     parser.add_argument(
         "--baselines",
         action=argparse.BooleanOptionalAction,
@@ -319,6 +329,7 @@ def train_fold(
         if world.distributed
         else net
     )
+    model = compile_for_training(model, args.compile)
     weight_average = WeightAverage(net, args.ema_decay) if args.ema_decay > 0 else None
     # the network that is validated and saved: the weight average when there is one
     eval_net = weight_average.model if weight_average else net
@@ -504,11 +515,9 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
         raise UserError(f"--image-size {args.image_size} is below the 32 px minimum of EfficientNet: use 32 or more.")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema-decay {args.ema_decay} must lie in [0, 1): e.g. 0.98, or 0 to turn the average off.")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     folds = parse_folds(args.fold, args.n_folds)
     frame = read_melanoma_table(args.data_dir, "train", args.use_meta, require_target=True, bad_images=args.bad_images)
-    frame["fold"] = make_folds(frame, args.n_folds, args.seed)
+    frame["fold"] = make_folds(frame, args.n_folds, args.fold_seed)
     run_names = [args.save_name] if len(folds) == 1 else [f"{args.save_name}_fold{fold}" for fold in folds]
     if world.is_main:
         ensure_writable_dir(args.model_dir, "model folder (--model-dir)")

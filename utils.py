@@ -237,6 +237,22 @@ def bn_refresh_default(no_pretrained: bool) -> int:
     return SCRATCH_BN_REFRESH_BATCHES if no_pretrained else 0
 
 
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    """--compile, shared by both trainers; apply it with `compile_for_training`."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward pass (its first step takes minutes; validation and the saved "
+        "weights stay uncompiled)",
+    )
+
+
+def compile_for_training(model: nn.Module, enabled: bool) -> nn.Module:
+    """The module the training steps call: `model` compiled when asked, else `model` itself. The caller keeps
+    saving, averaging and validating the uncompiled network, so checkpoints carry no compiler wrapper."""
+    return torch.compile(model) if enabled else model
+
+
 CPU_BF16_MIN_SIZE = 192
 
 

@@ -29,3 +29,17 @@ def real_data_dir() -> Path:
     if not (REAL_DATA / "train.csv").is_file():
         pytest.skip(f"the real sample {REAL_DATA} is not on this machine")
     return REAL_DATA
+
+
+@pytest.fixture()
+def eager_compile(monkeypatch):
+    """torch.compile through the real TorchDynamo wrapper, with the eager backend: seconds instead of minutes."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_eagerly(model, **options):
+        compiled.append(type(model).__name__)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    return compiled

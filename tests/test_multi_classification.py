@@ -394,3 +394,10 @@ def test_resume_ends_like_an_uninterrupted_run(synthetic, tmp_path, monkeypatch)
         atol=1e-6,
         rtol=0,
     )
+
+
+def test_compile_flag_compiles_the_detector_for_training_only(synthetic, tmp_path, eager_compile):
+    mc.main([*train_argv(synthetic, tmp_path / "bias.pth", epochs=1), "--compile"])
+    assert eager_compile == ["BiasNet"]
+    state = load_checkpoint(tmp_path / "bias.pth", "bias")["state_dict"]
+    assert not any(key.startswith("_orig_mod") for key in state)

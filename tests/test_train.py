@@ -170,3 +170,28 @@ def test_weight_average_is_what_gets_validated_and_saved(synthetic_dir, tmp_path
     weight = "enet._conv_stem.weight"
     assert not torch.equal(last["training_weights"][weight], last["state_dict"][weight])
     torch.testing.assert_close(best["state_dict"][weight], last["state_dict"][weight])
+
+
+def test_seed_varies_the_network_but_not_the_folds_unless_fold_seed_says_so(synthetic_dir, tmp_path):
+    def validation_rows(name, *extra):
+        fast = ["--no-baselines", "--no-lesion-features", "--save-name", name]
+        train.main(seed_command(synthetic_dir, tmp_path, *fast, *extra))
+        oof = pd.read_csv(tmp_path / "logs" / f"oof_{name}.csv")
+        return set(oof["image_name"]), oof.set_index("image_name")["prob"]
+
+    rows_0, probs_0 = validation_rows("seed0")
+    rows_1, probs_1 = validation_rows("seed1", "--seed", "1")
+    assert rows_1 == rows_0 and not probs_1.loc[probs_0.index].equals(probs_0)
+    rows_other_split, _ = validation_rows("split1", "--fold-seed", "1")
+    assert rows_other_split != rows_0
+
+
+def test_compile_trains_the_compiled_module_and_saves_plain_weights(synthetic_dir, tmp_path, eager_compile):
+    fast = ["--no-baselines", "--no-lesion-features", "--overwrite"]
+    train.main(seed_command(synthetic_dir, tmp_path, *fast))
+    assert eager_compile == []
+    train.main(seed_command(synthetic_dir, tmp_path, *fast, "--compile"))
+    assert eager_compile == ["MelanomaNet"]
+    checkpoint = load_checkpoint(tmp_path / "weights" / "efficientnetb2_256_20ep_best.pth", "melanoma")
+    assert not any(key.startswith("_orig_mod") for key in checkpoint["state_dict"])
+    MelanomaNet(**checkpoint["model"], pretrained=False).load_state_dict(checkpoint["state_dict"])
