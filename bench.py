@@ -24,8 +24,10 @@ from dataset import EpochSampler, ImageDataset, MetaEncoder, read_melanoma_table
 from models import ENET_TYPES, MelanomaNet
 from train import melanoma_loss
 from utils import (
+    add_compile_flag,
     add_device_flags,
     autocast,
+    compile_for_training,
     default_num_workers,
     exit_on_user_error,
     make_grad_scaler,
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     add_device_flags(parser)
+    add_compile_flag(parser)
     parser.add_argument("--use-meta", action="store_true")
     parser.add_argument("--data-dir", default=None, help="Kaggle-layout folder for the data and end-to-end parts")
     parser.add_argument("--num-workers", type=int, default=default_num_workers())
@@ -75,7 +78,7 @@ def build_model(args: argparse.Namespace, device: torch.device, n_meta: int) -> 
 def bench_model_step(args, device, amp_dtype) -> float:
     """Train img/s of forward + backward + Adam step on random tensors: the ceiling for the training loop."""
     n_meta = 12 if args.use_meta else 0
-    model = build_model(args, device, n_meta).train()
+    model = compile_for_training(build_model(args, device, n_meta).train(), args.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = make_grad_scaler(device, amp_dtype)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -147,7 +150,7 @@ def bench_training_loop(args, device, amp_dtype) -> float:
     dataset, n_meta = training_dataset(args, 0, n_timed)
     if len(dataset) < n_timed:
         raise SystemExit(f"--data-dir has too few images for {args.steps} steps of {args.batch_size}: lower --steps")
-    model = build_model(args, device, n_meta)
+    model = compile_for_training(build_model(args, device, n_meta), args.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
     scaler = make_grad_scaler(device, amp_dtype)
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": args.batch_size,
             "precision": str(amp_dtype or "fp32").replace("torch.", ""),
             "channels_last": args.channels_last,
+            "compile": args.compile,
             "num_workers": args.num_workers,
         }
         if "model" in parts:
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{key:>24}  {value:.3f}" if isinstance(value, float) else f"{key:>24}  {value}")
         settings = f"{args.enet_type}_{args.image_size}px_bs{args.batch_size}_{result['precision']}"
         settings += "_cl" if args.channels_last else ""
+        settings += "_compile" if args.compile else ""
         path = Path(args.json or f"bench_results/{device.type}_{settings}.json")
         write_text_atomic(path, json.dumps(result, indent=2) + "\n")
         print(f"written {path}")
