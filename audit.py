@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from dataset import make_folds, read_bias_annotations, read_melanoma_table, valid_transforms
+from features import lesion_features
 from inference import (
     LoadedModel,
     attach_metadata,
@@ -203,10 +204,13 @@ def run_audit(
     base_transform = valid_transforms(loaded.image_size, loaded.mean, loaded.std)
     canvas = max(CANVAS, loaded.image_size)
 
-    def probabilities(rows: pd.DataFrame, kind: str | None, seed: int | None) -> np.ndarray:
+    # from the files, so pasted artifacts do not reach them (README, audit): computed once for every pass
+    lesion = lesion_features(list(frame["filepath"])) if loaded.feature_scaler else None
+
+    def probabilities(index: np.ndarray, kind: str | None, seed: int | None) -> np.ndarray:
         return predict_probabilities(
             loaded,
-            rows,
+            frame.iloc[index].reset_index(drop=True),
             device,
             amp_dtype,
             n_tta=args.n_tta,
@@ -216,18 +220,19 @@ def run_audit(
             transform=PasteThenTransform(kind, canvas, base_transform),
             augment_seed=seed,
             progress=args.progress,
+            lesion=None if lesion is None else lesion[index],
         )
 
     targets = frame["target"].to_numpy()
     # the reference goes through the same resize to the canvas as the pasted images, so only the artifact differs
-    base = probabilities(frame, None, None)
+    base = probabilities(np.arange(len(frame)), None, None)
     rows = [metric_row("(all)", "all", targets, base, args.threshold)]
     kinds = [kind for kind in args.insert.split(",") if kind]
 
     def inserted_row(kind: str, artifact: str, without: np.ndarray) -> dict:
         index = np.flatnonzero(without)
         seed = args.seed * 1000 + list(INSERTIONS).index(kind)
-        pasted = probabilities(frame.iloc[index].reset_index(drop=True), kind, seed)
+        pasted = probabilities(index, kind, seed)
         before, after = base[index], pasted
         row = metric_row(artifact, f"inserted {kind}", targets[index], pasted, args.threshold)
         row["benign_to_malignant"] = int(np.sum((before < args.threshold) & (after >= args.threshold)))

@@ -145,7 +145,7 @@ def bench_training_loop(args, device, amp_dtype) -> float:
     """train.py's loop (DataLoader, workers, transfers, loss bookkeeping, scheduler) on real files.
 
     Like train.py, one loader with persistent workers serves every epoch: the first epoch over the images is the
-    warm-up (worker start, cuDNN autotuning), the second is timed, from the first batch request to the last step."""
+    warm-up (worker start, first allocations), the second is timed, from the first batch request to the last step."""
     n_timed = args.steps * args.batch_size
     dataset, n_meta = training_dataset(args, 0, n_timed)
     if len(dataset) < n_timed:

@@ -158,13 +158,18 @@ class TTAModel(nn.Module):
 
 
 def make_dataset(
-    loaded: LoadedModel, frame: pd.DataFrame, transform=None, augment_seed: int | None = None
+    loaded: LoadedModel,
+    frame: pd.DataFrame,
+    transform=None,
+    augment_seed: int | None = None,
+    lesion: np.ndarray | None = None,
 ) -> ImageDataset:
     """The images of `frame` (column filepath) as this model sees them, with its metadata encoding and lesion
-    features (computed from the files, so a `transform` that edits pixels does not reach them)."""
+    features (computed from the files, so a `transform` that edits pixels does not reach them; pass `lesion`, the
+    unscaled features of the rows of `frame`, to reuse them across models)."""
     # under late fusion the metadata goes to the logistic regression, not into the network
     network_encoder = None if loaded.meta_model is not None else loaded.encoder
-    meta = side_inputs(frame, network_encoder, loaded.feature_scaler)
+    meta = side_inputs(frame, network_encoder, loaded.feature_scaler, lesion)
     transform = transform or valid_transforms(loaded.image_size, loaded.mean, loaded.std)
     return ImageDataset(frame["filepath"], transform, meta, augment_seed=augment_seed)
 
@@ -181,13 +186,14 @@ def predict_probabilities(
     transform=None,
     augment_seed: int | None = None,
     progress: bool | None = None,
+    lesion: np.ndarray | None = None,
 ) -> np.ndarray:
     """P(melanoma) per row of `frame`, in row order, averaged over `n_tta` dihedral transforms.
 
     `batch_size` counts the images of one forward pass, TTA views included: each loader batch holds
     batch_size / n_tta images. A forward pass then costs what a bare one of batch_size images does; eight times
     larger passes run slower per image on a CPU (the activations outgrow its caches)."""
-    dataset = make_dataset(loaded, frame, transform, augment_seed)
+    dataset = make_dataset(loaded, frame, transform, augment_seed, lesion)
     images_per_batch = max(1, batch_size // n_tta)
     sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
     loader = make_loader(dataset, sampler, images_per_batch, num_workers, device)

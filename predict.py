@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from dataset import SITE_COLUMN, read_melanoma_table
+from features import lesion_features
 from inference import (
     MAX_TTA,
     attach_metadata,
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             f"{', rank average' if args.rank_average and len(models) > 1 else ''}",
             flush=True,
         )
+        # every model that reads lesion features reads the same ones: compute them once
+        lesion = lesion_features(list(frame["filepath"])) if any(m.feature_scaler for m in models) else None
         probabilities = []
         for loaded in models:
             probs = predict_probabilities(
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 num_workers=args.num_workers,
                 channels_last=args.channels_last,
                 progress=args.progress,
+                lesion=lesion,
             )
             print(f"  {loaded.path}: mean P(melanoma) {probs.mean():.4f}", flush=True)
             probabilities.append(probs)
