@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD, read_melanoma_table
+from dataset import read_melanoma_table
 from inference import LoadedModel, load_melanoma_model, predict_probabilities
-from models import ENET_TYPES, MelanomaNet
+from models import ENET_TYPES, MelanomaNet, input_normalization
 from utils import add_device_flags, autocast, exit_on_user_error, resolve_precision, select_device, write_text_atomic
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = MelanomaNet(args.enet_type, pretrained=False).eval().to(device)
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+            mean, std = (list(values) for values in input_normalization(args.enet_type))
             loaded = LoadedModel(Path("(random)"), model, args.image_size, mean, std, None)
         frame = read_melanoma_table(args.data_dir, "test", use_meta=False, require_target=False)
         frame = frame.head(args.n_images).reset_index(drop=True)

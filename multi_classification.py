@@ -41,8 +41,6 @@ from sklearn.model_selection import train_test_split
 from torch.nn.parallel import DistributedDataParallel
 
 from dataset import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MIN_IMAGE_SIZE,
     PROB_SUFFIX,
     EpochSampler,
@@ -52,7 +50,7 @@ from dataset import (
     read_bias_annotations,
     valid_transforms,
 )
-from models import ENET_TYPES, BiasNet, model_from_checkpoint
+from models import ENET_TYPES, BiasNet, input_normalization, model_from_checkpoint
 from utils import (
     CHECKPOINT_FORMAT,
     UserError,
@@ -366,7 +364,13 @@ def run_train(
     )
 
     seed_everything(args.seed)
-    net = BiasNet(args.enet_type, heads, pretrained=not args.no_pretrained, weights_path=args.pretrained_weights)
+    net = BiasNet(
+        args.enet_type,
+        heads,
+        pretrained=not args.no_pretrained,
+        weights_path=args.pretrained_weights,
+        bn_momentum=args.bn_momentum,
+    )
     net = net.to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -376,13 +380,16 @@ def run_train(
         else net
     )
     model = compile_for_training(model, args.compile)
+    mean, std = input_normalization(args.enet_type)
     train_set = ImageDataset(
         frame["filepath"].iloc[train_index],
-        bias_train_transforms(image_size),
+        bias_train_transforms(image_size, mean, std),
         targets=labels[train_index],
         augment_seed=args.seed,
     )
-    val_set = ImageDataset(frame["filepath"].iloc[val_index], valid_transforms(image_size), targets=labels[val_index])
+    val_set = ImageDataset(
+        frame["filepath"].iloc[val_index], valid_transforms(image_size, mean, std), targets=labels[val_index]
+    )
     train_sampler = EpochSampler(len(train_set), True, args.seed, world.rank, world.size)
     # drop_last keeps BatchNorm away from a final batch of one image
     train_loader = make_loader(
@@ -401,8 +408,8 @@ def run_train(
         "model": {"enet_type": args.enet_type, "heads": list(heads)},
         "heads": list(heads),
         "image_size": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(mean),
+        "std": list(std),
         "loss": "sigmoid + binary cross-entropy per head, blank labels masked",
         "threshold_rule": "max F1 on the val split",
         "ann_path": str(Path(args.ann_path).resolve()),

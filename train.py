@@ -21,8 +21,6 @@ from torch.nn.parallel import DistributedDataParallel
 from baselines import baseline_aucs
 from dataset import (
     AUGMENTATIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     META_FEATURES,
     EpochSampler,
     ImageDataset,
@@ -33,7 +31,7 @@ from dataset import (
     valid_transforms,
 )
 from features import FeatureScaler, colour_statistics, lesion_features, side_inputs
-from models import ENET_TYPES, MelanomaNet, MetadataLogit, melanoma_probability
+from models import ENET_TYPES, MelanomaNet, MetadataLogit, input_normalization, melanoma_probability
 from utils import (
     CHECKPOINT_FORMAT,
     UserError,
@@ -270,9 +268,10 @@ def train_fold(
     world: World,
     colour: np.ndarray | None = None,
     lesion: np.ndarray | None = None,
-) -> tuple[pd.DataFrame, dict, nn.Module]:
+) -> tuple[pd.DataFrame, dict, nn.Module, float]:
     """Trains on every fold but `fold`, validates on `fold`; returns the out-of-fold predictions of the best
-    epoch, the baselines' validation AUCs and the trained network. Writes <run>_best/_final/_last.pth, the log,
+    epoch, the baselines' validation AUCs, the trained network and the last epoch's validation AUC (the best epoch
+    is picked on this same fold, so its AUC is optimistic). Writes <run>_best/_final/_last.pth, the log,
     the metrics file and the OOF CSV (the main process only, in a distributed run). `colour` and `lesion` hold the
     colour statistics and lesion features of every row of `frame`, computed once per run, where it needs them."""
     paths = run_paths(args, run_name)
@@ -319,6 +318,7 @@ def train_fold(
         n_meta_dim=parse_meta_dims(args.n_meta_dim),
         pretrained=not args.no_pretrained,
         weights_path=args.pretrained_weights,
+        bn_momentum=args.bn_momentum,
     ).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -335,15 +335,16 @@ def train_fold(
     eval_net = weight_average.model if weight_average else net
     torch.manual_seed(args.seed + fold + 1000 * world.rank)  # dropout differs per rank, the initial weights do not
 
+    mean, std = input_normalization(args.enet_type)
     train_set = ImageDataset(
         train_rows["filepath"],
-        train_transforms(args.image_size, strength=args.augment),
+        train_transforms(args.image_size, mean, std, strength=args.augment),
         train_meta,
         train_rows["target"],
         augment_seed=args.seed + fold,
     )
     valid_set = ImageDataset(
-        valid_rows["filepath"], valid_transforms(args.image_size), valid_meta, valid_rows["target"]
+        valid_rows["filepath"], valid_transforms(args.image_size, mean, std), valid_meta, valid_rows["target"]
     )
     train_sampler = EpochSampler(len(train_set), True, args.seed + fold, world.rank, world.size)
     # drop_last keeps BatchNorm away from a final batch of one image
@@ -379,10 +380,12 @@ def train_fold(
         "meta_feature_names": encoder.feature_names if encoder else [],
         "lesion_features": feature_scaler.state_dict() if feature_scaler else None,
         "image_size": args.image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(mean),
+        "std": list(std),
         "fold": fold,
         "n_folds": args.n_folds,
+        # fold membership is stored, never rebuilt: whatever later scores "held-out" rows reads them from here
+        "val_images": valid_rows["image_name"].tolist(),
         "args": to_plain({key: value for key, value in vars(args).items() if key not in ("resume", "overwrite")}),
     }
 
@@ -470,15 +473,17 @@ def train_fold(
         state = load_checkpoint(paths["last"], "melanoma")
         best_oof = pd.DataFrame(state["best_oof"])
         baselines = {key: value for key, value in state["history"][-1].items() if key.startswith("baseline_")}
+    last_auc = float(history[-1]["auc"])
     if world.is_main:
         print(
-            f"fold {fold}: best valid auc {best_auc:.4f}"
+            f"fold {fold}: best valid auc {best_auc:.4f} (epoch {max(history, key=lambda r: r['auc'])['epoch']}), "
+            f"last epoch {last_auc:.4f}"
             + "".join(f" ({key} {value:.4f})" for key, value in baselines.items())
             + f"; checkpoints {paths['best']} and {paths['final']}, log {paths['log']}, metrics {paths['metrics']}, "
             f"out-of-fold predictions {paths['oof']}",
             flush=True,
         )
-    return best_oof, baselines, eval_net
+    return best_oof, baselines, eval_net, last_auc
 
 
 def check_outputs_free(args: argparse.Namespace, run_names: list[str]) -> None:
@@ -547,21 +552,25 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
         train_fold(args, frame, fold, run_name, device, amp_dtype, world, colour, lesion)
         for fold, run_name in zip(folds, run_names, strict=True)
     ]
-    oof_parts = [oof for oof, _, _ in results]
+    oof_parts = [oof for oof, _, _, _ in results]
     oof = pd.concat(oof_parts, ignore_index=True)
     summary = {
         "folds": folds,
         "fold_auc": [binary_metrics(part["target"], part["prob"])["auc"] for part in oof_parts],
-        "baselines": [baselines for _, baselines, _ in results],
-        "models": [net for _, _, net in results],
+        "last_fold_auc": [last for _, _, _, last in results],
+        "baselines": [baselines for _, baselines, _, _ in results],
+        "models": [net for _, _, net, _ in results],
     }
     summary["mean_auc"] = float(np.mean(summary["fold_auc"]))
+    summary["last_mean_auc"] = float(np.mean(summary["last_fold_auc"]))
     if len(folds) > 1 and world.is_main:
         oof_path = Path(args.log_dir) / f"oof_{args.save_name}.csv"
         write_csv_atomic(oof, oof_path)
         print(
-            f"cross-validation: auc per fold {[round(a, 4) for a in summary['fold_auc']]}, "
-            f"mean {summary['mean_auc']:.4f} +- {np.std(summary['fold_auc']):.4f}; pooled predictions {oof_path}",
+            f"cross-validation: best-epoch auc per fold {[round(a, 4) for a in summary['fold_auc']]}, "
+            f"mean {summary['mean_auc']:.4f} +- {np.std(summary['fold_auc']):.4f}; last-epoch auc per fold "
+            f"{[round(a, 4) for a in summary['last_fold_auc']]}, mean {summary['last_mean_auc']:.4f} (the best epoch "
+            f"is picked on the fold it is scored on: optimistic); pooled best-epoch predictions {oof_path}",
             flush=True,
         )
     return summary

