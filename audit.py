@@ -8,8 +8,10 @@ predictions move when a synthetic artifact is pasted onto images that have none.
 
 --artifacts takes the output of `multi_classification.py --mode test` or any annotation file it reads (headerless
 gans_biases.csv lines, or a header naming the artifact columns, first column the image name; `*_prob` columns
-are ignored). With --data-dir, the images of the train split are audited; when that is the folder the model was
-trained on, only its held-out validation fold is used (the model has seen the rest), unless --all-rows.
+are ignored). With --data-dir, only the images of the train split that the model held out are audited: those
+named in the checkpoint's val_images, exactly the rows of the run's out-of-fold file logs/oof_<run>.csv (the model
+may have trained on the others). --all-rows audits every image, e.g. of a folder the model never saw; --images
+audits exactly the images given.
 
 One table, printed and written to --out as CSV (reproducible for a given --seed):
 
@@ -32,12 +34,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dataset import make_folds, read_bias_annotations, read_melanoma_table, valid_transforms
+from dataset import read_bias_annotations, read_melanoma_table, valid_transforms
 from features import lesion_features
 from inference import (
     LoadedModel,
     attach_metadata,
     frame_from_images,
+    held_out_images,
     image_name,
     load_melanoma_model,
     predict_probabilities,
@@ -153,16 +156,24 @@ def audited_rows(args: argparse.Namespace, loaded: LoadedModel) -> tuple[pd.Data
 
     data_dir = Path(args.data_dir)
     frame = read_melanoma_table(data_dir, "train", use_meta=False, require_target=True)
-    trained_on = (loaded.info.get("args") or {}).get("data_dir")
-    same_data = trained_on is not None and Path(trained_on).resolve() == data_dir.resolve()
-    if same_data and not args.all_rows and loaded.info.get("fold") is not None:
-        fold, n_folds, seed = loaded.info["fold"], loaded.info["n_folds"], loaded.info["args"]["seed"]
-        frame = frame[make_folds(frame, n_folds, seed) == fold].reset_index(drop=True)
-        described = (
-            f"the {len(frame)} held-out images of fold {fold} (the model trained on the rest; --all-rows for all)"
+    if args.all_rows:
+        return frame, data_dir / "train" / "train", f"all {len(frame)} images of {data_dir} (--all-rows)"
+    # the images the checkpoint lists as its validation fold, matched by name: a moved or copied data folder, or
+    # one that shares images with the training folder, can then never pass training images off as held-out ones
+    names = held_out_images(loaded, "pass --all-rows to audit every image")
+    held_out = frame["image_name"].isin(names).to_numpy()
+    if not held_out.any():
+        raise UserError(
+            f"{loaded.path} held out none of the images of {data_dir / 'train.csv'}: pass --all-rows to audit "
+            "images it never trained on."
         )
-    else:
-        described = f"all {len(frame)} images of {data_dir}"
+    absent = len(names) - int(held_out.sum())
+    described = (
+        f"the {int(held_out.sum())} held-out images of fold {loaded.info['fold']} of {len(frame)} in {data_dir} "
+        f"(the model may have trained on the rest; --all-rows for all)"
+        f"{f'; {absent} of its validation images are not in train.csv' if absent else ''}"
+    )
+    frame = frame[held_out].reset_index(drop=True)
     return frame, data_dir / "train" / "train", described
 
 

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print("artifact validation AUC: " + ", ".join(f"{head} {auc:.3f}" for head, auc in head_auc.items()))
 
-        failures = [f"melanoma {name} AUC {auc:.3f}" for name, auc in results.items() if auc <= MIN_MELANOMA_AUC]
-        failures += [f"artifact {head} AUC {auc:.3f}" for head, auc in head_auc.items() if auc <= MIN_ARTIFACT_AUC]
+        # written as "not above" so that a NaN AUC (a model that scores every image alike) fails too
+        failures = [f"melanoma {name} AUC {auc:.3f}" for name, auc in results.items() if not auc > MIN_MELANOMA_AUC]
+        failures += [f"artifact {head} AUC {auc:.3f}" for head, auc in head_auc.items() if not auc > MIN_ARTIFACT_AUC]
         if failures:
             raise UserError(f"the demo models did not learn enough ({'; '.join(failures)}): please report this.")
         print(f"check passed: melanoma AUC above {MIN_MELANOMA_AUC}, every artifact head above {MIN_ARTIFACT_AUC}.")

@@ -47,7 +47,7 @@ class LoadedModel:
     mean: list[float]
     std: list[float]
     encoder: MetaEncoder | None
-    info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, args, epoch, metrics
+    info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, val_images, args, epoch, metrics
     feature_scaler: FeatureScaler | None = None  # lesion features (train.py --lesion-features), else None
     meta_model: MetadataLogit | None = None  # --fusion late: the metadata's logistic regression, else None
 
@@ -69,7 +69,7 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     encoder = MetaEncoder.from_state_dict(checkpoint["meta_encoder"]) if checkpoint["use_meta"] else None
-    info = {key: checkpoint.get(key) for key in ("fold", "n_folds", "args", "epoch", "metrics")}
+    info = {key: checkpoint.get(key) for key in ("fold", "n_folds", "val_images", "args", "epoch", "metrics")}
     scaler_state = checkpoint.get("lesion_features")
     feature_scaler = FeatureScaler.from_state_dict(scaler_state) if scaler_state else None
     meta_state = checkpoint.get("meta_model")
@@ -85,6 +85,18 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
         feature_scaler,
         meta_model,
     )
+
+
+def held_out_images(loaded: LoadedModel, fix: str) -> set[str]:
+    """The names of the images `loaded` validated on, so never trained on, as train.py stored them: fold
+    membership is read, never rebuilt (a rebuilt split would follow today's code and flags, not the run's)."""
+    names = loaded.info.get("val_images")
+    if names is None:
+        raise UserError(
+            f"checkpoint {loaded.path} does not list its validation images (an older train.py wrote it): retrain "
+            f"it, or {fix}."
+        )
+    return set(names)
 
 
 def expand_model_paths(specs: Sequence[str], which: str = "best") -> list[Path]:
@@ -205,11 +217,13 @@ def predict_probabilities(
 
 def combine(probabilities: Sequence[np.ndarray], rank_average: bool = False) -> np.ndarray:
     """Ensembles models: the mean probability, or the mean of each model's ranks scaled to (0, 1], which ignores
-    how differently calibrated the models are (it orders images well but is no longer a probability)."""
+    how differently calibrated the models are (it orders images well but is no longer a probability). NaN marks
+    a row a model did not score: that row's mean is over the other models, and the model's ranks over its own
+    rows. Every row needs at least one score."""
     stack = np.stack([np.asarray(probs, dtype=float) for probs in probabilities])
     if rank_average:
         stack = np.stack([pd.Series(probs).rank(pct=True).to_numpy() for probs in stack])
-    return stack.mean(axis=0)
+    return np.nanmean(stack, axis=0)
 
 
 # --------------------------------------------------------------------------- image tables and metadata

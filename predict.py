@@ -14,6 +14,11 @@ their mean rank). Any images (files or folders) to a CSV image_name,filepath,tar
     python predict.py --images lesion.jpg --sex male --age 55 --site torso --model-path weights/meta_best.pth
 
 `target` is always P(melanoma) in [0, 1] (with --rank-average a rank score in (0, 1]).
+
+--split train scores the data folder's train.csv honestly: each image only with the models that held it out
+(its name is in the checkpoint's val_images, so the model never trained on it), e.g. every image with the one
+fold model of a --fold all run that validated on it. Images that every model trained on are dropped (their
+count is printed); a column n_models says how many models scored each image.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from dataset import SITE_COLUMN, read_melanoma_table
 from features import lesion_features
 from inference import (
     MAX_TTA,
+    LoadedModel,
     attach_metadata,
     combine,
     expand_model_paths,
     frame_from_images,
+    held_out_images,
     load_melanoma_model,
     predict_probabilities,
     require_metadata,
@@ -73,7 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-dir", help="Kaggle-layout folder: predicts <data-dir>/test.csv")
     source.add_argument("--images", nargs="+", help="image files and/or folders of images")
-    parser.add_argument("--split", default="test", choices=("test", "train"), help="with --data-dir: which CSV")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "train"),
+        help="with --data-dir: which CSV; train scores each image only with the models that held it out",
+    )
     parser.add_argument("--meta-csv", help="with --images: CSV of image_name, sex, age_approx, site (, patient_id)")
     parser.add_argument("--sex", choices=("male", "female"), help="with --images: the same sex for every image")
     parser.add_argument("--age", type=float, help="with --images: the same age for every image")
@@ -108,6 +120,22 @@ def check_output(path: Path, overwrite: bool) -> None:
     ensure_writable_dir(path.parent, "output folder")
 
 
+def held_out_rows(frame: pd.DataFrame, models: list[LoadedModel], source: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows of a training CSV that at least one model held out, and a (model, row) mask of the models that
+    held each out: a model scores only images it did not train on. Rows every model trained on are dropped."""
+    fix = "score images you choose with --images and --meta-csv"
+    held_out = np.stack([frame["image_name"].isin(held_out_images(m, fix)).to_numpy() for m in models])
+    kept = held_out.any(axis=0)
+    if not kept.any():
+        raise UserError(
+            f"no model held out any image of {source}: --split train scores only images a model did not train "
+            "on; score other images with --images and --meta-csv."
+        )
+    if not kept.all():
+        print(f"--split train: dropped {int((~kept).sum())} of {len(frame)} images every model trained on", flush=True)
+    return frame[kept].reset_index(drop=True), held_out[:, kept]
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     with exit_on_user_error():
@@ -116,7 +144,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if args.batch_size < 1:
             raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
         device, amp_dtype = prepare_runtime(args)
-        models = [load_melanoma_model(path, device, args.channels_last) for path in expand_model_paths(args.model_path)]
+        paths = expand_model_paths(args.model_path, args.which)
+        models = [load_melanoma_model(path, device, args.channels_last) for path in paths]
 
         if args.data_dir:
             frame = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
@@ -125,6 +154,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             values = {"sex": args.sex, "age_approx": args.age, SITE_COLUMN: args.site}
             frame = attach_metadata(frame_from_images(args.images), args.meta_csv, values)
             source = str(args.meta_csv) if args.meta_csv else "the command line"
+        held_out = None  # with --split train: which models may score each row
+        if args.data_dir and args.split == "train":
+            frame, held_out = held_out_rows(frame, models, source)
         require_metadata(frame, models, args.allow_missing_meta, source)
 
         print(
@@ -135,20 +167,26 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         # every model that reads lesion features reads the same ones: compute them once
         lesion = lesion_features(list(frame["filepath"])) if any(m.feature_scaler for m in models) else None
         probabilities = []
-        for loaded in models:
-            probs = predict_probabilities(
-                loaded,
-                frame,
-                device,
-                amp_dtype,
-                n_tta=args.n_tta,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                channels_last=args.channels_last,
-                progress=args.progress,
-                lesion=lesion,
-            )
-            print(f"  {loaded.path}: mean P(melanoma) {probs.mean():.4f}", flush=True)
+        for index, loaded in enumerate(models):
+            rows = held_out[index] if held_out is not None else np.ones(len(frame), dtype=bool)
+            probs = np.full(len(frame), np.nan)  # NaN: not scored by this model, left out of the row's mean
+            if rows.any():
+                probs[rows] = predict_probabilities(
+                    loaded,
+                    frame[rows].reset_index(drop=True),
+                    device,
+                    amp_dtype,
+                    n_tta=args.n_tta,
+                    batch_size=args.batch_size,
+                    num_workers=args.num_workers,
+                    channels_last=args.channels_last,
+                    progress=args.progress,
+                    lesion=None if lesion is None else lesion[rows],
+                )
+                scope = f" on the {int(rows.sum())} images it held out" if held_out is not None else ""
+                print(f"  {loaded.path}: mean P(melanoma) {np.nanmean(probs):.4f}{scope}", flush=True)
+            else:
+                print(f"  {loaded.path}: held out none of these images, not used", flush=True)
             probabilities.append(probs)
         target = combine(probabilities, args.rank_average)
 
@@ -156,6 +194,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if not args.data_dir:
             result["filepath"] = frame["filepath"]
         result["target"] = target
+        if held_out is not None:
+            result["n_models"] = held_out.sum(axis=0)
         write_csv_atomic(result, out)
         print(
             f"wrote {out}: {len(result)} rows, {int(np.sum(target >= 0.5))} at or above 0.5, mean {target.mean():.4f}",

@@ -31,7 +31,14 @@ from dataset import (
     valid_transforms,
 )
 from features import FeatureScaler, colour_statistics, lesion_features, side_inputs
-from models import ENET_TYPES, MelanomaNet, MetadataLogit, input_normalization, melanoma_probability
+from models import (
+    ENET_TYPES,
+    MelanomaNet,
+    MetadataLogit,
+    input_normalization,
+    melanoma_logit,
+    melanoma_probability,
+)
 from utils import (
     CHECKPOINT_FORMAT,
     UserError,
@@ -41,6 +48,7 @@ from utils import (
     add_compile_flag,
     add_device_flags,
     average_buffers_over_world,
+    batch_for_share,
     binary_metrics,
     bn_refresh_default,
     check_resume_compatible,
@@ -238,6 +246,11 @@ def run_paths(args: argparse.Namespace, run_name: str) -> dict[str, Path]:
     }
 
 
+def pooled_oof_path(args: argparse.Namespace) -> Path:
+    """The out-of-fold predictions of all folds of a multi-fold run."""
+    return Path(args.log_dir) / f"oof_{args.save_name}.csv"
+
+
 def log_line(record: dict) -> str:
     """The original trainer's log line (users parse it), with the extra metrics appended."""
     return (
@@ -281,6 +294,12 @@ def train_fold(
         raise UserError(
             f"validation fold {fold} holds only target {valid_rows['target'].iloc[0]}: AUC is undefined there; "
             "use fewer --n-folds or add images of the other class."
+        )
+    if train_rows["target"].nunique() < 2:
+        raise UserError(
+            f"the training images of fold {fold} (every fold but {fold}) hold only target "
+            f"{train_rows['target'].iloc[0]}: a classifier needs both; add images of the other class from other "
+            "patients."
         )
 
     encoder = feature_scaler = None
@@ -347,9 +366,10 @@ def train_fold(
         valid_rows["filepath"], valid_transforms(args.image_size, mean, std), valid_meta, valid_rows["target"]
     )
     train_sampler = EpochSampler(len(train_set), True, args.seed + fold, world.rank, world.size)
+    batch_size = batch_for_share(args.batch_size, len(train_set), world, "--batch-size")
     # drop_last keeps BatchNorm away from a final batch of one image
     train_loader = make_loader(
-        train_set, train_sampler, args.batch_size, args.num_workers, device, drop_last=len(train_set) > args.batch_size
+        train_set, train_sampler, batch_size, args.num_workers, device, drop_last=len(train_sampler) > batch_size
     )
     valid_loader = make_loader(
         valid_set,
@@ -428,6 +448,8 @@ def train_fold(
         valid_loss = float(loss_fn(logits, targets))
         probs = melanoma_probability(logits, valid_evidence)
         metrics = binary_metrics(targets.numpy(), probs)
+        if valid_evidence is not None:  # under late fusion, also what the image network scores on its own
+            metrics["image_auc"] = safe_auc(targets.numpy(), melanoma_logit(logits))
         record = {
             "time": time.ctime(),
             "fold": fold,
@@ -491,6 +513,9 @@ def check_outputs_free(args: argparse.Namespace, run_names: list[str]) -> None:
     for run_name in run_names:
         paths = run_paths(args, run_name)
         claim_outputs(list(paths.values()), paths["last"], args.resume, args.overwrite, "choose another --save-name")
+    if len(run_names) > 1:  # the pooled predictions are rewritten when the folds are resumed
+        last = run_paths(args, run_names[0])["last"]
+        claim_outputs([pooled_oof_path(args)], last, args.resume, args.overwrite, "choose another --save-name")
 
 
 # --------------------------------------------------------------------------- main
@@ -520,6 +545,15 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
         raise UserError(f"--image-size {args.image_size} is below the 32 px minimum of EfficientNet: use 32 or more.")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema-decay {args.ema_decay} must lie in [0, 1): e.g. 0.98, or 0 to turn the average off.")
+    checks = [
+        (args.n_epochs >= 1, f"--n-epochs {args.n_epochs} must be at least 1."),
+        (args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1."),
+        (args.num_workers >= 0, f"--num-workers {args.num_workers} must be 0 or more."),
+        (0 < args.init_lr < float("inf"), f"--init-lr {args.init_lr} must be a positive number, e.g. 3e-4."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
     folds = parse_folds(args.fold, args.n_folds)
     frame = read_melanoma_table(args.data_dir, "train", args.use_meta, require_target=True, bad_images=args.bad_images)
     frame["fold"] = make_folds(frame, args.n_folds, args.fold_seed)
@@ -564,7 +598,7 @@ def run(args: argparse.Namespace, world: World, device: torch.device) -> dict:
     summary["mean_auc"] = float(np.mean(summary["fold_auc"]))
     summary["last_mean_auc"] = float(np.mean(summary["last_fold_auc"]))
     if len(folds) > 1 and world.is_main:
-        oof_path = Path(args.log_dir) / f"oof_{args.save_name}.csv"
+        oof_path = pooled_oof_path(args)
         write_csv_atomic(oof, oof_path)
         print(
             f"cross-validation: best-epoch auc per fold {[round(a, 4) for a in summary['fold_auc']]}, "

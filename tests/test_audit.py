@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import audit
 import train
@@ -11,14 +12,20 @@ from inference import make_dataset
 
 @pytest.fixture(scope="module")
 def checkpoint(synthetic_dir, tmp_path_factory):
-    """One --use-meta train.py run at 32 px, one epoch: a real checkpoint whose outputs differ between images."""
+    """One --use-meta train.py run at 32 px, one epoch: a real checkpoint whose outputs differ between images.
+    --seed 1 with the default --fold-seed 0: the folds must not follow the training seed."""
     out = tmp_path_factory.mktemp("audit_run")
     train.main([
         "--save-name", "r", "--data-dir", str(synthetic_dir), "--image-size", "32", "--n-epochs", "1",
         "--enet-type", "efficientnet-b0", "--no-pretrained", "--batch-size", "16", "--num-workers", "0",
         "--n-folds", "3", "--model-dir", str(out / "weights"), "--log-dir", str(out / "logs"), "--use-meta",
+        "--seed", "1",
     ])  # fmt: skip
     return out / "weights" / "r_best.pth"
+
+
+def oof_names(checkpoint):
+    return pd.read_csv(checkpoint.parent.parent / "logs" / "oof_r.csv")["image_name"]
 
 
 def run_audit(tmp_path, *args):
@@ -45,7 +52,7 @@ def test_table_rows_on_the_held_out_fold(synthetic_dir, checkpoint, tmp_path, ca
 
     # the model trained on the other folds: only its validation fold is audited
     frame = read_melanoma_table(synthetic_dir, "train", use_meta=False, require_target=True)
-    held_out = frame[make_folds(frame, 3, 0) == 0]
+    held_out = frame[frame["image_name"].isin(oof_names(checkpoint))]
     overall = table.iloc[0]
     assert overall["images"] == len(held_out) and overall["melanoma"] == held_out["target"].sum()
     assert "held-out" in capsys.readouterr().out
@@ -63,6 +70,44 @@ def test_table_rows_on_the_held_out_fold(synthetic_dir, checkpoint, tmp_path, ca
     switches = inserted["benign_to_malignant"] + inserted["malignant_to_benign"]
     assert (switches <= inserted["images"]).all() and inserted["mean_shift"].notna().all()
     assert table[~table["test"].str.startswith("inserted")]["benign_to_malignant"].isna().all()
+
+
+def test_audits_exactly_the_rows_of_the_runs_oof_file(synthetic_dir, checkpoint, tmp_path, monkeypatch):
+    """The model trained with --seed 1 validated on fold 0 of --fold-seed 0: its audit must score exactly the
+    images its OOF file lists, which a split rebuilt from --seed would not."""
+    frame = read_melanoma_table(synthetic_dir, "train", use_meta=False, require_target=True)
+    oof = set(oof_names(checkpoint))
+    assert set(frame["image_name"][make_folds(frame, 3, 1) == 0]) != oof  # the seed's split is another one
+    scored = []
+
+    def record(loaded, rows, *args, **kwargs):
+        scored.append(list(rows["image_name"]))
+        return np.full(len(rows), 0.5)
+
+    monkeypatch.setattr(audit, "predict_probabilities", record)
+    run_audit(
+        tmp_path, "--model-path", checkpoint, "--data-dir", synthetic_dir, "--artifacts",
+        synthetic_dir / "gans_biases.csv", "--insert", "",
+    )  # fmt: skip
+    assert len(scored) == 1 and sorted(scored[0]) == sorted(oof)
+
+
+def test_checkpoint_without_validation_images_is_refused(synthetic_dir, checkpoint, tmp_path, capsys):
+    """An older train.py did not store its fold: the audit cannot tell held-out images from training ones."""
+    state = torch.load(checkpoint, weights_only=True)
+    del state["val_images"]
+    old = tmp_path / "old_best.pth"
+    torch.save(state, old)
+    out = tmp_path / "a.csv"
+    command = [
+        "--model-path", str(old), "--data-dir", str(synthetic_dir), "--artifacts",
+        str(synthetic_dir / "gans_biases.csv"), "--out", str(out), "--num-workers", "0", "--insert", "",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        audit.main(command)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1
+    assert "retrain" in error and "--all-rows" in error and not out.exists()
 
 
 def test_same_seed_same_table_and_all_rows(synthetic_dir, checkpoint, tmp_path):

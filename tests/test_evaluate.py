@@ -5,11 +5,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 import evaluate
 import train
-from evaluate import bootstrap_auc, grad_cam, partial_auc_above_tpr, select_cam_images, threshold_for_sensitivity
+from evaluate import (
+    bootstrap_auc,
+    calibration,
+    grad_cam,
+    partial_auc_above_tpr,
+    select_cam_images,
+    threshold_for_sensitivity,
+)
 from models import MelanomaNet
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -47,10 +54,17 @@ def test_report_from_out_of_fold_predictions_with_cams(run, synthetic_dir, tmp_p
     for key in ("roc_auc_ci95", "pauc_above_80_tpr", "average_precision", "at_threshold", "at_90_sensitivity"):
         assert key in written
     assert written["at_90_sensitivity"]["sensitivity"] >= 0.9
+    assert written["at_90_sensitivity"]["threshold_fitted_on"] == "the reported rows (in-sample, optimistic)"
     matrix = written["at_threshold"]["confusion_matrix"]
     assert sum(matrix.values()) == len(oof) and matrix["tp"] + matrix["fn"] == oof["target"].sum()
+    # --data-dir's train.csv holds patient ids: the interval resamples patients, a row without one on its own
+    patients = oof.merge(pd.read_csv(synthetic_dir / "train.csv"), on="image_name")["patient_id"]
+    assert written["bootstrap_unit"] == "patient"
+    assert written["n_bootstrap_units"] == patients.nunique() + patients.isna().sum() < len(oof)
+    assert written["calibration"]["brier"] == pytest.approx(np.mean((oof["prob"] - oof["target"]) ** 2))
+    assert sum(b["images"] for b in written["calibration"]["bins"]) == len(oof)
     # the training curves come from the metrics log found beside the OOF file
-    for name in ("roc.png", "pr.png", "confusion_matrix.png", "training_curves.png"):
+    for name in ("roc.png", "pr.png", "confusion_matrix.png", "reliability.png", "training_curves.png"):
         assert_png(report / name)
     correct = ((oof["prob"] >= 0.5).astype(int) == oof["target"]).sum()
     cams = sorted((report / "cam").glob("*.png"))
@@ -76,6 +90,70 @@ def test_scores_joined_with_a_labels_file(run, synthetic_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--labels" in capsys.readouterr().err
 
 
+def write_predictions(path, targets, probs, names):
+    pd.DataFrame({"image_name": names, "target": targets, "prob": probs}).to_csv(path, index=False)
+    return str(path)
+
+
+def test_threshold_fitted_on_other_rows(tmp_path, capsys):
+    """--threshold-from: the 90 %-sensitivity threshold comes from the validation rows and is only applied to the
+    reported ones, whose own sensitivity at it is then whatever it is."""
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 2, 300)
+    probs = np.clip(0.35 * targets + rng.random(300) * 0.65, 0, 1)
+    names = [f"img{i}" for i in range(300)]
+    fit = write_predictions(tmp_path / "val.csv", targets[:150], probs[:150], names[:150])  # an OOF file
+    # the reported rows as predict.py writes them (target: the score), their labels apart, without val.csv's
+    pd.DataFrame({"image_name": names[150:], "target": probs[150:]}).to_csv(tmp_path / "pred.csv", index=False)
+    pd.DataFrame({"image_name": names[150:], "target": targets[150:]}).to_csv(tmp_path / "labels.csv", index=False)
+    metrics = evaluate.main([
+        "--pred", str(tmp_path / "pred.csv"), "--labels", str(tmp_path / "labels.csv"), "--threshold-from", fit,
+        "--out-dir", str(tmp_path / "r"), "--n-bootstrap", "50",
+    ])  # fmt: skip
+    report = write_predictions(tmp_path / "test.csv", targets[150:], probs[150:], names[150:])
+    point = metrics["at_90_sensitivity"]
+    expected = threshold_for_sensitivity(targets[:150], probs[:150], 0.9)
+    assert point["threshold"] == expected and point["threshold_fitted_on"] == fit
+    assert expected != threshold_for_sensitivity(targets[150:], probs[150:], 0.9)  # in-sample would differ
+    assert point["sensitivity"] == pytest.approx((probs[150:][targets[150:] == 1] >= expected).mean())
+    assert metrics["n_images"] == 150 and metrics["bootstrap_unit"] == "image"
+    assert f"fitted on {fit}" in capsys.readouterr().out
+    # fitting on the reported rows again, or on logits, is refused in one sentence
+    for pred, threshold_from, expected_error in (
+        (report, report, "share 150 image(s)"),
+        (report, write_predictions(tmp_path / "logits.csv", targets[:150], probs[:150] * 4 - 2, names[:150]), "0..1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--pred", pred, "--threshold-from", threshold_from, "--out-dir", str(tmp_path / "x")])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected_error in error and len(error.strip().splitlines()) == 1
+
+
+def test_bootstrap_resamples_patients_from_a_labels_column(tmp_path):
+    """Ten images per patient, all alike: resampling images pretends there are ten times more independent cases
+    than there are; resampling patients gives the wider, honest interval. No patient id: a patient of its own."""
+    rng = np.random.default_rng(0)
+    targets = np.repeat(rng.integers(0, 2, 40), 10)
+    probs = np.repeat(rng.random(40), 10) * 0.6 + targets * 0.3
+    patients = np.repeat([f"p{i}" for i in range(40)], 10)
+    image_low, image_high = bootstrap_auc(targets, probs, 400, seed=0)
+    patient_low, patient_high = bootstrap_auc(targets, probs, 400, seed=0, groups=patients)
+    assert patient_high - patient_low > 2 * (image_high - image_low)
+
+    names = [f"img{i}" for i in range(400)]
+    labels = pd.DataFrame({"image_name": names, "target": targets, "patient_id": patients})
+    labels.loc[:9, "patient_id"] = None  # patient p0's images lose their id: ten patients of one image each
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    pd.DataFrame({"image_name": names, "target": probs}).to_csv(tmp_path / "pred.csv", index=False)
+    metrics = evaluate.main([
+        "--pred", str(tmp_path / "pred.csv"), "--labels", str(tmp_path / "labels.csv"), "--out-dir",
+        str(tmp_path / "r"), "--n-bootstrap", "400",
+    ])  # fmt: skip
+    assert metrics["bootstrap_unit"] == "patient" and metrics["n_bootstrap_units"] == 39 + 10
+    low, high = metrics["roc_auc_ci95"]
+    assert high - low > 1.5 * (image_high - image_low)
+
+
 def test_a_full_report_folder_is_kept_without_overwrite(run, tmp_path, capsys):
     report = tmp_path / "report"
     report.mkdir()
@@ -93,15 +171,31 @@ def test_metric_helpers():
     assert partial_auc_above_tpr(targets, 1 - perfect) == pytest.approx(0.0)
     rng = np.random.default_rng(0)
     targets, probs = rng.integers(0, 2, 400), rng.random(400)
-    # McClish-standardised sklearn partial AUC of the swapped problem, turned back into the raw area
-    standardised = roc_auc_score(1 - targets, -probs, max_fpr=0.2)
-    assert partial_auc_above_tpr(targets, probs) == pytest.approx(0.02 + (2 * standardised - 1) * 0.18)
+    # the area between the ROC curve and the line TPR = 0.8, integrated over FPR on a fine grid
+    fpr, tpr, _ = roc_curve(targets, probs)
+    grid = np.linspace(0, 1, 200_001)
+    above = np.clip(np.interp(grid, fpr, tpr) - 0.8, 0, None)
+    assert partial_auc_above_tpr(targets, probs) == pytest.approx(np.trapezoid(above, grid), abs=1e-4)
     threshold = threshold_for_sensitivity(targets, probs, 0.9)
     positives = probs[targets == 1]
     assert (positives >= threshold).mean() >= 0.9 > (positives > threshold).mean()
     low, high = bootstrap_auc(targets, probs, 300, seed=1)
     assert low < roc_auc_score(targets, probs) < high
     assert bootstrap_auc(targets, probs, 300, seed=1) == [low, high]
+
+
+def test_calibration_by_hand():
+    # bin [0.1, 0.2): four images at 0.1, one melanoma (0.25); bin [0.9, 1]: two at 0.9, both melanoma
+    targets, probs = np.array([0, 0, 0, 1, 1, 1]), np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.9])
+    result = calibration(targets, probs)
+    assert result["ece"] == pytest.approx((4 * 0.15 + 2 * 0.1) / 6)
+    assert result["brier"] == pytest.approx((3 * 0.01 + 0.81 + 2 * 0.01) / 6)
+    assert [(b["mean_predicted"], b["fraction_melanoma"], b["images"]) for b in result["bins"]] == [
+        pytest.approx((0.1, 0.25, 4)),
+        pytest.approx((0.9, 1.0, 2)),
+    ]
+    calibrated = np.repeat([0.25, 0.75], 4)  # each bin's melanoma fraction equals its probability
+    assert calibration(np.array([1, 0, 0, 0, 1, 1, 1, 0]), calibrated)["ece"] == pytest.approx(0.0)
 
 
 def test_cam_selection_takes_confident_correct_and_most_wrong():

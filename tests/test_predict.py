@@ -30,6 +30,8 @@ def checkpoints(synthetic_dir, tmp_path_factory):
         "meta": train_tiny(synthetic_dir, out, "meta", "--use-meta"),
         # ImageNet weights from the installed Lite0 package, metadata inside the network
         "lite": train_tiny(synthetic_dir, out, "lite", "--use-meta", weights=("--enet-type", "efficientnet-lite0")),
+        # validates on another fold than the others: an ensemble whose members held out different images
+        "fold1": train_tiny(synthetic_dir, out, "fold1", "--fold", "1"),
     }
 
 
@@ -65,6 +67,10 @@ def test_combine_mean_and_rank():
     a, b = np.array([0.1, 0.9, 0.5]), np.array([0.3, 0.7, 0.2])
     np.testing.assert_allclose(combine([a, b]), [0.2, 0.8, 0.35])
     np.testing.assert_allclose(combine([a, b], rank_average=True), [(1 / 3 + 2 / 3) / 2, 1.0, (2 / 3 + 1 / 3) / 2])
+    # NaN: a row the model did not score, left out of that row's mean and of the model's ranks
+    a, b = np.array([0.1, np.nan, 0.5]), np.array([0.3, 0.7, np.nan])
+    np.testing.assert_allclose(combine([a, b]), [0.2, 0.7, 0.5])
+    np.testing.assert_allclose(combine([a, b], rank_average=True), [0.5, 1.0, 1.0])
 
 
 def test_folder_of_images_with_metadata_from_csv_and_flags(synthetic_dir, checkpoints, tmp_path):
@@ -117,6 +123,12 @@ def test_existing_output_is_kept_without_overwrite(synthetic_dir, checkpoints, t
     assert out.read_text() == "keep me\n"
     predict.main([*command, "--overwrite", "--num-workers", "0"])
     assert len(pd.read_csv(out)) == 12
+
+
+def test_which_picks_the_runs_other_checkpoint(synthetic_dir, checkpoints, tmp_path, capsys):
+    run = checkpoints["plain"].parent / "plain"
+    run_predict(tmp_path, "--data-dir", synthetic_dir, "--model-path", run, "--which", "final")
+    assert "plain_final.pth" in capsys.readouterr().out
 
 
 def test_missing_checkpoint_is_one_clear_error(synthetic_dir, tmp_path, capsys):
@@ -214,6 +226,41 @@ def test_prediction_reproduces_the_validation_scores(synthetic_dir, checkpoints,
     oof = pd.read_csv(checkpoints[name].parent.parent / "logs" / f"oof_{name}.csv")
     command = ["--data-dir", synthetic_dir, "--split", "train", "--model-path", checkpoints[name]]
     result = run_predict(tmp_path, *command)
+    assert sorted(result["image_name"]) == sorted(oof["image_name"])  # the held-out images, no training image
+    assert (result["n_models"] == 1).all()
     merged = oof.merge(result, on="image_name")
-    assert len(merged) == len(oof)
     np.testing.assert_allclose(merged["target_y"], merged["prob"], atol=1e-5)
+
+
+def test_train_split_scores_each_image_only_with_models_that_held_it_out(synthetic_dir, checkpoints, tmp_path, capsys):
+    """plain and meta validated on fold 0, fold1 on fold 1: a fold-0 image gets the mean of plain and meta, a
+    fold-1 image fold1's score alone, and the fold-2 images, which every model trained on, are dropped."""
+    command = ["--data-dir", synthetic_dir, "--split", "train", "--model-path"]
+    singles = {
+        name: run_predict(tmp_path / name, *command, checkpoints[name]).set_index("image_name")["target"]
+        for name in ("plain", "meta", "fold1")
+    }
+    assert not set(singles["plain"].index) & set(singles["fold1"].index)
+    capsys.readouterr()
+    ensemble = run_predict(tmp_path / "all", *command, checkpoints["plain"], checkpoints["meta"], checkpoints["fold1"])
+    n_train = len(pd.read_csv(synthetic_dir / "train.csv"))
+    kept = len(singles["plain"]) + len(singles["fold1"])
+    assert len(ensemble) == kept and f"dropped {n_train - kept} of {n_train}" in capsys.readouterr().out
+    ensemble = ensemble.set_index("image_name")
+    fold0, fold1 = singles["plain"].index, singles["fold1"].index
+    np.testing.assert_allclose(ensemble.loc[fold0, "target"], (singles["plain"] + singles["meta"]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(ensemble.loc[fold1, "target"], singles["fold1"], rtol=1e-6)
+    assert (ensemble.loc[fold0, "n_models"] == 2).all() and (ensemble.loc[fold1, "n_models"] == 1).all()
+
+
+def test_train_split_needs_the_stored_validation_images(synthetic_dir, checkpoints, tmp_path, capsys):
+    state = torch.load(checkpoints["plain"], weights_only=True)
+    del state["val_images"]
+    torch.save(state, tmp_path / "old_best.pth")
+    out = tmp_path / "x.csv"
+    command = ["--data-dir", str(synthetic_dir), "--split", "train", "--out", str(out), "--model-path"]
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([*command, str(tmp_path / "old_best.pth")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "retrain" in error and len(error.strip().splitlines()) == 1
+    assert not out.exists()
