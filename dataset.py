@@ -4,11 +4,14 @@ the augmentations, artifact annotation files, and one Dataset that fuses images 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import random
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
+from typing import BinaryIO
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise asks PyPI on import
 
@@ -26,6 +29,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 META_FEATURES = ("sex", "age", "site", "n_images", "image_size")
 SITE_COLUMN = "anatom_site_general_challenge"
 MIN_IMAGE_SIZE = 32
+MAX_MEGAPIXELS = 100  # far beyond any dermoscope; a larger file is a mistake or a decompression bomb
+MAX_AGE = 120
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 # --------------------------------------------------------------------------- the Kaggle layout
@@ -40,17 +45,53 @@ def find_train_csv(data_dir: Path) -> Path:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
+    """Reads a CSV also as Excel and Windows write it: a UTF-8 byte-order mark, CRLF line ends, `;` (then with
+    decimal commas) or tab separators, spaces around header names and cells. image_name and patient_id stay text
+    (leading zeros kept). Empty cells, cells of spaces and pandas' NA strings ("NaN", "NA", "null", ...) are
+    missing."""
     try:
-        frame = pd.read_csv(path, dtype={"image_name": str, "patient_id": str})
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            header = handle.readline()
+        separator = max(",;\t", key=header.count)  # a comma when the header has a single column
+        options = {"sep": separator, "decimal": "," if separator == ";" else ".", "encoding": "utf-8-sig"}
+        names = pd.read_csv(path, nrows=0, **options).columns
+        text = {name: str for name in names if str(name).strip() in ("image_name", "patient_id")}
+        frame = pd.read_csv(path, dtype=text, **options)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty: it needs a header line and one row per image.") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError:
+        raise UserError(f'{path} is not UTF-8 text: save it as "CSV UTF-8" (Excel) or re-download it.') from None
+    except pd.errors.ParserError as error:
         raise UserError(
             f"{path} is not a readable CSV ({str(error).splitlines()[0]}): fix or re-download it."
         ) from None
+    frame.columns = [str(name).strip() for name in frame.columns]
+    repeated = frame.columns[frame.columns.duplicated()]
+    if len(repeated):
+        raise UserError(f"{path} has the column {repeated[0]} twice: keep one of them.")
+    for name in frame.columns:
+        if pd.api.types.is_string_dtype(frame[name]) or frame[name].dtype == object:
+            cells = frame[name].map(lambda cell: cell.strip() if isinstance(cell, str) else cell)
+            frame[name] = cells.mask(cells == "")
     if frame.empty:
         raise UserError(f"{path} has a header but no rows: it needs one row per image.")
     return frame
+
+
+def is_plain_name(name: str) -> bool:
+    """True for a bare file name: no folder part (/ or \\), not . or .., no drive (C:) and no NUL byte, so that
+    a path built from it stays inside its image folder."""
+    return (
+        bool(name)
+        and not any(character in name for character in "/\\\0")
+        and name not in (".", "..")
+        and not PureWindowsPath(name).drive
+    )
+
+
+def _cell_text(value: object) -> str:
+    """A cell as the user wrote it, near enough: 150 rather than 150.0 for a column pandas read as numbers."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
@@ -93,6 +134,12 @@ def read_melanoma_table(
     if frame["image_name"].isna().any():
         row = int(np.flatnonzero(frame["image_name"].isna())[0]) + 2
         raise UserError(f"{csv_path} line {row} has no image_name: every row must name its image.")
+    paths = [row for row, name in enumerate(frame["image_name"]) if not is_plain_name(name)]
+    if paths:
+        raise UserError(
+            f"{csv_path} line {paths[0] + 2} has image_name {frame['image_name'].iloc[paths[0]]!r}, a path rather "
+            f"than a file name: give the bare name of an image in {split}/{split}/ (no /, \\ or ..)."
+        )
     duplicated = frame["image_name"].duplicated()
     if duplicated.any():
         name = frame["image_name"][duplicated].iloc[0]
@@ -103,17 +150,20 @@ def read_melanoma_table(
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise UserError(
-                f"{csv_path} line {row + 2} has target {frame['target'].iloc[row]!r}: targets must be 0 or 1."
+                f"{csv_path} line {row + 2} has target {_cell_text(frame['target'].iloc[row])!r}: targets must be 0 "
+                "or 1."
             )
         frame["target"] = target.astype(int)
     if "age_approx" in frame.columns:
+        # refused rather than treated as missing: an age of -5, 999 or inf is a typo or a unit mix-up that
+        # only the user can resolve, and a silently dropped age would change the model's input unnoticed
         age = pd.to_numeric(frame["age_approx"], errors="coerce")
-        bad = age.isna() & frame["age_approx"].notna()
+        bad = frame["age_approx"].notna() & ~age.between(0, MAX_AGE)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise UserError(
-                f"{csv_path} line {row + 2} has age_approx {frame['age_approx'].iloc[row]!r}: ages must be "
-                "numbers or empty."
+                f"{csv_path} line {row + 2} has age_approx {_cell_text(frame['age_approx'].iloc[row])!r}: ages must be "
+                f"numbers from 0 to {MAX_AGE}, or empty."
             )
         frame["age_approx"] = age
 
@@ -142,23 +192,93 @@ def read_melanoma_table(
     return frame.reset_index(drop=True)
 
 
-def image_file_problem(path: str) -> str | None:
-    """A cheap integrity check that reads a few bytes of each end: what is wrong with the file, or None.
+# JPEG start-of-frame markers, which hold the image size: C0-CF but DHT (C4), JPG (C8) and DAC (CC)
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its fixed CRC
 
-    Catches empty files, files that are not JPEG or PNG, and JPEGs cut short by an interrupted copy (OpenCV
-    would decode those with a grey lower part and only a warning). Undecodable content beyond that is caught
-    when the image is loaded."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
+
+def image_dimensions(handle: BinaryIO) -> tuple[int, int] | None:
+    """(width, height) from a JPEG, PNG or BMP header, nothing decoded; None when the header does not say."""
+    handle.seek(0)
+    head = handle.read(26)
+    if head.startswith(b"\x89PNG") and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head.startswith(b"BM") and len(head) >= 26 and int.from_bytes(head[14:18], "little") >= 40:
+        width, height = (int.from_bytes(head[i : i + 4], "little", signed=True) for i in (18, 22))
+        return abs(width), abs(height)  # a negative height means rows stored top-down
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    handle.seek(2)
+    while len(segment := handle.read(4)) == 4 and segment[0] == 0xFF:
+        marker, length = segment[1], int.from_bytes(segment[2:], "big")
+        if marker in _JPEG_FRAMES:
+            frame = handle.read(5)  # precision, height, width
+            return (int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")) if len(frame) == 5 else None
+        if marker == 0xDA or length < 2:  # pixel data before any frame header: not a JPEG we can size
+            return None
+        handle.seek(length - 2, os.SEEK_CUR)
+    return None
+
+
+def _jpeg_reaches_end(data: bytes) -> bool:
+    """True when the JPEG in `data` reaches its end-of-image marker. Follows the segment structure, so that bytes
+    appended after the end do not matter and the end marker of a thumbnail inside the metadata does not count."""
+    position = 2
+    while position + 2 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xD9:
+            return True
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7:  # a fill byte, or a restart marker: no length field
+            position += 1 if marker == 0xFF else 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:  # entropy-coded data runs to the next marker; FF 00 (a stuffed FF) and restarts are data
+            while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data):
+                if data[position + 1] != 0 and not 0xD0 <= data[position + 1] <= 0xD7:
+                    break
+                position += 2
+            if position == -1:
+                return False
+    return False
+
+
+def _too_large(width: int, height: int) -> bool:
+    return width * height > MAX_MEGAPIXELS * 1_000_000
+
+
+def _too_large_error(path: str, width: int, height: int) -> UserError:
+    return UserError(
+        f"image {path} is {width}x{height} px, beyond the {MAX_MEGAPIXELS}-megapixel limit: downscale it or remove "
+        "its row."
+    )
+
+
+def image_file_problem(path: str) -> str | None:
+    """A cheap integrity check: what is wrong with the file, or None.
+
+    Catches unreadable and empty files, files that are not JPEG or PNG, images beyond MAX_MEGAPIXELS (from the
+    header), and files cut short by an interrupted copy (OpenCV would decode a truncated JPEG with a grey lower part
+    and only a warning). Reads the header and the last 64 bytes; the whole file only when those lack the end
+    marker, as in a truncated file or in a whole one with bytes appended after its end (which is fine).
+    Undecodable content beyond that is caught when the image is loaded."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            size = image_dimensions(handle)
+            handle.seek(max(0, os.path.getsize(path) - 64))
+            tail = handle.read()
         if not head:
             return "empty file"
-        handle.seek(max(0, os.path.getsize(path) - 64))
-        tail = handle.read()
-    if head.startswith(b"\xff\xd8"):
-        return None if b"\xff\xd9" in tail else "truncated JPEG: no end-of-image marker"
-    if head.startswith(b"\x89PNG"):
-        return None if b"IEND" in tail else "truncated PNG"
-    return "not a JPEG or PNG file"
+        if size and _too_large(*size):
+            return f"{size[0]}x{size[1]} px, beyond the {MAX_MEGAPIXELS}-megapixel limit"
+        if head.startswith(b"\xff\xd8"):
+            whole = b"\xff\xd9" in tail or _jpeg_reaches_end(Path(path).read_bytes())
+            return None if whole else "truncated JPEG: no end-of-image marker"
+        if head.startswith(b"\x89PNG"):
+            return None if b"IEND" in tail or _PNG_END in Path(path).read_bytes() else "truncated PNG"
+        return "not a JPEG or PNG file"
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
 
 
 # --------------------------------------------------------------------------- metadata encoding
@@ -186,7 +306,7 @@ class MetaEncoder:
         if "site" in self.features:
             self.sites = sorted(frame[SITE_COLUMN].dropna().astype(str).unique().tolist())
         if "age" in self.features:
-            median = frame["age_approx"].median()
+            median = _plausible_ages(frame).median()
             self.age_fill = float(median) if not math.isnan(median) else 50.0
         self.fitted = True
         return self
@@ -211,10 +331,10 @@ class MetaEncoder:
         columns = []
         for feature in self.features:
             if feature == "sex":
-                sex = frame["sex"].astype("string").str.lower().map({"male": 1.0, "female": 0.0})
+                sex = frame["sex"].astype("string").str.strip().str.lower().map({"male": 1.0, "female": 0.0})
                 columns.append(sex.astype(float).fillna(-1.0).to_numpy()[:, None])
             elif feature == "age":
-                age = pd.to_numeric(frame["age_approx"], errors="coerce").fillna(self.age_fill) / 90.0
+                age = _plausible_ages(frame).fillna(self.age_fill) / 90.0
                 columns.append(age.to_numpy(dtype=float)[:, None])
             elif feature == "site":
                 site = frame[SITE_COLUMN].astype("string")
@@ -240,6 +360,13 @@ class MetaEncoder:
         encoder.age_fill = float(state["age_fill"])
         encoder.fitted = True
         return encoder
+
+
+def _plausible_ages(frame: pd.DataFrame) -> pd.Series:
+    """age_approx as numbers, NaN where missing or outside 0..MAX_AGE. The CSV readers refuse such ages; this
+    keeps the encoding finite for frames built elsewhere (predict.py's --age, a caller's own table)."""
+    age = pd.to_numeric(frame["age_approx"], errors="coerce").astype(float)
+    return age.where(age.between(0, MAX_AGE))
 
 
 def images_per_patient(frame: pd.DataFrame) -> np.ndarray:
@@ -269,10 +396,20 @@ def make_folds(frame: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
     n_groups = len(set(groups))
     if n_folds < 2 or n_groups < n_folds:
         raise UserError(f"--n-folds {n_folds} needs at least 2 folds and as many patients ({n_groups} here).")
+    largest_class = int(frame["target"].value_counts().max())
+    if largest_class < n_folds:  # StratifiedGroupKFold needs one class with an image in every fold
+        raise UserError(
+            f"--n-folds {n_folds} needs at least {n_folds} images of one class, the largest class has "
+            f"{largest_class}: use fewer folds or add images."
+        )
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = np.full(len(frame), -1, dtype=int)
-    for fold, (_, valid_index) in enumerate(splitter.split(np.zeros(len(frame)), frame["target"], groups)):
-        folds[valid_index] = fold
+    with warnings.catch_warnings():
+        # "the least populated class has only N members": a fold without one class is refused in one sentence
+        # where it matters (train.py's validation fold), not in a library warning ahead of it
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        for fold, (_, valid_index) in enumerate(splitter.split(np.zeros(len(frame)), frame["target"], groups)):
+            folds[valid_index] = fold
     return folds
 
 
@@ -359,17 +496,48 @@ def valid_transforms(image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std
 # --------------------------------------------------------------------------- images and the Dataset
 
 
-def read_image(path: str) -> np.ndarray:
-    """Reads an image as RGB uint8; a file OpenCV cannot decode is a UserError naming it."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+# decoded at 1/8, 1/4 or 1/2 scale (libjpeg scales in the DCT, a fraction of the work) when the reduced image still
+# has REDUCE_MARGIN times the side the caller needs, so the final resize looks the same; the usual 256 px files
+# at 64-256 px are decoded in full
+_REDUCED_READS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+REDUCE_MARGIN = 4
+
+
+def read_image(path: str, size: int | None = None) -> np.ndarray:
+    """Reads an image as RGB uint8; a file that cannot be read or decoded, or is below MIN_IMAGE_SIZE or beyond
+    MAX_MEGAPIXELS, is a UserError naming it. `size`: the side the caller resizes to, for a reduced decode of a
+    much larger file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise UserError(f"image {path} cannot be read ({error.strerror}): restore it or remove its row.") from None
+    dimensions = image_dimensions(io.BytesIO(data))
+    if dimensions and _too_large(*dimensions):
+        raise _too_large_error(path, *dimensions)
+    flag = cv2.IMREAD_COLOR
+    if dimensions and size:
+        factors = (read for factor, read in _REDUCED_READS if min(dimensions) >= REDUCE_MARGIN * factor * size)
+        flag = next(factors, cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flag) if data else None
+    except cv2.error:
+        image = None
     if image is None:
         raise UserError(f"image {path} cannot be decoded: replace the file or remove its row.")
+    if _too_large(image.shape[1], image.shape[0]):  # a format whose header image_dimensions does not read
+        raise _too_large_error(path, image.shape[1], image.shape[0])
     if min(image.shape[:2]) < MIN_IMAGE_SIZE:
         raise UserError(
             f"image {path} is {image.shape[1]}x{image.shape[0]} px, below the {MIN_IMAGE_SIZE} px minimum: "
             "remove it or use the full-size file."
         )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize_side(transform) -> int | None:
+    """The side an albumentations pipeline's first Resize makes (what read_image may decode down to), or None."""
+    resize = next((step for step in getattr(transform, "transforms", []) if isinstance(step, A.Resize)), None)
+    return None if resize is None else max(resize.height, resize.width)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -395,6 +563,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.meta = None if meta is None else torch.as_tensor(meta, dtype=torch.float32)
         self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, dtype=np.float32))
         self.augment_seed = augment_seed
+        self.read_size = resize_side(transform)
 
     def __len__(self) -> int:
         return len(self.filepaths)
@@ -404,7 +573,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.augment_seed is not None:
             state = np.random.SeedSequence([self.augment_seed, epoch, index]).generate_state(2)
             self.transform.set_random_state(np.random.default_rng(state[0]), random.Random(int(state[1])))
-        image = self.transform(image=read_image(self.filepaths[index]))["image"]
+        image = self.transform(image=read_image(self.filepaths[index], self.read_size))["image"]
         item = {"image": torch.from_numpy(image.transpose(2, 0, 1).copy())}
         if self.meta is not None:
             item["meta"] = self.meta[index]
@@ -508,7 +677,10 @@ def read_bias_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd.Dat
         raise UserError(f"image folder {img_dir} does not exist: check --img_path.")
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            rows = [(number, [cell.strip() for cell in row]) for number, row in enumerate(csv.reader(handle), start=1)]
+            separator = max(",;\t", key=handle.readline().count)  # Excel writes `;` in some locales
+            handle.seek(0)
+            lines = enumerate(csv.reader(handle, delimiter=separator), start=1)
+            rows = [(number, [cell.strip() for cell in row]) for number, row in lines]
     except (UnicodeDecodeError, csv.Error) as error:
         raise UserError(f"{path} is not a readable CSV text file ({error}): save it as UTF-8 CSV.") from None
     rows = [(number, row) for number, row in rows if any(row)]
@@ -556,6 +728,11 @@ def read_bias_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd.Dat
         name = row[0]
         if not name:
             raise UserError(f"{path} line {number} has no image name: every line must start with its image file.")
+        if not is_plain_name(name):
+            raise UserError(
+                f"{path} line {number} names image {name!r}, a path rather than a file name: give the bare name of "
+                f"an image in {img_dir} (no /, \\ or ..)."
+            )
         values = []
         for i in keep:
             value = _LABEL_VALUES.get(row[i + 1])

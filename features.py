@@ -10,6 +10,8 @@ Two users:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
 import cv2
@@ -49,7 +51,7 @@ def colour_statistics(filepaths: Sequence[str], size: int = STATS_SIZE) -> np.nd
     HSV, plus the lesion's area, border irregularity and asymmetry from an Otsu mask. Cheap: ~1 ms an image."""
     rows = []
     for path in filepaths:
-        rgb = cv2.resize(read_image(path), (size, size), interpolation=cv2.INTER_AREA)
+        rgb = cv2.resize(read_image(path, size), (size, size), interpolation=cv2.INTER_AREA)
         hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         lesion = _otsu_dark(gray)
@@ -114,7 +116,7 @@ def _shape_features(lesion: np.ndarray, gray: np.ndarray) -> list[float]:
         area / hull_area,
         float(np.sqrt(max(minor, 0.0) / max(major, 1e-6))),
         *asymmetry,
-        float(gradient[border].mean()),
+        float(gradient[border].mean()) if border.any() else math.nan,  # no border: the mask fills the image
         float(cv2.Laplacian(gray, cv2.CV_32F)[lesion].var()),
         float(touches_edge),
     ]
@@ -139,46 +141,72 @@ def _colour_features(lab: np.ndarray, lesion: np.ndarray) -> list[float]:
 
 
 def lesion_features(filepaths: Sequence[str], colour: np.ndarray | None = None) -> np.ndarray:
-    """ABCD-rule features at 128 px followed by the colour statistics at 64 px (`colour`, when already computed
-    by the caller for the same files). About 3 ms an image on one core."""
-    rows = []
+    """ABCD-rule features at 128 px, then the colour statistics at 64 px (`colour`, when already computed by the
+    caller for the same files), then `lesion_unmeasurable`: 1 for an image without a lesion to measure, one of
+    uniform colour (all black, all white) or where a measure is undefined. Such a row's ABCD features are NaN,
+    for FeatureScaler to replace with the training fold's median: the flag tells the network that it did.
+    About 3 ms an image on one core."""
+    rows, unmeasurable = [], []
     for path in filepaths:
-        rgb = cv2.resize(read_image(path), (SHAPE_SIZE, SHAPE_SIZE), interpolation=cv2.INTER_AREA)
+        rgb = cv2.resize(read_image(path, SHAPE_SIZE), (SHAPE_SIZE, SHAPE_SIZE), interpolation=cv2.INTER_AREA)
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         lesion = _main_lesion(gray)
-        rows.append(_colour_features(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), lesion) + _shape_features(lesion, gray))
+        row = _colour_features(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), lesion) + _shape_features(lesion, gray)
+        flat = gray.std() < 1.0  # nothing to segment: Otsu's split of a uniform image is arbitrary
+        unmeasurable.append(flat or not np.isfinite(row).all())
+        rows.append([math.nan] * len(row) if unmeasurable[-1] else row)
     abcd = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
     colour = colour_statistics(filepaths) if colour is None else colour
-    return np.concatenate([abcd, colour], axis=1)
+    return np.concatenate([abcd, colour, np.asarray(unmeasurable, dtype=np.float32)[:, None]], axis=1)
 
 
 class FeatureScaler:
     """Standardises features with the training fold's mean and spread; stored in the checkpoint so that
-    prediction scales new images the same way."""
+    prediction scales new images the same way. A value that is NaN or infinite (an unmeasurable lesion) first
+    becomes the training fold's median of that feature, so the output is always finite."""
 
-    def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        fill: Sequence[float] | None = None,
+    ) -> None:
         self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
         self.std = None if std is None else np.asarray(std, dtype=np.float32)
+        # None: a scaler stored before lesion_features had its unmeasurable flag (the last column) and the fill
+        self.fill = None if fill is None else np.asarray(fill, dtype=np.float32)
 
     def fit(self, features: np.ndarray) -> FeatureScaler:
-        self.mean = features.mean(axis=0)
-        self.std = features.std(axis=0) + 1e-6
+        features = np.asarray(features, dtype=np.float64)
+        features = np.where(np.isfinite(features), features, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a feature undefined on every training image
+            fill = np.nan_to_num(np.nanmedian(features, axis=0))
+        filled = np.where(np.isnan(features), fill, features)
+        self.fill = fill.astype(np.float32)
+        self.mean = filled.mean(axis=0).astype(np.float32)
+        self.std = (filled.std(axis=0) + 1e-6).astype(np.float32)
         return self
 
     def transform(self, features: np.ndarray) -> np.ndarray:
+        fill = self.fill
+        if fill is None:  # that model never saw the flag column; an undefined value becomes the mean (0 once scaled)
+            features, fill = features[:, :-1], self.mean
+        features = np.where(np.isfinite(features), features, fill)
         # clipped: one odd segmentation (a lesion filling the frame) must not saturate the branch
-        return np.clip((features - self.mean) / self.std, -6.0, 6.0).astype(np.float32)
+        return np.clip(np.nan_to_num((features - self.mean) / self.std), -6.0, 6.0).astype(np.float32)
 
     @property
     def n_features(self) -> int:
         return len(self.mean)
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        fill = None if self.fill is None else self.fill.tolist()
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "fill": fill}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> FeatureScaler:
-        return cls(state["mean"], state["std"])
+        return cls(state["mean"], state["std"], state.get("fill"))
 
 
 def side_inputs(

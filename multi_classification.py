@@ -59,6 +59,7 @@ from utils import (
     add_compile_flag,
     add_device_flags,
     average_buffers_over_world,
+    batch_for_share,
     best_f1_threshold,
     bn_refresh_default,
     check_resume_compatible,
@@ -391,9 +392,10 @@ def run_train(
         frame["filepath"].iloc[val_index], valid_transforms(image_size, mean, std), targets=labels[val_index]
     )
     train_sampler = EpochSampler(len(train_set), True, args.seed, world.rank, world.size)
+    batch_size = batch_for_share(args.batch, len(train_set), world, "--batch")
     # drop_last keeps BatchNorm away from a final batch of one image
     train_loader = make_loader(
-        train_set, train_sampler, args.batch, args.num_workers, device, drop_last=len(train_set) > args.batch
+        train_set, train_sampler, batch_size, args.num_workers, device, drop_last=len(train_sampler) > batch_size
     )
     val_loader = make_loader(
         val_set, EpochSampler(len(val_set), False, 0, world.rank, world.size), args.batch, args.num_workers, device

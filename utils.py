@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import glob
 import math
 import os
 import pickle
@@ -377,7 +378,11 @@ def check_resume_compatible(
 
 def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bool, alternative: str) -> None:
     """Refuses to overwrite an earlier run's files: they are kept when the run is continued (--resume with its
-    `last` checkpoint present), deleted with --overwrite, else a UserError suggests `alternative`."""
+    `last` checkpoint present), deleted with --overwrite, else a UserError suggests `alternative`. Temporary files
+    that an interrupted write of these outputs left behind are removed in any case."""
+    for path in paths:  # a temporary file is never a finished output: a killed run left it
+        for leftover in temp_files_of(path):
+            leftover.unlink(missing_ok=True)
     existing = [path for path in paths if path.exists()]
     if not existing or (resume and last.is_file()):
         return
@@ -389,6 +394,22 @@ def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bo
         f"{existing[0]} already exists from an earlier run: pass --resume to continue it, --overwrite to replace "
         f"it, or {alternative}."
     )
+
+
+def batch_for_share(batch_size: int, n_items: int, world: World, flag: str) -> int:
+    """The training batch size for one process: `batch_size`, or the process's share of the `n_items` training
+    images when that is smaller (with a notice). Each rank then trains at least one step an epoch: under torchrun
+    a batch larger than a rank's share, with drop_last, would train none."""
+    share = math.ceil(n_items / world.size)
+    if share >= batch_size:
+        return batch_size
+    if world.is_main:
+        where = f"each of the {world.size} processes has" if world.distributed else "there are"
+        print(
+            f"notice: {flag} {batch_size} is more than the {share} training images {where}: batches of {share}.",
+            flush=True,
+        )
+    return share
 
 
 def default_num_workers() -> int:
@@ -665,14 +686,31 @@ def head_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float) -> di
 # --------------------------------------------------------------------------- atomic files and checkpoints
 
 
+def temp_files_of(path: str | Path) -> list[Path]:
+    """Temporary files that atomic_path left beside `path` when its process was killed (kill -9 runs no cleanup)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def _write_error(path: Path, error: OSError) -> UserError:
+    return UserError(
+        f"could not write {path} ({error.strerror or error}): free space on that disk or choose another folder; "
+        "the earlier version of the file, if any, is kept."
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path in the target's folder; renamed onto `path` only if the block succeeds,
-    so an interrupted write never leaves a truncated file behind."""
+    """Yields a temporary path `.<name>.<random>.tmp` in the target's folder; renamed onto `path` only if the block
+    succeeds, so an interrupted write never leaves a truncated file behind. A failed write (a full disk, a
+    vanished folder) is a UserError naming `path`, and the earlier file stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+    except OSError as error:
+        raise _write_error(path, error) from None
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -682,8 +720,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
+    except OSError as error:
+        raise _write_error(path, error) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -699,8 +740,9 @@ def write_csv_atomic(frame: Any, path: str | Path) -> None:
 
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     """Saves atomically; the payload must hold only tensors and plain Python values (weights_only-safe)."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        # through a Python file: a full disk is then an OSError (torch's own writer raises a RuntimeError)
+        torch.save(checkpoint, handle)
 
 
 def load_checkpoint(path: str | Path, expected_kind: str) -> dict:

@@ -1,5 +1,6 @@
 import warnings
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,9 +10,13 @@ from dataset import (
     EpochSampler,
     ImageDataset,
     MetaEncoder,
+    image_dimensions,
+    image_file_problem,
     images_per_patient,
     make_folds,
     patient_groups,
+    read_bias_annotations,
+    read_image,
     read_melanoma_table,
     train_transforms,
     valid_transforms,
@@ -139,3 +144,181 @@ def test_table_errors_name_the_file(tmp_path, synthetic_dir):
     )
     with pytest.raises(UserError, match="age_approx 'old'"):
         read_melanoma_table(tmp_path, "train", use_meta=True, require_target=True)
+
+
+# --------------------------------------------------------------------------- inputs from users' own files
+
+
+def _layout(tmp_path, csv_text: str, names=("a", "b"), encoding: str = "utf-8"):
+    """A minimal Kaggle-layout folder with a CSV written as given and 40 px images for `names`."""
+    (tmp_path / "train" / "train").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        cv2.imwrite(str(tmp_path / "train" / "train" / f"{name}.jpg"), np.full((40, 40, 3), 128, np.uint8))
+    (tmp_path / "train.csv").write_bytes(csv_text.encode(encoding))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["../secret", "sub/a", "..\\secret", "/etc/passwd", "C:secret", ".."])
+def test_image_names_that_are_paths_are_refused_with_the_line(tmp_path, name):
+    outside = tmp_path / "secret.jpg"
+    cv2.imwrite(str(outside), np.full((40, 40, 3), 128, np.uint8))
+    data = _layout(tmp_path / "data", f"image_name,target\na,0\n{name},1\n")
+    with pytest.raises(UserError, match=r"train\.csv line 3 has image_name .* a path rather than a file name"):
+        read_melanoma_table(data, "train", use_meta=False, require_target=True)
+
+
+def test_annotation_lines_that_name_paths_are_refused(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(tmp_path / "outside.jpg"), np.full((40, 40, 3), 128, np.uint8))
+    cv2.imwrite(str(images / "inside.jpg"), np.full((40, 40, 3), 128, np.uint8))
+    annotations = tmp_path / "bias.csv"
+    annotations.write_text("image,hair\ninside.jpg,1\n../outside.jpg,0\n")
+    with pytest.raises(UserError, match=r"bias\.csv line 3 names image '\.\./outside\.jpg', a path rather than"):
+        read_bias_annotations(annotations, images)
+
+
+def test_csv_as_excel_writes_it(tmp_path):
+    """UTF-8 byte-order mark, CRLF, `;` separators with decimal commas, spaces around headers and cells, and the
+    usual spellings of a missing value."""
+    text = (
+        "image_name ; patient_id;sex;age_approx;anatom_site_general_challenge ;target\r\n"
+        "a;007;male ;45,5;torso;1\r\n"
+        "b ;;NaN;;  ;0\r\n"
+    )
+    data = _layout(tmp_path, text, encoding="utf-8-sig")
+    frame = read_melanoma_table(data, "train", use_meta=True, require_target=True)
+    assert frame["image_name"].tolist() == ["a", "b"]
+    assert frame["patient_id"][0] == "007" and pd.isna(frame["patient_id"][1])
+    assert frame["age_approx"][0] == 45.5 and pd.isna(frame["age_approx"][1])
+    assert frame["target"].tolist() == [1, 0]
+    encoded = MetaEncoder(["sex", "site"]).fit(frame).transform(frame)
+    assert encoded[:, 0].tolist() == [1.0, -1.0]  # "male " is male, "NaN" is missing
+    assert encoded[1, 1:].tolist() == [0.0, 1.0]  # a site of spaces is missing
+
+    _layout(tmp_path, "image_name,target,target \na,1,1\n")
+    with pytest.raises(UserError, match="has the column target twice"):
+        read_melanoma_table(tmp_path, "train", use_meta=False, require_target=True)
+    (tmp_path / "train.csv").write_bytes("image_name,target\na,1\nb\u00e9,0\n".encode("cp1252"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        read_melanoma_table(tmp_path, "train", use_meta=False, require_target=True)
+
+
+@pytest.mark.parametrize("age", ["inf", "-inf", "-3", "150"])
+def test_impossible_ages_are_refused_with_the_line(tmp_path, age):
+    header = "image_name,age_approx,sex,anatom_site_general_challenge,target"
+    data = _layout(tmp_path, f"{header}\na,40,male,,0\nb,{age},,,1\n")
+    with pytest.raises(UserError, match=rf"line 3 has age_approx '{age}': ages must be numbers from 0 to 120"):
+        read_melanoma_table(data, "train", use_meta=True, require_target=True)
+
+
+def test_meta_encoder_treats_impossible_ages_as_missing(tmp_path):
+    frame = _frame(tmp_path, [["a", "p1", "male", 40, "torso"], ["b", "p2", "female", 60, "torso"]])
+    encoder = MetaEncoder(["age"]).fit(frame)
+    odd = frame.assign(age_approx=[float("inf"), -5.0])
+    np.testing.assert_allclose(encoder.transform(odd)[:, 0], [50 / 90, 50 / 90])
+    np.testing.assert_allclose(encoder.transform(odd.assign(age_approx=["x", None]))[:, 0], [50 / 90, 50 / 90])
+
+
+# --------------------------------------------------------------------------- image files
+
+
+def _jpeg(width: int = 64, height: int = 64) -> bytes:
+    image = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def test_bytes_after_the_end_marker_are_not_truncation(tmp_path):
+    whole = _jpeg()
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(whole + b"\x00camera trailer" * 50)
+    assert image_file_problem(str(trailer)) is None
+    assert read_image(str(trailer)).shape == (64, 64, 3)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) - 200])
+    assert image_file_problem(str(cut)) == "truncated JPEG: no end-of-image marker"
+    png = cv2.imencode(".png", np.zeros((40, 40, 3), np.uint8))[1].tobytes()
+    (tmp_path / "trailer.png").write_bytes(png + b"x" * 200)
+    assert image_file_problem(str(tmp_path / "trailer.png")) is None
+    (tmp_path / "cut.png").write_bytes(png[:-20])
+    assert image_file_problem(str(tmp_path / "cut.png")) == "truncated PNG"
+
+
+def test_a_thumbnail_end_marker_does_not_hide_truncation(tmp_path):
+    thumbnail = _jpeg(8, 8)
+    app1 = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    whole = _jpeg()
+    with_thumbnail = whole[:2] + app1 + whole[2:]
+    path = tmp_path / "exif.jpg"
+    path.write_bytes(with_thumbnail + b"x" * 100)
+    assert image_file_problem(str(path)) is None
+    path.write_bytes(with_thumbnail[: len(app1) + len(whole) // 2])
+    assert image_file_problem(str(path)) == "truncated JPEG: no end-of-image marker"
+
+
+def _claim_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same file with its frame header claiming another size (what a decompression bomb does)."""
+    frame = jpeg.index(b"\xff\xc0")
+    return jpeg[: frame + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[frame + 9 :]
+
+
+def test_images_beyond_the_pixel_limit_are_refused_from_the_header(tmp_path):
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(_claim_size(_jpeg(), 20000, 10000))
+    with open(path, "rb") as handle:
+        assert image_dimensions(handle) == (20000, 10000)
+    assert image_file_problem(str(path)) == "20000x10000 px, beyond the 100-megapixel limit"
+    with pytest.raises(UserError, match=r"huge\.jpg is 20000x10000 px, beyond the 100-megapixel limit"):
+        read_image(str(path))
+    png = bytearray(cv2.imencode(".png", np.zeros((40, 40, 3), np.uint8))[1].tobytes())
+    png[16:24] = (30000).to_bytes(4, "big") * 2
+    (tmp_path / "huge.png").write_bytes(bytes(png))
+    with pytest.raises(UserError, match="30000x30000 px"):
+        read_image(str(tmp_path / "huge.png"))
+
+
+def test_large_images_are_decoded_at_reduced_size(tmp_path, monkeypatch):
+    path = tmp_path / "large.jpg"
+    path.write_bytes(_jpeg(2400, 1800))
+    with open(path, "rb") as handle:
+        assert image_dimensions(handle) == (2400, 1800)
+    assert read_image(str(path)).shape == (1800, 2400, 3)
+    assert read_image(str(path), 128).shape == (900, 1200, 3)  # 1/2 scale keeps 4x the 128 px needed
+    assert read_image(str(path), 64).shape == (450, 600, 3)
+    assert read_image(str(path), 256).shape == (1800, 2400, 3)  # 1/2 would leave less than 4x: full decode
+    small = tmp_path / "small.jpg"
+    small.write_bytes(_jpeg(256, 256))
+    assert read_image(str(small), 64).shape == (256, 256, 3)  # the Kaggle files at the usual sizes: in full
+
+    sizes = []
+    real_read = read_image
+    monkeypatch.setattr("dataset.read_image", lambda path, size=None: sizes.append(size) or real_read(path, size))
+    item = ImageDataset([str(path)], valid_transforms(64))[0]
+    assert item["image"].shape == (3, 64, 64) and sizes == [64]
+
+
+def test_too_few_images_of_each_class_for_the_folds_is_refused():
+    frame = pd.DataFrame({"patient_id": ["p1", "p2", "p3", "p4"], "target": [0, 0, 1, 1]})
+    with pytest.raises(UserError, match="--n-folds 3 needs at least 3 images of one class, the largest class has 2"):
+        make_folds(frame, n_folds=3, seed=0)
+    assert sorted(make_folds(frame, n_folds=2, seed=0)) == [0, 0, 1, 1]
+
+
+def test_annotation_file_as_excel_writes_it(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "b"):
+        cv2.imwrite(str(images / f"{name}.jpg"), np.full((40, 40, 3), 128, np.uint8))
+    annotations = tmp_path / "bias.csv"
+    annotations.write_bytes("image ; hair;ruler\r\na.jpg;1;0\r\nb ; 0 ;\r\n".encode("utf-8-sig"))
+    frame, heads, labels = read_bias_annotations(annotations, images)
+    assert heads == ["hair", "ruler"] and frame["image_name"].tolist() == ["a.jpg", "b"]
+    np.testing.assert_array_equal(labels, np.array([[1, 0], [0, np.nan]], dtype=np.float32))
+
+
+def test_unreadable_files_are_named_not_raised(tmp_path):
+    folder = tmp_path / "x.jpg"
+    folder.mkdir()  # opening it fails as an unreadable file would
+    assert image_file_problem(str(folder)) == "unreadable (Is a directory)"
+    with pytest.raises(UserError, match=r"x\.jpg cannot be read \(Is a directory\): restore it or remove its row\."):
+        read_image(str(folder))

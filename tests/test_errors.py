@@ -1,6 +1,9 @@
 """Every bad input a user can cause ends in one sentence naming the file or flag, exit code 2, no traceback,
 and nothing already saved is touched (README, "Errors")."""
 
+import errno
+import json
+import math
 import os
 import shutil
 import signal
@@ -14,8 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.multiprocessing as mp
+from test_distributed import free_port, train_on_rank
 
+import multi_classification
 import train
+from dataset import make_folds
 from utils import UserError, load_checkpoint
 
 
@@ -145,8 +152,8 @@ def test_checkpoint_of_the_other_script_is_refused(synthetic_dir, tmp_path):
 
 
 def test_sigkill_mid_epoch_then_resume_completes_the_run(synthetic_dir, tmp_path):
-    """A real kill -9 in the middle of training: the resumed run finishes with every epoch logged once and
-    intact checkpoints."""
+    """A real kill -9 in the middle of training: the resumed run finishes with every epoch logged once, intact
+    checkpoints and no temporary file left."""
     argv = seed_command(synthetic_dir, tmp_path, "--n-epochs", "3", "--batch-size", "4", "--image-size", "64")
     script = Path(train.__file__)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -162,6 +169,7 @@ def test_sigkill_mid_epoch_then_resume_completes_the_run(synthetic_dir, tmp_path
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "weights" / "run_final.pth").exists()
+    (tmp_path / "weights" / ".run_last.pth.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-write
 
     result = subprocess.run([sys.executable, str(script), *argv, "--resume"], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -170,3 +178,90 @@ def test_sigkill_mid_epoch_then_resume_completes_the_run(synthetic_dir, tmp_path
     assert epochs == [1, 2, 3]
     for suffix in ("best", "final", "last"):
         load_checkpoint(tmp_path / "weights" / f"run_{suffix}.pth", "melanoma")
+    assert not list((tmp_path / "weights").glob(".*.tmp"))  # the resumed run cleared what the kill left
+
+
+def test_image_names_that_are_paths_are_refused_before_anything_is_read(copy_of, tmp_path, capsys):
+    frame = pd.read_csv(copy_of / "train.csv")
+    shutil.copy(copy_of / "train" / "train" / f"{frame['image_name'][0]}.jpg", tmp_path / "outside.jpg")
+    frame.loc[4, "image_name"] = "../../../outside"
+    frame.to_csv(copy_of / "train.csv", index=False)
+    fails_with(capsys, seed_command(copy_of, tmp_path), "train.csv line 6 has image_name '../../../outside'", "a path")
+    assert not (tmp_path / "weights").exists()
+
+
+def test_impossible_age_is_refused(copy_of, tmp_path, capsys):
+    frame = pd.read_csv(copy_of / "train.csv")
+    frame["age_approx"] = frame["age_approx"].astype(object)
+    frame.loc[2, "age_approx"] = "inf"
+    frame.to_csv(copy_of / "train.csv", index=False)
+    fails_with(capsys, seed_command(copy_of, tmp_path, "--use-meta"), "line 4 has age_approx 'inf'", "0 to 120")
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("--n-epochs", "--n-epochs 0 must be at least 1"), ("--batch-size", "--batch-size 0 must be at least 1")],
+)
+def test_zero_epochs_or_batch_is_refused_by_both_trainers(synthetic_dir, tmp_path, capsys, flag, message):
+    argv = seed_command(synthetic_dir, tmp_path)
+    argv[argv.index(flag) + 1] = "0"
+    fails_with(capsys, argv, message)
+    detector_flag = {"--n-epochs": "--epochs", "--batch-size": "--batch"}[flag]
+    detector = [
+        "--img_path", str(synthetic_dir / "train" / "train"), "--ann_path", str(synthetic_dir / "gans_biases.csv"),
+        "--mode", "train", "--model_path", str(tmp_path / "bias.pth"), detector_flag, "0",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        multi_classification.main(detector)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"{detector_flag} 0 must be at least 1" in err
+    assert not (tmp_path / "weights").exists() and not (tmp_path / "bias.pth").exists()
+
+
+def test_training_folds_of_one_class_are_refused(copy_of, tmp_path, capsys):
+    frame = pd.read_csv(copy_of / "train.csv", dtype={"patient_id": str})
+    patient = frame["patient_id"].dropna().value_counts().index[0]
+    frame["target"] = (frame["patient_id"] == patient).astype(int)  # every melanoma from one patient
+    frame.to_csv(copy_of / "train.csv", index=False)
+    fold = int(make_folds(frame, 3, 0)[frame["patient_id"] == patient][0])
+    argv = seed_command(copy_of, tmp_path, "--fold", str(fold))
+    fails_with(capsys, argv, f"the training images of fold {fold}", "hold only target 0")
+
+
+def test_full_disk_during_a_checkpoint_write_keeps_the_earlier_ones(synthetic_dir, tmp_path, capsys, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def disk_fills_up(payload, handle):
+        calls.append(handle.name)
+        if len(calls) > 2:  # epoch 1 wrote _best and _last
+            handle.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(payload, handle)
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    err = fails_with(capsys, seed_command(synthetic_dir, tmp_path, "--n-epochs", "2"), "No space left on device")
+    assert "could not write" in err and "weights/run_" in err
+    monkeypatch.undo()
+    for suffix in ("best", "last"):
+        assert load_checkpoint(tmp_path / "weights" / f"run_{suffix}.pth", "melanoma")["epoch"] == 1
+    assert not list((tmp_path / "weights").glob(".*.tmp"))
+
+
+def test_pooled_out_of_fold_file_of_an_earlier_run_is_kept(synthetic_dir, tmp_path, capsys):
+    pooled = tmp_path / "logs" / "oof_run.csv"
+    pooled.parent.mkdir()
+    pooled.write_text("image_name,fold,target,prob\nearlier,0,1,0.9\n")
+    fails_with(capsys, seed_command(synthetic_dir, tmp_path, "--fold", "0,1"), "oof_run.csv already exists")
+    assert pooled.read_text() == "image_name,fold,target,prob\nearlier,0,1,0.9\n"
+    assert not (tmp_path / "weights" / "run_fold0_best.pth").exists()
+
+
+def test_a_batch_larger_than_each_process_share_still_trains(synthetic_dir, tmp_path):
+    """torchrun with 2 processes: 32 training images, 16 a process, --batch-size 24 (drop_last used to leave each
+    process no batch at all, and the run trained zero steps with a NaN loss)."""
+    argv = seed_command(synthetic_dir, tmp_path, "--device", "cpu")
+    argv[argv.index("--batch-size") + 1] = "24"
+    mp.spawn(train_on_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    record = json.loads((tmp_path / "logs" / "metrics_run.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record["train_loss"])

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from dataset import MetaEncoder, read_melanoma_table
-from features import DERMOSCOPIC_COLOURS, FeatureScaler, lesion_features, side_inputs
+from features import DERMOSCOPIC_COLOURS, FeatureScaler, colour_statistics, lesion_features, side_inputs
 
 
 def disc_image(path, radius: int, colour, size: int = 128) -> str:
@@ -55,3 +55,40 @@ def test_scaler_round_trip_and_side_inputs_order(synthetic_dir):
     np.testing.assert_allclose(both[:, encoder.n_features :], scaler.transform(features), atol=1e-6)
     assert side_inputs(frame, None, None) is None
     assert side_inputs(pd.DataFrame({"filepath": frame["filepath"]}), None, scaler).shape == features.shape
+
+
+def test_uniform_images_get_finite_flagged_features_filled_with_the_training_median(tmp_path):
+    discs = [disc_image(tmp_path / f"disc{radius}.png", radius, (120, 75, 50)) for radius in (15, 25, 35)]
+    uniform = []
+    for value in (0, 255):  # all black (Otsu takes the whole image as lesion), all white (nothing dark)
+        cv2.imwrite(str(tmp_path / f"uniform{value}.png"), np.full((64, 64, 3), value, np.uint8))
+        uniform.append(str(tmp_path / f"uniform{value}.png"))
+    features = lesion_features(discs + uniform)
+    n_abcd = features.shape[1] - colour_statistics(uniform[:1]).shape[1] - 1
+    assert features[:, -1].tolist() == [0, 0, 0, 1, 1]  # lesion_unmeasurable
+    assert np.isfinite(features[:3]).all() and np.isnan(features[3:, :n_abcd]).all()
+    assert np.isfinite(features[:, n_abcd:]).all()  # colour moments are defined for any image
+
+    scaler = FeatureScaler().fit(features)
+    scaled = scaler.transform(features)
+    assert np.isfinite(scaled).all()
+    median = np.median(features[:3, :n_abcd], axis=0)
+    expected = np.clip((median - scaler.mean[:n_abcd]) / scaler.std[:n_abcd], -6, 6)
+    np.testing.assert_allclose(scaled[3, :n_abcd], expected, atol=1e-4)
+    restored = FeatureScaler.from_state_dict(scaler.state_dict())
+    np.testing.assert_array_equal(restored.transform(features), scaled)
+
+    only_unmeasurable = FeatureScaler().fit(features[3:])  # a training fold where nothing could be measured
+    assert np.isfinite(only_unmeasurable.transform(features)).all()
+
+
+def test_a_scaler_stored_before_the_flag_column_still_reads_the_features(tmp_path):
+    discs = [disc_image(tmp_path / f"disc{radius}.png", radius, (120, 75, 50)) for radius in (15, 25, 35)]
+    cv2.imwrite(str(tmp_path / "black.png"), np.zeros((64, 64, 3), np.uint8))
+    features = lesion_features([*discs, str(tmp_path / "black.png")])
+    old = features[:3, :-1]
+    legacy = FeatureScaler.from_state_dict({"mean": old.mean(0).tolist(), "std": (old.std(0) + 1e-6).tolist()})
+    scaled = legacy.transform(features)
+    assert scaled.shape == (4, features.shape[1] - 1) and np.isfinite(scaled).all()
+    np.testing.assert_allclose(scaled[:3], np.clip((old - old.mean(0)) / (old.std(0) + 1e-6), -6, 6), atol=1e-5)
+    assert legacy.state_dict()["fill"] is None
