@@ -21,7 +21,8 @@ One table, printed and written to --out as CSV (reproducible for a given --seed)
 
 test is `all` (every audited image), `with` / `without` (images labelled 1 / 0 for that artifact), or
 `inserted <kind>`: the images without that artifact (the `without` row's images), each with a synthetic
-black_frame, ruler or hair pasted on (drawn as in synthetic.py on a 256 px canvas, seeded per image).
+black_frame, ruler or hair pasted on (drawn by artifacts.py, as in the synthetic data, on a 256 px canvas, seeded
+per image).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dataset import read_bias_annotations, read_melanoma_table, valid_transforms
+from annotations import read_bias_annotations
+from artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
+from dataset import valid_transforms
 from features import lesion_features
 from inference import (
     LoadedModel,
@@ -46,15 +49,16 @@ from inference import (
     predict_probabilities,
     require_metadata,
 )
+from metrics import binary_metrics
 from predict import add_runtime_args, check_output, prepare_runtime
-from synthetic import _draw_black_frame, _draw_hair, _draw_ruler
-from utils import UserError, binary_metrics, exit_on_user_error, write_csv_atomic
+from tables import read_melanoma_table
+from utils import UserError, exit_on_user_error, write_csv_atomic
 
 # artifact kinds that can be pasted, and the label columns that mean "this image already has it"
 INSERTIONS = {
     "black_frame": ("black_frame", "dark_corner"),
     "ruler": ("ruler_mark", "ruler"),
-    "hair": ("hair", "hair_dense", "hair_short", "hair_medium"),
+    "hair": ("hair", *HAIR_KINDS),
 }
 CANVAS = 256  # artifacts are drawn at the resolution of the Kaggle images and the synthetic data, then resized
 COLUMNS = (
@@ -102,14 +106,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def paste_artifact(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A copy of a square RGB uint8 image with a synthetic artifact drawn on, as synthetic.py draws them."""
+    """A copy of a square RGB uint8 image with a synthetic artifact drawn on, as the synthetic data has them."""
     canvas = image.astype(np.float32)
     if kind == "black_frame":
-        _draw_black_frame(rng, canvas)
+        draw_black_frame(rng, canvas)
     elif kind == "ruler":
-        _draw_ruler(rng, canvas)
+        draw_ruler(rng, canvas)
     elif kind == "hair":
-        _draw_hair(rng, canvas, "hair_medium")
+        draw_hair(rng, canvas, "hair_medium")
     else:
         raise ValueError(f"unknown artifact {kind!r}")
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)

@@ -15,9 +15,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dataset import SITE_COLUMN, MetaEncoder
 from features import colour_statistics
-from utils import safe_auc
+from metrics import safe_auc
+from tables import SITE_COLUMN, MetaEncoder
 
 BASELINE_META_FEATURES = ("sex", "age", "site")
 

@@ -1,11 +1,24 @@
-"""Throughput benchmark: is training bound by the model, or by data loading and bookkeeping?
+"""Throughput benchmarks: is training bound by the model or by its data, and what does test-time augmentation cost?
 
     python bench.py --enet-type efficientnet-b0 --image-size 128 --batch-size 32 --data-dir ../shared/data/isic2018
+    python bench.py --mode predict --image-size 128 --batch-size 32 --data-dir ../shared/data/isic2018
 
-Measures (a) the bare model's train step (forward, backward, optimizer step) and inference on random tensors,
-(b) the data pipeline alone (JPEG decode + augmentation, images/s in one process = per worker), (c) the end-to-end
-training loop of train.py (same Dataset, DataLoader, train_one_epoch) on a data dir, and (d) peak memory. Prints a
-table and writes JSON. The end-to-end figure over the bare step says how much the loop loses to its data.
+--mode train (the default) measures (a) the bare model's train step (forward, backward, optimizer step) and
+inference on random tensors, (b) the data pipeline alone (JPEG decode + augmentation, images/s in one process = per
+worker), (c) the end-to-end training loop of train.py (same Dataset, DataLoader, train_one_epoch) on a data dir,
+and (d) peak memory. The end-to-end figure over the bare step says how much the loop loses to its data.
+
+--mode predict measures, interleaved (best of --repeats, after a warm-up of every shape):
+  bare       the bare model's forward pass on random tensors of --batch-size images (no data loading)
+  bare_x8    the same on 8 x --batch-size images: the size of one TTA-8 forward pass
+  predict    predict.py's own path (inference.predict_probabilities: JPEG decode, resize, normalise, loader,
+             forward) on the first --n-images test images of --data-dir, with --n-tta 1 and with --n-tta 8
+The target is TTA-8 >= 0.9 x bare / 8 (the eight views are batched into one forward pass and nothing else costs).
+--model-path times a train.py checkpoint; without it a randomly initialised MelanomaNet of --enet-type at
+--image-size (the speed is the same).
+
+Both modes print a table and write it as JSON (--json; default bench_results/<device>_<settings>.json, the
+settings starting with predict_ in predict mode).
 """
 
 from __future__ import annotations
@@ -18,43 +31,55 @@ import time
 from pathlib import Path
 
 import cv2
+import pandas as pd
 import torch
 
-from dataset import EpochSampler, ImageDataset, MetaEncoder, read_melanoma_table, train_transforms
-from models import ENET_TYPES, MelanomaNet
+from config import add_compile_flag
+from dataset import EpochSampler, ImageDataset, train_transforms
+from engine import compile_for_training
+from inference import LoadedModel, load_melanoma_model, predict_probabilities
+from loops import make_loader, train_one_epoch
+from models import ENET_TYPES, MelanomaNet, input_normalization
+from tables import MetaEncoder, read_melanoma_table
 from train import melanoma_loss
 from utils import (
-    add_compile_flag,
+    UserError,
     add_device_flags,
     autocast,
-    compile_for_training,
     default_num_workers,
     exit_on_user_error,
     make_grad_scaler,
-    make_loader,
     resolve_precision,
     select_device,
-    train_one_epoch,
     write_text_atomic,
 )
+
+TTA_VIEWS = 8  # predict mode compares TTA-8 with the bare pass
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="train", choices=("train", "predict"), help="what to time (see above)")
     parser.add_argument("--enet-type", default="efficientnet-b0", choices=ENET_TYPES)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     add_device_flags(parser)
     add_compile_flag(parser)
-    parser.add_argument("--use-meta", action="store_true")
-    parser.add_argument("--data-dir", default=None, help="Kaggle-layout folder for the data and end-to-end parts")
-    parser.add_argument("--num-workers", type=int, default=default_num_workers())
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after warm-up)")
+    parser.add_argument("--use-meta", action="store_true", help="train mode: a metadata branch of 12 inputs")
     parser.add_argument(
-        "--warmup", type=int, default=2, help="untimed model steps first (the loop warms up on one untimed epoch)"
+        "--data-dir", default=None, help="Kaggle-layout folder: train mode's data and loop parts, predict mode's images"
     )
-    parser.add_argument("--data-images", type=int, default=200, help="images for the data-pipeline measurement")
-    parser.add_argument("--only", default="model,infer,data,loop", help="comma list of parts to run")
+    parser.add_argument("--num-workers", type=int, default=default_num_workers(), help="data-loading processes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--steps", type=int, default=10, help="train mode: timed steps per measurement (after warm-up)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="train mode: untimed model steps first (the loop warms up on one epoch)"
+    )
+    parser.add_argument("--data-images", type=int, default=200, help="train mode: images for the data pipeline")
+    parser.add_argument("--only", default="model,infer,data,loop", help="train mode: comma list of parts to run")
+    parser.add_argument("--model-path", help="predict mode: a train.py checkpoint (default: a random model)")
+    parser.add_argument("--n-images", type=int, default=256, help="predict mode: test images per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="predict mode: rounds of measurements, best kept")
     parser.add_argument("--json", default=None, help="write the results here (default bench_results/<settings>.json)")
     return parser.parse_args(argv)
 
@@ -75,16 +100,25 @@ def build_model(args: argparse.Namespace, device: torch.device, n_meta: int) -> 
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
 
-def bench_model_step(args, device, amp_dtype) -> float:
+def random_batch(
+    batch: int, image_size: int, n_meta: int, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random images (in the model's memory layout) and side inputs, already on the device."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    image = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    return image, torch.randn(batch, n_meta, device=device) if n_meta else None
+
+
+# --------------------------------------------------------------------------- train mode
+
+
+def bench_model_step(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> float:
     """Train img/s of forward + backward + Adam step on random tensors: the ceiling for the training loop."""
     n_meta = 12 if args.use_meta else 0
     model = compile_for_training(build_model(args, device, n_meta).train(), args.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = make_grad_scaler(device, amp_dtype)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    image = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    image = image.contiguous(memory_format=memory_format)
-    meta = torch.randn(args.batch_size, n_meta, device=device) if n_meta else None
+    image, meta = random_batch(args.batch_size, args.image_size, n_meta, device, args.channels_last)
     target = torch.randint(0, 2, (args.batch_size,), device=device).float()
     loss_fn = melanoma_loss(1)
     for step in range(args.warmup + args.steps):
@@ -104,23 +138,30 @@ def bench_model_step(args, device, amp_dtype) -> float:
 
 
 @torch.no_grad()
-def bench_inference(args, device, amp_dtype) -> float:
-    model = build_model(args, device, 12 if args.use_meta else 0).eval()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    image = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    image = image.contiguous(memory_format=memory_format)
-    meta = torch.randn(args.batch_size, 12, device=device) if args.use_meta else None
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
+def forward_throughput(
+    model: MelanomaNet,
+    batch: int,
+    image_size: int,
+    steps: int,
+    warmup: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> float:
+    """Images per second of the model's forward pass alone on random input already on the device, the output
+    copied back as prediction does: `warmup` untimed passes, then `steps` timed ones."""
+    image, meta = random_batch(batch, image_size, model.n_meta_features, device, args.channels_last)
+    for step in range(warmup + steps):
+        if step == warmup:
             synchronize(device)
             started = time.perf_counter()
         with autocast(device, amp_dtype):
             model(image, meta).float().cpu()
     synchronize(device)
-    return args.steps * args.batch_size / (time.perf_counter() - started)
+    return steps * batch / (time.perf_counter() - started)
 
 
-def training_dataset(args, start: int = 0, stop: int | None = None) -> tuple[ImageDataset, int]:
+def training_dataset(args: argparse.Namespace, start: int = 0, stop: int | None = None) -> tuple[ImageDataset, int]:
     frame = read_melanoma_table(args.data_dir, "train", use_meta=args.use_meta, require_target=True)
     frame = frame.iloc[start:stop].reset_index(drop=True)
     meta = MetaEncoder().fit(frame).transform(frame) if args.use_meta else None
@@ -128,7 +169,7 @@ def training_dataset(args, start: int = 0, stop: int | None = None) -> tuple[Ima
     return dataset, 0 if meta is None else meta.shape[1]
 
 
-def bench_data_pipeline(args) -> float:
+def bench_data_pipeline(args: argparse.Namespace) -> float:
     """Decode + augment images/s in this one process: what each DataLoader worker delivers."""
     dataset, _ = training_dataset(args)
     cv2.setNumThreads(1)  # as make_loader sets it for the workers
@@ -141,7 +182,7 @@ def bench_data_pipeline(args) -> float:
     return n_images / (time.perf_counter() - started)
 
 
-def bench_training_loop(args, device, amp_dtype) -> float:
+def bench_training_loop(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> float:
     """train.py's loop (DataLoader, workers, transfers, loss bookkeeping, scheduler) on real files.
 
     Like train.py, one loader with persistent workers serves every epoch: the first epoch over the images is the
@@ -169,18 +210,120 @@ def bench_training_loop(args, device, amp_dtype) -> float:
     return n_timed / elapsed
 
 
+def bench_training(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+    parts = set(args.only.split(","))
+    if args.data_dir is None:
+        parts -= {"data", "loop"}
+    result = {}
+    if "model" in parts:
+        result["model_train_img_s"] = bench_model_step(args, device, amp_dtype)
+    if "infer" in parts:
+        model = build_model(args, device, 12 if args.use_meta else 0).eval()
+        result["model_infer_img_s"] = forward_throughput(
+            model, args.batch_size, args.image_size, args.steps, args.warmup, args, device, amp_dtype
+        )
+    if "data" in parts:
+        result["data_img_s_per_worker"] = bench_data_pipeline(args)
+    if "loop" in parts:
+        result["loop_train_img_s"] = bench_training_loop(args, device, amp_dtype)
+        if "model_train_img_s" in result:
+            result["loop_over_model"] = result["loop_train_img_s"] / result["model_train_img_s"]
+    return result
+
+
+# --------------------------------------------------------------------------- predict mode
+
+
+def model_to_predict(args: argparse.Namespace, device: torch.device) -> LoadedModel:
+    """The checkpoint of --model-path, or a random image-only MelanomaNet fed as predict.py would feed it."""
+    if args.model_path:
+        return load_melanoma_model(args.model_path, device, args.channels_last)
+    mean, std = (list(values) for values in input_normalization(args.enet_type))
+    return LoadedModel(Path("(random)"), build_model(args, device, 0).eval(), args.image_size, mean, std, None)
+
+
+def predict_throughput(
+    loaded: LoadedModel,
+    frame: pd.DataFrame,
+    n_tta: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    predict_probabilities(
+        loaded,
+        frame,
+        device,
+        amp_dtype,
+        n_tta=n_tta,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        channels_last=args.channels_last,
+        progress=False,
+    )
+    synchronize(device)
+    return len(frame) / (time.perf_counter() - started)
+
+
+def bench_prediction(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+    """predict.py's path with TTA 1 and 8 against bare forward passes of one and of eight batches."""
+    if args.data_dir is None:
+        raise UserError("--mode predict needs --data-dir: a Kaggle-layout folder whose test.csv lists the images.")
+    loaded = model_to_predict(args, device)
+    frame = read_melanoma_table(args.data_dir, "test", use_meta=False, require_target=False)
+    frame = frame.head(args.n_images).reset_index(drop=True)
+
+    def bare(batch: int):
+        steps = max(1, round(len(frame) / batch))  # as many images as one predict measurement
+        return lambda: forward_throughput(loaded.model, batch, loaded.image_size, steps, 0, args, device, amp_dtype)
+
+    def predict(n_tta: int):
+        return lambda: predict_throughput(loaded, frame, n_tta, args, device, amp_dtype)
+
+    measures = {
+        "bare_img_s": bare(args.batch_size),
+        "bare_x8_img_s": bare(TTA_VIEWS * args.batch_size),
+        "predict_tta1_img_s": predict(1),
+        "predict_tta8_img_s": predict(TTA_VIEWS),
+    }
+    for measure in measures.values():  # warm-up: the first pass of every batch shape sets up its kernels
+        measure()
+    best = dict.fromkeys(measures, 0.0)
+    for _ in range(args.repeats):  # interleaved, so that a busy moment hurts every figure alike
+        for name, measure in measures.items():
+            best[name] = max(best[name], measure())
+    return {
+        "model": str(loaded.path),
+        "image_size": loaded.image_size,
+        "n_images": len(frame),
+        "repeats": args.repeats,
+        **best,
+        "tta8_vs_bare_over_8": best["predict_tta8_img_s"] / (best["bare_img_s"] / TTA_VIEWS),
+        "tta8_vs_bare_x8_over_8": best["predict_tta8_img_s"] / (best["bare_x8_img_s"] / TTA_VIEWS),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
+        if args.mode == "predict" and (args.use_meta or args.compile):
+            raise UserError("--use-meta and --compile apply to --mode train: predict mode times --model-path as is.")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         device = select_device(args.device)
-        amp_dtype = resolve_precision(args.precision, device, args.image_size)
-        parts = set(args.only.split(","))
-        if args.data_dir is None:
-            parts -= {"data", "loop"}
+        # as the timed script resolves it: train.py by image size, predict.py without
+        image_size = args.image_size if args.mode == "train" else None
+        amp_dtype = resolve_precision(args.precision, device, image_size)
         result = {
+            "mode": args.mode,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch_threads": torch.get_num_threads(),
-            "enet_type": args.enet_type,
+            "enet_type": "(checkpoint)" if args.model_path else args.enet_type,
             "image_size": args.image_size,
             "batch_size": args.batch_size,
             "precision": str(amp_dtype or "fp32").replace("torch.", ""),
@@ -188,21 +331,15 @@ def main(argv: list[str] | None = None) -> dict:
             "compile": args.compile,
             "num_workers": args.num_workers,
         }
-        if "model" in parts:
-            result["model_train_img_s"] = bench_model_step(args, device, amp_dtype)
-        if "infer" in parts:
-            result["model_infer_img_s"] = bench_inference(args, device, amp_dtype)
-        if "data" in parts:
-            result["data_img_s_per_worker"] = bench_data_pipeline(args)
-        if "loop" in parts:
-            result["loop_train_img_s"] = bench_training_loop(args, device, amp_dtype)
-            if "model_train_img_s" in result:
-                result["loop_over_model"] = result["loop_train_img_s"] / result["model_train_img_s"]
+        bench = bench_training if args.mode == "train" else bench_prediction
+        result.update(bench(args, device, amp_dtype))
         result["peak_memory_mb"] = peak_memory_mb(device)
 
         for key, value in result.items():
             print(f"{key:>24}  {value:.3f}" if isinstance(value, float) else f"{key:>24}  {value}")
-        settings = f"{args.enet_type}_{args.image_size}px_bs{args.batch_size}_{result['precision']}"
+        model = Path(args.model_path).stem if args.model_path else args.enet_type
+        settings = "predict_" if args.mode == "predict" else ""  # train mode keeps its earlier file names
+        settings += f"{model}_{result['image_size']}px_bs{args.batch_size}_{result['precision']}"
         settings += "_cl" if args.channels_last else ""
         settings += "_compile" if args.compile else ""
         path = Path(args.json or f"bench_results/{device.type}_{settings}.json")

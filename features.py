@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dataset import MetaEncoder, read_image
+from image_files import read_image
+from tables import MetaEncoder
 
 STATS_SIZE = 64
 SHAPE_SIZE = 128

@@ -14,19 +14,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dataset import (
-    IMAGE_EXTENSIONS,
-    SITE_COLUMN,
-    EpochSampler,
-    ImageDataset,
-    MetaEncoder,
-    list_images,
-    read_csv,
-    valid_transforms,
-)
+from checkpoints import load_checkpoint
+from dataset import EpochSampler, ImageDataset, valid_transforms
 from features import FeatureScaler, side_inputs
+from image_files import IMAGE_EXTENSIONS, list_images
+from loops import make_loader, predict_logits
 from models import MetadataLogit, melanoma_probability, model_from_checkpoint
-from utils import UserError, load_checkpoint, make_loader, predict_logits
+from tables import AGE_RULE, SITE_COLUMN, MetaEncoder, implausible_ages, read_csv
+from utils import UserError
 
 MAX_TTA = 8
 # the CSV column each metadata feature is encoded from (n_images falls back to one image per patient)
@@ -69,7 +64,7 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     encoder = MetaEncoder.from_state_dict(checkpoint["meta_encoder"]) if checkpoint["use_meta"] else None
-    info = {key: checkpoint.get(key) for key in ("fold", "n_folds", "val_images", "args", "epoch", "metrics")}
+    info = {key: checkpoint.get(key) for key in ("fold", "n_folds", "val_images", "config", "epoch", "metrics")}
     scaler_state = checkpoint.get("lesion_features")
     feature_scaler = FeatureScaler.from_state_dict(scaler_state) if scaler_state else None
     meta_state = checkpoint.get("meta_model")
@@ -281,14 +276,14 @@ def attach_metadata(
             )
         frame = frame.merge(table, on="image_name", how="left", validate="one_to_one")
         if "age_approx" in frame.columns:
-            age = pd.to_numeric(frame["age_approx"], errors="coerce")
-            bad = age.isna() & frame["age_approx"].notna()
+            # the rule of the data folder's CSV reader: an impossible age is a typo only the user can resolve
+            bad = implausible_ages(frame["age_approx"])
             if bad.any():
                 raise UserError(
                     f"{meta_csv} gives age_approx {frame['age_approx'][bad].iloc[0]!r} for image "
-                    f"{frame['image_name'][bad].iloc[0]}: ages must be numbers or empty."
+                    f"{frame['image_name'][bad].iloc[0]}: {AGE_RULE}, or empty."
                 )
-            frame["age_approx"] = age
+            frame["age_approx"] = pd.to_numeric(frame["age_approx"], errors="coerce")
     for column, value in (values or {}).items():
         if value is not None:
             frame[column] = value

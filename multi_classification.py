@@ -1,4 +1,5 @@
-"""Train, evaluate and apply the artifact ("bias") detector: one binary head per artifact type.
+"""Train, evaluate and apply the artifact detector ("biases" in the annotation file's name): one binary head per
+artifact type.
 
     python multi_classification.py --img_path DIR --ann_path gans_biases.csv --mode train --model_path M.pth
     python multi_classification.py --img_path DIR --ann_path gans_biases.csv --mode val --model_path M.pth
@@ -23,13 +24,14 @@ val    scores the images of --ann_path; when that is the file the model was trai
 test   labels every image in --img_path (jpg, jpeg, png, bmp; sorted by name) and writes --save_path (default
        <model>_annotations.csv): image_name,<head>,...,<head>_prob,... with 0/1 decisions at the stored thresholds
        (or --threshold) and the probabilities. The file reads back as --ann_path (the _prob columns are ignored).
+The training flags (--n-epochs, --batch-size, --init-lr, ...) are train.py's; --epochs, --batch and --lr still work.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,173 +40,47 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
-from torch.nn.parallel import DistributedDataParallel
 
-from dataset import (
-    MIN_IMAGE_SIZE,
-    PROB_SUFFIX,
-    EpochSampler,
-    ImageDataset,
-    bias_train_transforms,
-    list_images,
-    read_bias_annotations,
-    valid_transforms,
-)
-from models import ENET_TYPES, BiasNet, input_normalization, model_from_checkpoint
+from annotations import PROB_SUFFIX, read_bias_annotations
+from checkpoints import claim_outputs, load_checkpoint
+from config import ArtifactConfig, add_artifact_flags
+from dataset import EpochSampler, ImageDataset, bias_train_transforms, valid_transforms
+from distributed import World
+from engine import Epoch, Scored, Task, fit, training_world
+from image_files import list_images
+from loops import make_loader, predict_logits
+from metrics import choose_thresholds, format_table, mean_auc, metrics_table
+from models import BiasNet, input_normalization, model_from_checkpoint
 from utils import (
-    CHECKPOINT_FORMAT,
     UserError,
-    World,
-    add_bn_refresh_flag,
-    add_compile_flag,
-    add_device_flags,
-    average_buffers_over_world,
-    batch_for_share,
-    best_f1_threshold,
-    bn_refresh_default,
-    check_resume_compatible,
-    claim_outputs,
-    compile_for_training,
-    default_num_workers,
     ensure_writable_dir,
     exit_on_user_error,
-    gather_over_world,
-    head_metrics,
-    load_checkpoint,
-    make_grad_scaler,
-    make_loader,
-    make_warmup_cosine,
     precision_name,
-    predict_logits,
-    refresh_batchnorm,
     resolve_precision,
-    restore_training_state,
-    save_checkpoint,
     seed_everything,
     select_device,
     set_visible_devices,
-    setup_world,
-    teardown_world,
     to_plain,
-    train_one_epoch,
-    training_state,
     write_csv_atomic,
 )
 
-PRETRAINED_LR = 1e-4
-SCRATCH_LR = 1e-3
-DEFAULT_IMAGE_SIZE = 256
-METRIC_COLUMNS = ("auc", "ap", "f1", "precision", "recall", "acc", "threshold", "support", "positives")
-# what must match for --resume to continue a run (checkpoint keys, and arguments with their flags)
+# what must match for --resume to continue a run (checkpoint keys, and settings with their flags)
 RESUME_KEYS = ("model", "image_size", "ann_sha256", "val_images")
-RESUME_FLAGS = {key: f"--{key}" for key in ("epochs", "batch", "lr", "seed", "ratio", "img_path")}
+RESUME_FLAGS = {
+    "n_epochs": "--n-epochs",
+    "batch_size": "--batch-size",
+    "init_lr": "--init-lr",
+    "seed": "--seed",
+    "ema_decay": "--ema-decay",
+    "ratio": "--ratio",
+    "img_path": "--img_path",
+}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> ArtifactConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--img_path", "--img-path", dest="img_path", required=True, help="folder of the images")
-    parser.add_argument(
-        "--ann_path", "--ann-path", dest="ann_path", default=None, help="annotation file (train and val modes)"
-    )
-    parser.add_argument("--mode", required=True, choices=("train", "val", "test"))
-    parser.add_argument(
-        "--model_path",
-        "--model-path",
-        dest="model_path",
-        required=True,
-        help="model file: written by train, read by val/test",
-    )
-    parser.add_argument(
-        "--save_path",
-        "--save-path",
-        dest="save_path",
-        default=None,
-        help="test: annotation CSV to write (default <model>_annotations.csv); val: metrics CSV (default "
-        "<model>_metrics.csv)",
-    )
-    parser.add_argument("--epochs", "--n-epochs", dest="epochs", type=int, default=10)
-    parser.add_argument("--batch", "--batch-size", dest="batch", type=int, default=16, help="images per batch")
-    parser.add_argument(
-        "--lr",
-        "--init-lr",
-        dest="lr",
-        type=float,
-        default=None,
-        help=f"peak learning rate (default {PRETRAINED_LR} with ImageNet weights, {SCRATCH_LR} with --no-pretrained)",
-    )
-    parser.add_argument(
-        "--num_workers",
-        "--num-workers",
-        dest="num_workers",
-        type=int,
-        default=default_num_workers(),
-        help="data-loading processes (default: half the cores, at most 8)",
-    )
-    parser.add_argument("--ratio", type=float, default=0.8, help="share of the annotated images used for training")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--image_size",
-        "--image-size",
-        dest="image_size",
-        type=int,
-        default=None,
-        help=f"training resolution (default {DEFAULT_IMAGE_SIZE}); val and test use the model's own",
-    )
-    parser.add_argument("--enet_type", "--enet-type", dest="enet_type", default="efficientnet-b2", choices=ENET_TYPES)
-    parser.add_argument(
-        "--threshold", type=float, default=None, help="one cut-off for every head, instead of the model's own"
-    )
-    parser.add_argument("--all", action="store_true", help="val: score every row, also the training images")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument(
-        "--pretrained-weights",
-        "--pretrained_weights",
-        dest="pretrained_weights",
-        default=None,
-        help="local ImageNet state_dict for the backbone",
-    )
-    weights.add_argument(
-        "--no-pretrained",
-        "--no_pretrained",
-        dest="no_pretrained",
-        action="store_true",
-        help="start from random weights",
-    )
-    parser.add_argument("--resume", action="store_true", help="train: continue from <model>_last.pth")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
-    add_bn_refresh_flag(parser, underscore_aliases=True)
-    add_compile_flag(parser)
-    add_device_flags(parser, underscore_aliases=True)
-    args = parser.parse_args(argv)
-    if args.lr is None:
-        args.lr = SCRATCH_LR if args.no_pretrained else PRETRAINED_LR
-    if args.bn_refresh_batches is None:
-        args.bn_refresh_batches = bn_refresh_default(args.no_pretrained)
-    return args
-
-
-def check_args(args: argparse.Namespace) -> None:
-    if args.mode in ("train", "val") and args.ann_path is None:
-        raise UserError(f"--mode {args.mode} needs --ann_path, the annotation file of the images in --img_path.")
-    checks = [
-        (args.epochs >= 1, f"--epochs {args.epochs} must be at least 1."),
-        (args.batch >= 1, f"--batch {args.batch} must be at least 1."),
-        (args.lr > 0, f"--lr {args.lr} must be positive."),
-        (args.num_workers >= 0, f"--num_workers {args.num_workers} must be 0 or more."),
-        (0 < args.ratio < 1, f"--ratio {args.ratio} must lie between 0 and 1 (e.g. 0.8: 80 % train, 20 % val)."),
-        (
-            args.image_size is None or args.image_size >= MIN_IMAGE_SIZE,
-            f"--image_size {args.image_size} is below the {MIN_IMAGE_SIZE} px minimum of EfficientNet: use "
-            f"{MIN_IMAGE_SIZE} or more.",
-        ),
-        (
-            args.threshold is None or 0 <= args.threshold <= 1,
-            f"--threshold {args.threshold} is not a probability: use a value from 0 to 1.",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    add_artifact_flags(parser)
+    return ArtifactConfig.from_args(parser.parse_args(argv))
 
 
 # --------------------------------------------------------------------------- pieces
@@ -245,31 +121,6 @@ def split_train_val(labels: np.ndarray, ratio: float, seed: int) -> tuple[np.nda
     raise AssertionError("an unstratified split cannot fail")
 
 
-def choose_thresholds(targets: np.ndarray, probs: np.ndarray) -> list[float]:
-    """Per head, the cut-off with the highest F1 on these (annotated) rows."""
-    thresholds = []
-    for head in range(targets.shape[1]):
-        annotated = ~np.isnan(targets[:, head])
-        thresholds.append(best_f1_threshold(targets[annotated, head], probs[annotated, head]))
-    return thresholds
-
-
-def metrics_table(heads: list[str], targets: np.ndarray, probs: np.ndarray, thresholds: list[float]) -> pd.DataFrame:
-    """One row per head (blank targets left out), columns METRIC_COLUMNS."""
-    rows = [{"head": head, **head_metrics(targets[:, i], probs[:, i], thresholds[i])} for i, head in enumerate(heads)]
-    return pd.DataFrame(rows, columns=["head", *METRIC_COLUMNS])
-
-
-def mean_auc(table: pd.DataFrame) -> float:
-    """Mean ROC AUC over the heads where it is defined; NaN when it is defined for none."""
-    aucs = table["auc"].dropna()
-    return float(aucs.mean()) if len(aucs) else float("nan")
-
-
-def format_table(table: pd.DataFrame) -> str:
-    return table.to_string(index=False, float_format=lambda value: f"{value:.4f}", na_rep="-")
-
-
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -289,36 +140,38 @@ def predict_probs(
     model: torch.nn.Module,
     filepaths: list[str],
     checkpoint: dict,
-    args: argparse.Namespace,
+    config: ArtifactConfig,
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> np.ndarray:
     """Sigmoid probabilities (images x heads) at the model's own image size and normalisation, in file order."""
     dataset = ImageDataset(filepaths, valid_transforms(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"]))
     sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
-    loader = make_loader(dataset, sampler, args.batch, args.num_workers, device)
-    logits, _ = predict_logits(model, loader, device, amp_dtype, args.channels_last, args.progress, desc=args.mode)
+    loader = make_loader(dataset, sampler, config.batch_size, config.num_workers, device)
+    logits, _ = predict_logits(
+        model, loader, device, amp_dtype, config.channels_last, config.progress, desc=config.mode
+    )
     return torch.sigmoid(logits).numpy()
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    checkpoint = load_checkpoint(args.model_path, "bias")
-    model = model_from_checkpoint(checkpoint, args.model_path).to(device)
-    if args.channels_last:
+def load_model(config: ArtifactConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    checkpoint = load_checkpoint(config.model_path, "artifact")
+    model = model_from_checkpoint(checkpoint, config.model_path).to(device)
+    if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if args.image_size is not None and args.image_size != checkpoint["image_size"]:
+    if config.image_size is not None and config.image_size != checkpoint["image_size"]:
         print(
-            f"notice: {args.model_path} was trained at {checkpoint['image_size']} px; using that, not --image_size "
-            f"{args.image_size}.",
+            f"notice: {config.model_path} was trained at {checkpoint['image_size']} px; using that, not --image-size "
+            f"{config.image_size}.",
             flush=True,
         )
     return model, checkpoint
 
 
-def thresholds_for(checkpoint: dict, args: argparse.Namespace, heads: list[str]) -> list[float]:
+def thresholds_for(checkpoint: dict, config: ArtifactConfig, heads: list[str]) -> list[float]:
     """--threshold for every head, else the per-head cut-offs stored in the model."""
-    if args.threshold is not None:
-        return [args.threshold] * len(heads)
+    if config.threshold is not None:
+        return [config.threshold] * len(heads)
     stored = dict(zip(checkpoint["heads"], checkpoint["thresholds"], strict=True))
     return [stored[head] for head in heads]
 
@@ -333,24 +186,34 @@ def claim_report(path: Path, explicit: bool, overwrite: bool) -> None:
 # --------------------------------------------------------------------------- train
 
 
+def score_epoch(epoch: Epoch, heads: list[str], n_epochs: int) -> Scored:
+    """Per head, the metrics at the cut-off with the highest F1 on the val split; the score is their mean AUC."""
+    probs, targets = torch.sigmoid(epoch.logits).numpy(), epoch.targets.numpy()
+    thresholds = choose_thresholds(targets, probs)
+    table = metrics_table(heads, targets, probs, thresholds)
+    score = mean_auc(table)
+    message = (
+        f"epoch {epoch.number}/{n_epochs}, lr {epoch.lr:.7f}, train loss {epoch.train_loss:.5f}, valid loss "
+        f"{epoch.valid_loss:.5f}, mean val auc {score:.4f}, {epoch.seconds} s\n{format_table(table)}"
+    )
+    common = {"epoch": epoch.number, "lr": epoch.lr, "train_loss": epoch.train_loss, "valid_loss": epoch.valid_loss}
+    records = [{**common, "seconds": epoch.seconds, **row} for row in table.to_dict(orient="records")]
+    checkpoint = {"thresholds": thresholds, "metrics": to_plain(table.to_dict(orient="list"))}
+    return Scored(score, message, records, checkpoint, {"table": table})
+
+
 def run_train(
-    args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None, world: World | None = None
+    config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None, world: World | None = None
 ) -> dict:
     """Trains the detector; under torchrun as DistributedDataParallel, rank 0 alone writing (as train.py)."""
     world = world or World()
-    image_size = args.image_size or DEFAULT_IMAGE_SIZE
-    frame, heads, labels = read_bias_annotations(args.ann_path, args.img_path)
-    train_index, val_index = split_train_val(labels, args.ratio, args.seed)
-    paths = output_paths(args.model_path)
+    frame, heads, labels = read_bias_annotations(config.ann_path, config.img_path)
+    train_index, val_index = split_train_val(labels, config.ratio, config.seed)
+    paths = output_paths(config.model_path)
     if world.is_main:
         ensure_writable_dir(paths["model"].parent, "model folder (--model_path)")
-        claim_outputs(
-            [paths["model"], paths["last"], paths["history"]],
-            paths["last"],
-            args.resume,
-            args.overwrite,
-            "choose another --model_path",
-        )
+        outputs = [paths["model"], paths["last"], paths["history"]]
+        claim_outputs(outputs, paths["last"], config.resume, config.overwrite, "choose another --model_path")
     if world.distributed:
         dist.barrier()
     log = print if world.is_main else (lambda *_, **__: None)
@@ -360,225 +223,134 @@ def run_train(
             log(f"notice: head {head} has only one class among the training images: it cannot learn.", flush=True)
     log(
         f"{len(frame)} annotated images, heads {', '.join(heads)}; {len(train_index)} train / {len(val_index)} val; "
-        f"{args.enet_type} at {image_size} px on {device}, precision {precision_name(amp_dtype)}, lr {args.lr}",
+        f"{config.enet_type} at {config.image_size} px on {device}, precision {precision_name(amp_dtype)}, "
+        f"lr {config.init_lr}",
         flush=True,
     )
 
-    seed_everything(args.seed)
+    seed_everything(config.seed)
     net = BiasNet(
-        args.enet_type,
+        config.enet_type,
         heads,
-        pretrained=not args.no_pretrained,
-        weights_path=args.pretrained_weights,
-        bn_momentum=args.bn_momentum,
+        pretrained=config.pretrained,
+        weights_path=config.pretrained_weights,
+        bn_momentum=config.bn_momentum,
     )
-    net = net.to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model = (
-        DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        if world.distributed
-        else net
+    mean, std = input_normalization(config.enet_type)
+    task = Task(
+        kind="artifact",
+        name=str(paths["model"]),
+        net=net,
+        train_set=ImageDataset(
+            frame["filepath"].iloc[train_index],
+            bias_train_transforms(config.image_size, mean, std),
+            targets=labels[train_index],
+            augment_seed=config.seed,
+        ),
+        valid_set=ImageDataset(
+            frame["filepath"].iloc[val_index], valid_transforms(config.image_size, mean, std), targets=labels[val_index]
+        ),
+        shuffle_seed=config.seed,
+        loss_fn=masked_bce,
+        score=functools.partial(score_epoch, heads=heads, n_epochs=config.n_epochs),
+        checkpoint={
+            "model": {"enet_type": config.enet_type, "heads": list(heads)},
+            "heads": list(heads),
+            "image_size": config.image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "loss": "sigmoid + binary cross-entropy per head, blank labels masked",
+            "threshold_rule": "max F1 on the val split",
+            "ann_path": str(Path(config.ann_path).resolve()),
+            "ann_sha256": file_sha256(config.ann_path),
+            "val_images": frame["image_name"].iloc[val_index].tolist(),
+        },
+        paths={"best": paths["model"], "last": paths["last"], "history": paths["history"]},
+        score_name="mean val auc",
+        resume_keys=RESUME_KEYS,
+        resume_flags=RESUME_FLAGS,
     )
-    model = compile_for_training(model, args.compile)
-    mean, std = input_normalization(args.enet_type)
-    train_set = ImageDataset(
-        frame["filepath"].iloc[train_index],
-        bias_train_transforms(image_size, mean, std),
-        targets=labels[train_index],
-        augment_seed=args.seed,
-    )
-    val_set = ImageDataset(
-        frame["filepath"].iloc[val_index], valid_transforms(image_size, mean, std), targets=labels[val_index]
-    )
-    train_sampler = EpochSampler(len(train_set), True, args.seed, world.rank, world.size)
-    batch_size = batch_for_share(args.batch, len(train_set), world, "--batch")
-    # drop_last keeps BatchNorm away from a final batch of one image
-    train_loader = make_loader(
-        train_set, train_sampler, batch_size, args.num_workers, device, drop_last=len(train_sampler) > batch_size
-    )
-    val_loader = make_loader(
-        val_set, EpochSampler(len(val_set), False, 0, world.rank, world.size), args.batch, args.num_workers, device
-    )
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
-    scheduler = make_warmup_cosine(optimizer, args.epochs, len(train_loader))
-    scaler = make_grad_scaler(device, amp_dtype)
-
-    config = {
-        "format": CHECKPOINT_FORMAT,
-        "kind": "bias",
-        "model": {"enet_type": args.enet_type, "heads": list(heads)},
-        "heads": list(heads),
-        "image_size": image_size,
-        "mean": list(mean),
-        "std": list(std),
-        "loss": "sigmoid + binary cross-entropy per head, blank labels masked",
-        "threshold_rule": "max F1 on the val split",
-        "ann_path": str(Path(args.ann_path).resolve()),
-        "ann_sha256": file_sha256(args.ann_path),
-        "val_images": frame["image_name"].iloc[val_index].tolist(),
-        "args": to_plain({key: value for key, value in vars(args).items() if key not in ("resume", "overwrite")}),
-    }
-
-    start_epoch, best_score, best_epoch, best_table, history = 1, None, 0, None, []
-    if args.resume and paths["last"].is_file():
-        state = load_checkpoint(paths["last"], "bias")
-        check_resume_compatible(state, config, paths["last"], RESUME_KEYS, RESUME_FLAGS)
-        restore_training_state(state, net, optimizer, scheduler, scaler)
-        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
-        best_table, history = pd.DataFrame(state["best_table"]), state["history"]
-        log(f"resuming {paths['last']} after epoch {state['epoch']} (best epoch {best_epoch})", flush=True)
-
-    for epoch in range(start_epoch, args.epochs + 1):
-        started = time.time()
-        train_sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            masked_bce,
-            device,
-            amp_dtype,
-            scaler,
-            scheduler,
-            channels_last=args.channels_last,
-            epoch=epoch,
-            progress=args.progress and world.is_main,
-            world=world,
-        )
-        if args.bn_refresh_batches:
-            refresh_batchnorm(net, train_loader, device, amp_dtype, args.channels_last, args.bn_refresh_batches)
-        average_buffers_over_world(net, world)
-        logits, targets = predict_logits(net, val_loader, device, amp_dtype, args.channels_last, args.progress)
-        logits, targets = gather_over_world(logits, targets, len(val_set), world, device)
-        valid_loss = float(masked_bce(logits, targets))
-        probs, targets = torch.sigmoid(logits).numpy(), targets.numpy()
-        thresholds = choose_thresholds(targets, probs)
-        table = metrics_table(heads, targets, probs, thresholds)
-        score = mean_auc(table)
-        seconds = round(time.time() - started, 2)
-        log(
-            f"epoch {epoch}/{args.epochs}, lr {lr:.7f}, train loss {train_loss:.5f}, valid loss {valid_loss:.5f}, "
-            f"mean val auc {score:.4f}, {seconds} s\n{format_table(table)}",
-            flush=True,
-        )
-        history += [
-            {"epoch": epoch, "lr": lr, "train_loss": train_loss, "valid_loss": valid_loss, "seconds": seconds, **row}
-            for row in table.to_dict(orient="records")
-        ]
-
-        checkpoint = {
-            **config,
-            "epoch": epoch,
-            "thresholds": thresholds,
-            "metrics": to_plain(table.to_dict(orient="list")),
-            "state_dict": net.state_dict(),
-        }
-        comparable = -1.0 if np.isnan(score) else score  # no head with both classes in val: keep the first epoch
-        improved = best_score is None or comparable > best_score
-        if improved:
-            best_score, best_epoch, best_table = comparable, epoch, table
-        if not world.is_main:
-            continue
-        if improved:
-            save_checkpoint(paths["model"], checkpoint)
-            print(f"  best mean val auc {score:.4f}: saved {paths['model']}", flush=True)
-        save_checkpoint(
-            paths["last"],
-            {
-                **checkpoint,
-                **training_state(optimizer, scheduler, scaler),
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "best_table": to_plain(best_table.to_dict(orient="list")),
-                "history": to_plain(history),
-            },
-        )
-        write_csv_atomic(pd.DataFrame(history), paths["history"])
-
+    progress = fit(task, config, world, device, amp_dtype).progress
+    best_table = progress.best["table"]
     log(
-        f"best epoch {best_epoch} (mean val auc {mean_auc(best_table):.4f}), thresholds chosen on the val split:\n"
-        f"{format_table(best_table)}\nmodel {paths['model']}, resumable state {paths['last']}, "
+        f"best epoch {progress.best_epoch} (mean val auc {mean_auc(best_table):.4f}), thresholds chosen on the val "
+        f"split:\n{format_table(best_table)}\nmodel {paths['model']}, resumable state {paths['last']}, "
         f"per-epoch metrics {paths['history']}",
         flush=True,
     )
-    return {"best_epoch": best_epoch, "mean_auc": mean_auc(best_table), "table": best_table, "paths": paths}
+    return {"best_epoch": progress.best_epoch, "mean_auc": mean_auc(best_table), "table": best_table, "paths": paths}
 
 
-# --------------------------------------------------------------------------- val
+# --------------------------------------------------------------------------- val and test
 
 
-def run_val(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    model, checkpoint = load_model(args, device)
-    paths = output_paths(args.model_path)
-    save_path = Path(args.save_path) if args.save_path else paths["metrics"]
-    claim_report(save_path, args.save_path is not None, args.overwrite)
-    frame, heads, labels = read_bias_annotations(args.ann_path, args.img_path)
+def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+    model, checkpoint = load_model(config, device)
+    paths = output_paths(config.model_path)
+    save_path = Path(config.save_path) if config.save_path else paths["metrics"]
+    claim_report(save_path, config.save_path is not None, config.overwrite)
+    frame, heads, labels = read_bias_annotations(config.ann_path, config.img_path)
     common = [head for head in checkpoint["heads"] if head in heads]
     if not common:
         raise UserError(
-            f"{args.ann_path} has the heads {', '.join(heads)}, but {args.model_path} detects "
+            f"{config.ann_path} has the heads {', '.join(heads)}, but {config.model_path} detects "
             f"{', '.join(checkpoint['heads'])}: evaluate with an annotation file of the model's heads."
         )
     skipped = [head for head in checkpoint["heads"] if head not in heads]
     if skipped:
-        print(f"notice: {args.ann_path} has no column for {', '.join(skipped)}; those heads are not scored.")
+        print(f"notice: {config.ann_path} has no column for {', '.join(skipped)}; those heads are not scored.")
     labels = labels[:, [heads.index(head) for head in common]]
 
     # the training file, also after a label was fixed in it (same path) or as a copy elsewhere (same bytes)
-    trained_on = checkpoint["ann_sha256"] == file_sha256(args.ann_path) or checkpoint["ann_path"] == str(
-        Path(args.ann_path).resolve()
+    trained_on = checkpoint["ann_sha256"] == file_sha256(config.ann_path) or checkpoint["ann_path"] == str(
+        Path(config.ann_path).resolve()
     )
-    if trained_on and not args.all:
+    if trained_on and not config.all:
         held_out = frame["image_name"].isin(set(checkpoint["val_images"])).to_numpy()
         if not held_out.any():
             raise UserError(
-                f"none of the val images stored in {args.model_path} is in {args.ann_path}: pass --all to score "
+                f"none of the val images stored in {config.model_path} is in {config.ann_path}: pass --all to score "
                 "every row."
             )
         print(
-            f"{args.ann_path} is the file {args.model_path} was trained on: scoring only its {int(held_out.sum())} "
+            f"{config.ann_path} is the file {config.model_path} was trained on: scoring only its {int(held_out.sum())} "
             f"held-out val images of {len(frame)} (--all scores every row).",
             flush=True,
         )
         frame, labels = frame[held_out].reset_index(drop=True), labels[held_out]
     elif trained_on:
         print(
-            f"scoring all {len(frame)} rows of {args.ann_path}, including the images {args.model_path} was trained "
+            f"scoring all {len(frame)} rows of {config.ann_path}, including the images {config.model_path} was trained "
             "on: these numbers are optimistic.",
             flush=True,
         )
 
-    probs = predict_probs(model, frame["filepath"].tolist(), checkpoint, args, device, amp_dtype)
+    probs = predict_probs(model, frame["filepath"].tolist(), checkpoint, config, device, amp_dtype)
     probs = probs[:, [checkpoint["heads"].index(head) for head in common]]
-    table = metrics_table(common, labels, probs, thresholds_for(checkpoint, args, common))
+    table = metrics_table(common, labels, probs, thresholds_for(checkpoint, config, common))
     ensure_writable_dir(save_path.parent, "folder of --save_path")
     write_csv_atomic(table, save_path)
     print(
         f"{len(frame)} images, mean auc {mean_auc(table):.4f}, thresholds "
-        f"{'--threshold' if args.threshold is not None else 'of the model (max F1 on its val split)'}:\n"
+        f"{'--threshold' if config.threshold is not None else 'of the model (max F1 on its val split)'}:\n"
         f"{format_table(table)}\nwritten to {save_path}",
         flush=True,
     )
     return {"n_images": len(frame), "mean_auc": mean_auc(table), "table": table, "save_path": save_path}
 
 
-# --------------------------------------------------------------------------- test
-
-
-def run_test(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    model, checkpoint = load_model(args, device)
-    save_path = Path(args.save_path) if args.save_path else output_paths(args.model_path)["annotations"]
-    if save_path.exists() and not args.overwrite:
+def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+    model, checkpoint = load_model(config, device)
+    save_path = Path(config.save_path) if config.save_path else output_paths(config.model_path)["annotations"]
+    if save_path.exists() and not config.overwrite:
         raise UserError(f"{save_path} already exists: pass --overwrite to replace it, or choose another --save_path.")
-    files = list_images(args.img_path)
+    files = list_images(config.img_path)
     ensure_writable_dir(save_path.parent, "folder of --save_path")
     heads = checkpoint["heads"]
-    probs = predict_probs(model, [str(path) for path in files], checkpoint, args, device, amp_dtype)
+    probs = predict_probs(model, [str(path) for path in files], checkpoint, config, device, amp_dtype)
     if len(probs) != len(files):
         raise AssertionError(f"{len(probs)} predictions for {len(files)} images")
-    thresholds = np.asarray(thresholds_for(checkpoint, args, heads))
+    thresholds = np.asarray(thresholds_for(checkpoint, config, heads))
     # decided on the probabilities as written, so that <head> == (<head>_prob >= threshold) holds in the file
     probs = np.round(probs.astype(np.float64), 6)
     out = pd.DataFrame({"image_name": [path.name for path in files]})
@@ -588,7 +360,7 @@ def run_test(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dt
         out[f"{head}{PROB_SUFFIX}"] = probs[:, i]
     write_csv_atomic(out, save_path)
     counts = ", ".join(f"{head} {int(out[head].sum())}" for head in heads)
-    print(f"labelled {len(out)} images of {args.img_path} ({counts}): written to {save_path}", flush=True)
+    print(f"labelled {len(out)} images of {config.img_path} ({counts}): written to {save_path}", flush=True)
     return {"n_images": len(out), "save_path": save_path, "annotations": out}
 
 
@@ -596,20 +368,15 @@ def run_test(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dt
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
     with exit_on_user_error():
-        check_args(args)
-        set_visible_devices(args.CUDA_VISIBLE_DEVICES)
-        if args.mode != "train":  # scoring is one process; torchrun is for training
-            device = select_device(args.device)
-            amp_dtype = resolve_precision(args.precision, device, args.image_size)
-            return {"val": run_val, "test": run_test}[args.mode](args, device, amp_dtype)
-        world, device = setup_world(args.device)
-        try:
-            amp_dtype = resolve_precision(args.precision, device, args.image_size or DEFAULT_IMAGE_SIZE)
-            return run_train(args, device, amp_dtype, world)
-        finally:
-            teardown_world(world)
+        config = parse_args(argv)
+        if config.mode == "train":
+            with training_world(config) as (world, device, amp_dtype):
+                return run_train(config, device, amp_dtype, world)
+        set_visible_devices(config.CUDA_VISIBLE_DEVICES)
+        device = select_device(config.device)  # scoring is one process; torchrun is for training
+        amp_dtype = resolve_precision(config.precision, device, config.image_size)
+        return {"val": run_val, "test": run_test}[config.mode](config, device, amp_dtype)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dataset import SITE_COLUMN, read_melanoma_table
 from features import lesion_features
 from inference import (
     MAX_TTA,
@@ -43,6 +42,7 @@ from inference import (
     predict_probabilities,
     require_metadata,
 )
+from tables import AGE_RULE, MAX_AGE, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
     add_device_flags,
@@ -52,6 +52,7 @@ from utils import (
     resolve_precision,
     select_device,
     set_visible_devices,
+    temp_files_of,
     write_csv_atomic,
 )
 
@@ -114,7 +115,10 @@ def prepare_runtime(args: argparse.Namespace):
 
 
 def check_output(path: Path, overwrite: bool) -> None:
-    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work."""
+    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work. Deletes
+    the temporary files that a killed earlier write of `path` left beside it: they are never a finished result."""
+    for leftover in temp_files_of(path):
+        leftover.unlink(missing_ok=True)
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: pass --overwrite to replace it, or choose another --out.")
     ensure_writable_dir(path.parent, "output folder")
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         check_output(out, args.overwrite)
         if args.batch_size < 1:
             raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
+        if args.age is not None and not 0 <= args.age <= MAX_AGE:  # also refuses nan
+            raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
         device, amp_dtype = prepare_runtime(args)
         paths = expand_model_paths(args.model_path, args.which)
         models = [load_melanoma_model(path, device, args.channels_last) for path in paths]

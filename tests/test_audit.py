@@ -5,9 +5,11 @@ import torch
 
 import audit
 import train
+from artifacts import DEFAULT_BIAS_HEADS
 from audit import PasteThenTransform, paste_artifact
-from dataset import DEFAULT_BIAS_HEADS, EpochSampler, ImageDataset, make_folds, read_melanoma_table, valid_transforms
+from dataset import EpochSampler, ImageDataset, valid_transforms
 from inference import make_dataset
+from tables import make_folds, read_melanoma_table
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +200,14 @@ def test_counterfactual_counts_follow_the_model(synthetic_dir, checkpoint, tmp_p
     assert framed["mean_shift"] > 0.05
     assert framed["benign_to_malignant"] > 0 and framed["malignant_to_benign"] == 0
     assert framed["specificity"] < table.set_index(["artifact", "test"]).loc[("black_frame", "without"), "specificity"]
+
+
+def test_leftover_temp_files_of_the_output_are_removed(synthetic_dir, checkpoint, tmp_path):
+    leftover, other = tmp_path / ".audit.csv.x81bq.tmp", tmp_path / ".notes.txt.x81bq.tmp"
+    leftover.write_text("half a table")
+    other.write_text("not audit.py's")
+    run_audit(
+        tmp_path, "--model-path", checkpoint, "--data-dir", synthetic_dir, "--artifacts",
+        synthetic_dir / "gans_biases.csv", "--insert", "",
+    )  # fmt: skip
+    assert not leftover.exists() and other.exists()

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import bench
 
 
@@ -23,3 +25,31 @@ def test_compile_measures_the_compiled_training_step(synthetic_dir, tmp_path, ea
     result = bench.main(bench_argv(synthetic_dir, tmp_path, "--compile", "--only", "model,loop"))
     assert eager_compile == ["MelanomaNet", "MelanomaNet"] and result["compile"] is True
     assert result["model_train_img_s"] > 0 and result["loop_train_img_s"] > 0
+
+
+def test_predict_mode_times_tta_against_the_bare_forward_pass(synthetic_dir, tmp_path, monkeypatch):
+    n_tta = []
+    real_predict = bench.predict_probabilities
+
+    def predict_probabilities(*args, **kwargs):
+        n_tta.append(kwargs["n_tta"])
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "predict_probabilities", predict_probabilities)
+    result = bench.main([
+        "--mode", "predict", "--enet-type", "efficientnet-b0", "--image-size", "32", "--batch-size", "8",
+        "--n-images", "6", "--repeats", "2", "--num-workers", "0", "--data-dir", str(synthetic_dir),
+        "--json", str(tmp_path / "p.json"),
+    ])  # fmt: skip
+    for key in ("bare_img_s", "bare_x8_img_s", "predict_tta1_img_s", "predict_tta8_img_s"):
+        assert result[key] > 0, key
+    assert result["tta8_vs_bare_over_8"] == result["predict_tta8_img_s"] / (result["bare_img_s"] / 8)
+    assert result["model"] == "(random)" and result["n_images"] == 6
+    assert n_tta == [1, 8] * 3  # predict.py's own path, TTA 1 and 8: a warm-up round, then the two timed ones
+    assert json.loads((tmp_path / "p.json").read_text()) == result
+
+
+def test_predict_mode_needs_the_test_images(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--mode", "predict", "--json", str(tmp_path / "p.json")])
+    assert exit_info.value.code == 2 and "--data-dir" in capsys.readouterr().err

@@ -6,21 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from dataset import (
-    EpochSampler,
-    ImageDataset,
-    MetaEncoder,
-    image_dimensions,
-    image_file_problem,
-    images_per_patient,
-    make_folds,
-    patient_groups,
-    read_bias_annotations,
-    read_image,
-    read_melanoma_table,
-    train_transforms,
-    valid_transforms,
-)
+from annotations import read_bias_annotations
+from dataset import EpochSampler, ImageDataset, train_transforms, valid_transforms
+from image_files import image_dimensions, image_file_problem, read_image
+from tables import MetaEncoder, images_per_patient, make_folds, patient_groups, read_melanoma_table
 from utils import UserError
 
 

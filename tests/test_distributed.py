@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 import torch.multiprocessing as mp
 
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 def free_port() -> int:
@@ -52,7 +52,7 @@ def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthe
 
     # validation covered every row of the fold, not one rank's half
     import train
-    from dataset import make_folds, read_melanoma_table
+    from tables import make_folds, read_melanoma_table
 
     frame = read_melanoma_table(synthetic_dir, "train", use_meta=False, require_target=True)
     fold_rows = frame["image_name"][make_folds(frame, 3, 0) == 0]
@@ -70,7 +70,7 @@ def test_two_process_artifact_detector_writes_one_model(synthetic_dir, tmp_path)
         "--enet_type", "efficientnet-b0", "--no-pretrained", "--num_workers", "0", "--device", "cpu",
     ]  # fmt: skip
     mp.spawn(train_on_rank, args=(2, free_port(), argv, str(tmp_path), "multi_classification"), nprocs=2, join=True)
-    checkpoint = load_checkpoint(model_path, "bias")
+    checkpoint = load_checkpoint(model_path, "artifact")
     assert not any(name.startswith("module.") for name in checkpoint["state_dict"])
     assert len(checkpoint["val_images"]) == len(set(checkpoint["val_images"])) > 0
     history = pd.read_csv(tmp_path / "bias_history.csv")

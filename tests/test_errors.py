@@ -20,10 +20,12 @@ import torch
 import torch.multiprocessing as mp
 from test_distributed import free_port, train_on_rank
 
+import engine
 import multi_classification
 import train
-from dataset import make_folds
-from utils import UserError, load_checkpoint
+from checkpoints import load_checkpoint
+from tables import make_folds
+from utils import UserError
 
 
 def seed_command(data_dir, tmp_path, *extra):
@@ -121,7 +123,7 @@ def test_unwritable_output_folder(synthetic_dir, tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path, capsys, monkeypatch):
-    real_epoch = train.train_one_epoch
+    real_epoch = engine.train_one_epoch
 
     def second_epoch_diverges(model, loader, optimizer, loss_fn, *rest, **kwargs):
         if kwargs["epoch"] == 2:
@@ -132,7 +134,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_dir, tmp_pa
 
         return real_epoch(model, loader, optimizer, loss_fn, *rest, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", second_epoch_diverges)
+    monkeypatch.setattr(engine, "train_one_epoch", second_epoch_diverges)
     argv = seed_command(synthetic_dir, tmp_path, "--n-epochs", "2", "--batch-size", "8")
     fails_with(capsys, argv, "training loss became nan at epoch 2, batch 0")
     best = load_checkpoint(tmp_path / "weights" / "run_best.pth", "melanoma")
@@ -144,7 +146,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_dir, tmp_pa
 def test_checkpoint_of_the_other_script_is_refused(synthetic_dir, tmp_path):
     train.main(seed_command(synthetic_dir, tmp_path))
     with pytest.raises(UserError, match="written by train.py, not multi_classification.py"):
-        load_checkpoint(tmp_path / "weights" / "run_best.pth", "bias")
+        load_checkpoint(tmp_path / "weights" / "run_best.pth", "artifact")
     truncated = tmp_path / "weights" / "cut.pth"
     truncated.write_bytes((tmp_path / "weights" / "run_best.pth").read_bytes()[:1000])
     with pytest.raises(UserError, match="truncated or not a checkpoint"):
@@ -206,7 +208,7 @@ def test_zero_epochs_or_batch_is_refused_by_both_trainers(synthetic_dir, tmp_pat
     argv = seed_command(synthetic_dir, tmp_path)
     argv[argv.index(flag) + 1] = "0"
     fails_with(capsys, argv, message)
-    detector_flag = {"--n-epochs": "--epochs", "--batch-size": "--batch"}[flag]
+    detector_flag = flag  # the same flags in both trainers
     detector = [
         "--img_path", str(synthetic_dir / "train" / "train"), "--ann_path", str(synthetic_dir / "gans_biases.csv"),
         "--mode", "train", "--model_path", str(tmp_path / "bias.pth"), detector_flag, "0",

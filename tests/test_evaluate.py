@@ -9,15 +9,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 import evaluate
 import train
-from evaluate import (
-    bootstrap_auc,
-    calibration,
-    grad_cam,
-    partial_auc_above_tpr,
-    select_cam_images,
-    threshold_for_sensitivity,
-)
+from cam import grad_cam, select_cam_images
 from models import MelanomaNet
+from report_metrics import bootstrap_auc, calibration, partial_auc_above_tpr, threshold_for_sensitivity
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -223,3 +217,23 @@ def test_grad_cam_maps_are_normalised_per_image():
     assert cams.min() >= 0 and peaks.max() == pytest.approx(1.0)
     assert all(peak == pytest.approx(1.0) or peak == 0 for peak in peaks)  # scaled to 1, or nothing to show
     assert all(parameter.grad is None for parameter in model.parameters())  # the model is left untouched
+
+
+def test_leftover_temp_files_of_a_killed_report_are_removed(run, tmp_path):
+    """A report killed while writing leaves only .<file>.<random>.tmp files: the folder counts as empty (no
+    --overwrite needed) and they are deleted; a file of someone else's is kept."""
+    report = tmp_path / "report"
+    report.mkdir()
+    leftovers = [report / ".metrics.json.a1b2c3.tmp", report / ".roc.png.d4e5f6.tmp"]
+    for path in leftovers:
+        path.write_text("half written")
+    evaluate.main(["--oof", str(run["oof"]), "--out-dir", str(report), "--n-bootstrap", "20"])
+    assert not any(path.exists() for path in leftovers)
+    assert (report / "metrics.json").is_file()
+
+    (report / "cam").mkdir()
+    cam_leftover, other = report / "cam" / ".wrong_01_SYN_1.png.g7h8i9.tmp", report / "cam" / ".notes.txt.j1k2.tmp"
+    cam_leftover.write_text("half an overlay")
+    other.write_text("not evaluate.py's")
+    evaluate.main(["--oof", str(run["oof"]), "--out-dir", str(report), "--n-bootstrap", "20", "--overwrite"])
+    assert not cam_leftover.exists() and other.exists()

@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dataset import MetaEncoder, read_melanoma_table
 from features import DERMOSCOPIC_COLOURS, FeatureScaler, colour_statistics, lesion_features, side_inputs
+from tables import MetaEncoder, read_melanoma_table
 
 
 def disc_image(path, radius: int, colour, size: int = 128) -> str:

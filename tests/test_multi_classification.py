@@ -18,10 +18,14 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import engine  # noqa: E402
 import multi_classification as mc  # noqa: E402
-from dataset import DEFAULT_BIAS_HEADS, read_bias_annotations  # noqa: E402
+from annotations import read_bias_annotations  # noqa: E402
+from artifacts import DEFAULT_BIAS_HEADS  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
+from metrics import best_f1_threshold, head_metrics  # noqa: E402
 from synthetic import make_synthetic_dataset  # noqa: E402
-from utils import UserError, best_f1_threshold, head_metrics, load_checkpoint  # noqa: E402
+from utils import UserError  # noqa: E402
 
 ISIC2018 = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic2018"
 TINY = [
@@ -210,13 +214,13 @@ def test_both_flag_spellings_and_the_original_defaults():
     underscore = mc.parse_args(["--img_path", "d", "--ann_path", "a", "--mode", "val", "--model_path", "m"])
     hyphen = mc.parse_args(["--img-path", "d", "--ann-path", "a", "--mode", "val", "--model-path", "m"])
     assert vars(underscore) == vars(hyphen)
-    assert (underscore.ratio, underscore.lr, underscore.batch, underscore.enet_type) == (
+    assert (underscore.ratio, underscore.init_lr, underscore.batch_size, underscore.enet_type) == (
         0.8,
         1e-4,
         16,
         "efficientnet-b2",
     )
-    assert mc.parse_args(["--img_path", "d", "--mode", "test", "--model_path", "m", "--no-pretrained"]).lr == 1e-3
+    assert mc.parse_args(["--img_path", "d", "--mode", "test", "--model_path", "m", "--no-pretrained"]).init_lr == 1e-3
 
 
 def test_bn_refresh_is_on_from_scratch_and_off_with_imagenet_weights():
@@ -229,14 +233,14 @@ def test_bn_refresh_is_on_from_scratch_and_off_with_imagenet_weights():
 
 def test_train_reestimates_batchnorm_before_each_validation(synthetic, tmp_path, monkeypatch):
     calls = []
-    real_refresh = mc.refresh_batchnorm
+    real_refresh = engine.refresh_batchnorm
 
     def spy(model, loader, device, amp_dtype, channels_last, max_batches):
         before = model.enet._bn1.running_mean.clone()
         real_refresh(model, loader, device, amp_dtype, channels_last, max_batches)
         calls.append((max_batches, not torch.equal(before, model.enet._bn1.running_mean)))
 
-    monkeypatch.setattr(mc, "refresh_batchnorm", spy)
+    monkeypatch.setattr(engine, "refresh_batchnorm", spy)
     mc.main([*train_argv(synthetic, tmp_path / "m.pth", epochs=2), "--bn_refresh_batches", "2"])
     assert calls == [(2, True), (2, True)]
 
@@ -245,7 +249,7 @@ def test_train_reestimates_batchnorm_before_each_validation(synthetic, tmp_path,
 
 
 def test_train_keeps_heads_thresholds_normalisation_and_val_split(trained, synthetic):
-    checkpoint = load_checkpoint(trained, "bias")  # weights_only=True inside
+    checkpoint = load_checkpoint(trained, "artifact")  # weights_only=True inside
     assert checkpoint["heads"] == list(DEFAULT_BIAS_HEADS)
     assert len(checkpoint["thresholds"]) == 6 and all(0 <= t <= 1 for t in checkpoint["thresholds"])
     assert checkpoint["image_size"] == 32 and len(checkpoint["mean"]) == len(checkpoint["std"]) == 3
@@ -283,7 +287,7 @@ def test_test_mode_writes_one_row_per_image_and_reads_back(trained, synthetic, t
     assert written["image_name"].tolist() == sorted(p.name for p in images.iterdir() if p.suffix != ".txt")
     heads = list(DEFAULT_BIAS_HEADS)
     assert written.columns.tolist() == ["image_name", *heads, *[f"{head}_prob" for head in heads]]
-    thresholds = load_checkpoint(trained, "bias")["thresholds"]
+    thresholds = load_checkpoint(trained, "artifact")["thresholds"]
     for head, threshold in zip(heads, thresholds, strict=True):
         np.testing.assert_array_equal(written[head], (written[f"{head}_prob"] >= threshold).astype(int))
 
@@ -349,7 +353,7 @@ def storages_saved_as_cuda():
 
 
 def test_a_model_saved_on_a_gpu_loads_on_the_cpu(trained, synthetic, tmp_path):
-    checkpoint = load_checkpoint(trained, "bias")
+    checkpoint = load_checkpoint(trained, "artifact")
     gpu_model = tmp_path / "gpu.pth"
     with storages_saved_as_cuda():
         torch.save(checkpoint, gpu_model)
@@ -369,17 +373,17 @@ def test_resume_ends_like_an_uninterrupted_run(synthetic, tmp_path, monkeypatch)
 
     whole = mc.main(argv(tmp_path / "whole.pth"))
 
-    real_epoch = mc.train_one_epoch
+    real_epoch = engine.train_one_epoch
 
     def crash_in_epoch_2(*args, **kwargs):
         if kwargs["epoch"] == 2:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(mc, "train_one_epoch", crash_in_epoch_2)
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         mc.main(argv(tmp_path / "cut.pth"))
-    monkeypatch.setattr(mc, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
     with pytest.raises(SystemExit):  # the earlier run's files are kept unless told to resume or overwrite
         mc.main(argv(tmp_path / "cut.pth"))
     resumed = mc.main([*argv(tmp_path / "cut.pth"), "--resume"])
@@ -399,5 +403,5 @@ def test_resume_ends_like_an_uninterrupted_run(synthetic, tmp_path, monkeypatch)
 def test_compile_flag_compiles_the_detector_for_training_only(synthetic, tmp_path, eager_compile):
     mc.main([*train_argv(synthetic, tmp_path / "bias.pth", epochs=1), "--compile"])
     assert eager_compile == ["BiasNet"]
-    state = load_checkpoint(tmp_path / "bias.pth", "bias")["state_dict"]
+    state = load_checkpoint(tmp_path / "bias.pth", "artifact")["state_dict"]
     assert not any(key.startswith("_orig_mod") for key in state)

@@ -264,3 +264,33 @@ def test_train_split_needs_the_stored_validation_images(synthetic_dir, checkpoin
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "retrain" in error and len(error.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("age", ["inf", "-1", "121", "nan"])
+def test_impossible_ages_are_refused_from_flags_and_csv(synthetic_dir, checkpoints, tmp_path, capsys, age):
+    """The rule of the data folder's CSV reader: ages are numbers from 0 to 120, or nothing (in a CSV "nan" is
+    pandas' word for nothing, on the command line a mistake)."""
+    image = synthetic_dir / "test" / "test" / f"{pd.read_csv(synthetic_dir / 'test.csv')['image_name'][0]}.jpg"
+    meta_csv = tmp_path / "meta.csv"
+    pd.DataFrame({"image_name": [image.stem], "sex": ["male"], "age_approx": [age], "site": ["torso"]}).to_csv(
+        meta_csv, index=False
+    )
+    base = ["--images", str(image), "--model-path", str(checkpoints["meta"]), "--out", str(tmp_path / "p.csv")]
+    sources = [["--sex", "male", "--age", age, "--site", "torso"]] + [["--meta-csv", str(meta_csv)]] * (age != "nan")
+    for source in sources:
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main([*base, *source])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1
+        assert "ages must be numbers from 0 to 120" in error
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_leftover_temp_files_of_the_output_are_removed(synthetic_dir, checkpoints, tmp_path):
+    """A killed run leaves .<out>.<random>.tmp beside the output (atomic writes): the next run deletes it, and
+    only it."""
+    leftover, other = tmp_path / ".out.csv.k3j9x.tmp", tmp_path / ".other.csv.k3j9x.tmp"
+    leftover.write_text("half a submission")
+    other.write_text("someone else's")
+    result = run_predict(tmp_path, "--data-dir", synthetic_dir, "--model-path", checkpoints["plain"])
+    assert len(result) == 12 and not leftover.exists() and other.exists()

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataset import MetaEncoder, image_file_problem, make_folds, patient_groups, read_image, read_melanoma_table
 from features import FeatureScaler
+from image_files import image_file_problem, read_image
+from tables import MetaEncoder, make_folds, patient_groups, read_melanoma_table
 from utils import UserError
 
 QUICK = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

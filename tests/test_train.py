@@ -5,9 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
+import engine
 import train
+from checkpoints import load_checkpoint
+from engine import weight_average
 from models import MelanomaNet
-from utils import UserError, WeightAverage, load_checkpoint
+from utils import UserError
 
 
 def seed_command(data_dir, tmp_path, *extra):
@@ -122,7 +125,7 @@ def test_pickled_checkpoint_is_refused(tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(synthetic_dir, tmp_path, monkeypatch):
     uninterrupted = train.main(seed_command(synthetic_dir, tmp_path / "a", "--n-epochs", "2"))
 
-    real_epoch = train.train_one_epoch
+    real_epoch = engine.train_one_epoch
     calls = []
 
     def crash_in_second_epoch(*args, **kwargs):
@@ -132,10 +135,10 @@ def test_interrupted_run_resumes_to_the_same_result(synthetic_dir, tmp_path, mon
         return real_epoch(*args, **kwargs)
 
     command = seed_command(synthetic_dir, tmp_path / "b", "--n-epochs", "2")
-    monkeypatch.setattr(train, "train_one_epoch", crash_in_second_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main(command)
-    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
     assert not (tmp_path / "b" / "weights" / "efficientnetb2_256_20ep_final.pth").exists()
     resumed = train.main([*command, "--resume"])
 
@@ -155,12 +158,13 @@ def test_interrupted_run_resumes_to_the_same_result(synthetic_dir, tmp_path, mon
 
 
 def test_weight_average_is_what_gets_validated_and_saved(synthetic_dir, tmp_path):
-    average = WeightAverage(torch.nn.Linear(2, 1), decay=0.9)
-    start = average.model.weight.clone()
+    source = torch.nn.Linear(2, 1)
+    average = weight_average(source, decay=0.9)
+    start = average.module.weight.clone()
     with torch.no_grad():
-        average.source.weight.add_(1.0)
-    average.update()
-    torch.testing.assert_close(average.model.weight, 0.9 * start + 0.1 * average.source.weight)
+        source.weight.add_(1.0)
+    average.update_parameters(source)
+    torch.testing.assert_close(average.module.weight, 0.9 * start + 0.1 * source.weight)
 
     assert train.parse_args(["--save-name", "x", "--data-dir", "d", "--no-pretrained"]).ema_decay == 0.98
     assert train.parse_args(["--save-name", "x", "--data-dir", "d"]).ema_decay == 0.0

@@ -6,19 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
+from checkpoints import claim_outputs, save_checkpoint
 from dataset import EpochSampler
-from utils import (
-    UserError,
-    World,
-    atomic_path,
-    batch_for_share,
-    claim_outputs,
-    make_loader,
-    save_checkpoint,
-    set_visible_devices,
-    temp_files_of,
-    write_csv_atomic,
-)
+from distributed import World, batch_for_share
+from loops import make_loader
+from utils import UserError, atomic_path, set_visible_devices, temp_files_of, write_csv_atomic
 
 
 class OpenCVThreads(torch.utils.data.Dataset):

@@ -1,0 +1,157 @@
+"""Checkpoint and resume IO: saving and loading checkpoints that load with weights_only=True, the training state
+a resumable (_last) checkpoint holds, and the checks that a resumed run is the same run and that no earlier run's
+files are overwritten unasked."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils import UserError, atomic_path, temp_files_of, to_plain
+
+CHECKPOINT_FORMAT = 1
+# the "kind" a checkpoint carries on disk; the artifact detector's files say "bias", the word models.py and every
+# file written so far use, and are read as the artifact kind
+KIND_ON_DISK = {"melanoma": "melanoma", "artifact": "bias"}
+WRITERS = {"melanoma": "train.py", "artifact": "multi_classification.py"}
+READERS = {"melanoma": "train.py / predict.py", "artifact": "multi_classification.py"}
+
+
+def kind_of(name: str | None) -> str | None:
+    """The kind a checkpoint's "kind" value names: "bias" is the artifact kind."""
+    return "artifact" if name == "bias" else name
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """Saves atomically; the payload must hold only tensors and plain Python values (weights_only-safe)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        # through a Python file: a full disk is then an OSError (torch's own writer raises a RuntimeError)
+        torch.save(checkpoint, handle)
+
+
+def load_checkpoint(path: str | Path, expected_kind: str) -> dict:
+    """Loads with weights_only=True (a checkpoint can never run code) and checks it belongs to this script.
+
+    expected_kind is 'melanoma' (train.py / predict.py) or 'artifact' (multi_classification.py; 'bias' is read
+    the same way).
+    """
+    path, expected_kind = Path(path), kind_of(expected_kind)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check the path (models go to --model-dir).")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"checkpoint {path} needs pickle to load, which could run code: only load checkpoints written by "
+            "this project's scripts."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise UserError(f"checkpoint {path} cannot be read ({error}): it is truncated or not a checkpoint.") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(
+            f"{path} is not a checkpoint of this project (no format {CHECKPOINT_FORMAT} marker): "
+            "use a file written by train.py or multi_classification.py."
+        )
+    kind = kind_of(checkpoint.get("kind"))
+    if kind != expected_kind:
+        writer = WRITERS.get(kind, "another tool")
+        raise UserError(
+            f"checkpoint {path} was written by {writer}, not {READERS[expected_kind]}: pass a {expected_kind} model."
+        )
+    return checkpoint
+
+
+# --------------------------------------------------------------------------- resumable state
+
+
+def rng_state() -> dict:
+    """The global RNG states, weights_only-safe, to store in a resumable checkpoint."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": to_plain(list(np.random.get_state())),
+        "python": to_plain(list(random.getstate())),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def training_state(optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> dict:
+    """What a resumable (_last) checkpoint holds beside the weights: optimizer, scheduler, scaler and RNG states."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def restore_training_state(
+    state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler
+) -> None:
+    """Puts a run back where a _last checkpoint left it (the parts of training_state, and the weights being trained:
+    "training_weights" where the run validates a weight average, else "state_dict")."""
+    model.load_state_dict(state.get("training_weights", state["state_dict"]))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
+def check_resume_compatible(
+    state: dict, checkpoint: dict, path: str | Path, keys: Sequence[str], flags: dict[str, str]
+) -> None:
+    """A resumed run must be the same run: `keys` of the checkpoint and the settings in `flags` (name in the run's
+    "config" record -> the flag that sets it) must equal this run's, else a UserError names the first difference."""
+    if "config" not in state or "best_epoch" not in state:
+        raise UserError(
+            f"{path} was written by another version of this project: resume with that version, or start afresh "
+            "with --overwrite."
+        )
+    for key in keys:
+        if state.get(key) != to_plain(checkpoint[key]):
+            raise UserError(
+                f"{path} was saved with {key} = {state.get(key)}, this run has {to_plain(checkpoint[key])}: "
+                "resume with the original flags, or start afresh with --overwrite."
+            )
+    for key, flag in flags.items():
+        if state["config"].get(key) != checkpoint["config"].get(key):
+            raise UserError(
+                f"{path} was saved with {flag} {state['config'].get(key)}, this run has "
+                f"{checkpoint['config'].get(key)}: resume with the original flags, or start afresh with --overwrite."
+            )
+
+
+def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bool, alternative: str) -> None:
+    """Refuses to overwrite an earlier run's files: they are kept when the run is continued (--resume with its
+    `last` checkpoint present), deleted with --overwrite, else a UserError suggests `alternative`. Temporary files
+    that an interrupted write of these outputs left behind are removed in any case."""
+    for path in paths:  # a temporary file is never a finished output: a killed run left it
+        for leftover in temp_files_of(path):
+            leftover.unlink(missing_ok=True)
+    existing = [path for path in paths if path.exists()]
+    if not existing or (resume and last.is_file()):
+        return
+    if overwrite:
+        for path in existing:
+            path.unlink(missing_ok=True)
+        return
+    raise UserError(
+        f"{existing[0]} already exists from an earlier run: pass --resume to continue it, --overwrite to replace "
+        f"it, or {alternative}."
+    )

@@ -1,0 +1,392 @@
+"""The command lines of both trainers, every default of both in one table, and the resolved configuration of a
+run with the checks on its values: built once from the command line, its record saved in every checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+
+from dataset import AUGMENTATIONS
+from image_files import MIN_IMAGE_SIZE
+from models import ENET_TYPES
+from tables import META_FEATURES
+from utils import UserError, add_device_flags, default_num_workers, to_plain
+
+# Every default of both trainers, and the one place to change them. "any" holds those that do not depend on where
+# the backbone's weights start; "imagenet" and "random" those that do. From random weights each was measured on
+# the real sample (README, "Training from random weights"): the full 1st-place augmentation and a low rate stop
+# the network learning within a CPU-sized budget, running BatchNorm statistics trail the fast-moving weights
+# (see loops.refresh_batchnorm), and an average of the weights (0.98: the last ~50 steps, 1.5 epochs of the
+# shared sample at batch 32), the lesion features and late fusion each scored higher. With ImageNet weights the
+# 1st-place recipe stands. bn_momentum is PyTorch's 0.1, not efficientnet-pytorch's 0.01, with which the
+# statistics lag so far behind that every image gets the same output (validation AUC exactly 0.5).
+DEFAULTS = {
+    "melanoma": {
+        "any": {"image_size": 256, "n_epochs": 15, "batch_size": 64, "enet_type": "efficientnet-b2", "seed": 0},
+        "imagenet": {
+            "init_lr": 3e-4,
+            "bn_momentum": 0.1,
+            "bn_refresh_batches": 0,
+            "ema_decay": 0.0,
+            "augment": "full",
+            "lesion_features": False,
+            "fusion": "concat",
+        },
+        "random": {
+            "init_lr": 1e-3,
+            "bn_momentum": 0.1,
+            "bn_refresh_batches": 10,
+            "ema_decay": 0.98,
+            "augment": "light",
+            "lesion_features": True,
+            "fusion": "late",
+        },
+    },
+    "artifact": {
+        "any": {"image_size": 256, "n_epochs": 10, "batch_size": 16, "enet_type": "efficientnet-b2", "seed": 0},
+        "imagenet": {"init_lr": 1e-4, "bn_momentum": 0.1, "bn_refresh_batches": 0, "ema_decay": 0.0},
+        "random": {"init_lr": 1e-3, "bn_momentum": 0.1, "bn_refresh_batches": 10, "ema_decay": 0.0},
+    },
+}
+# the detector's original spellings, kept beside the shared names
+DETECTOR_SPELLINGS = {"n_epochs": "--epochs", "batch_size": "--batch", "init_lr": "--lr"}
+
+
+def spellings(flag: str, trainer: str) -> list[str]:
+    """A shared flag's names: hyphens, underscores, and for the detector its original spelling."""
+    dest = flag[2:].replace("-", "_")
+    original = [DETECTOR_SPELLINGS[dest]] if trainer == "artifact" and dest in DETECTOR_SPELLINGS else []
+    return list(dict.fromkeys([flag, "--" + dest, *original]))
+
+
+def default_note(trainer: str, key: str) -> str:
+    """The defaults of a setting that depends on the starting weights, for its --help."""
+    imagenet, scratch = (DEFAULTS[trainer][weights][key] for weights in ("imagenet", "random"))
+    if isinstance(imagenet, bool):
+        imagenet, scratch = ("on" if value else "off" for value in (imagenet, scratch))
+    return f"default {imagenet} with ImageNet weights, {scratch} with --no-pretrained"
+
+
+def add_training_flags(parser: argparse.ArgumentParser, trainer: str) -> None:
+    """The flags both trainers share, with one meaning; `trainer` ("melanoma" or "artifact") picks the defaults."""
+    any_weights = DEFAULTS[trainer]["any"]
+
+    def add(flag: str, **options) -> None:
+        parser.add_argument(*spellings(flag, trainer), dest=flag[2:].replace("-", "_"), **options)
+
+    add("--image-size", type=int, default=None, help=f"training resolution (default {any_weights['image_size']})")
+    add(
+        "--enet-type",
+        default=any_weights["enet_type"],
+        choices=ENET_TYPES,
+        metavar="TYPE",
+        help=f"efficientnet-b0 ... b7 or efficientnet-lite0 ... lite4 (default {any_weights['enet_type']})",
+    )
+    add("--n-epochs", type=int, default=any_weights["n_epochs"], help=f"epochs (default {any_weights['n_epochs']})")
+    add(
+        "--batch-size",
+        type=int,
+        default=any_weights["batch_size"],
+        help=f"images per step and process (default {any_weights['batch_size']})",
+    )
+    add("--init-lr", type=float, default=None, help=f"peak learning rate ({default_note(trainer, 'init_lr')})")
+    add(
+        "--num-workers",
+        type=int,
+        default=default_num_workers(),
+        help="data-loading processes (default: half the cores, at most 8)",
+    )
+    add("--seed", type=int, default=any_weights["seed"], help="initialisation, shuffling and augmentation")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument(
+        *spellings("--pretrained-weights", trainer),
+        dest="pretrained_weights",
+        default=None,
+        help="local ImageNet state_dict for the backbone",
+    )
+    weights.add_argument(
+        *spellings("--no-pretrained", trainer),
+        dest="no_pretrained",
+        action="store_true",
+        help="start from random weights",
+    )
+    add(
+        "--bn-refresh-batches",
+        type=int,
+        default=None,
+        help="re-estimate BatchNorm statistics on this many training batches before each validation "
+        f"({default_note(trainer, 'bn_refresh_batches')})",
+    )
+    add(
+        "--bn-momentum",
+        type=float,
+        default=None,
+        help=f"BatchNorm momentum of the backbone, PyTorch's convention ({default_note(trainer, 'bn_momentum')}; "
+        "efficientnet-pytorch's own is 0.01)",
+    )
+    add(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="validate and save an exponential moving average of the weights with this decay per step, 0 for off "
+        f"({default_note(trainer, 'ema_decay')})",
+    )
+    add_compile_flag(parser)
+    add("--resume", action="store_true", help="continue an interrupted run from its _last.pth checkpoint")
+    add("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    add_device_flags(parser, underscore_aliases=True)
+
+
+def add_melanoma_flags(parser: argparse.ArgumentParser) -> None:
+    """train.py's command line."""
+    add = parser.add_argument
+    add("--save-name", required=True, help="name of this run's checkpoints and logs")
+    add("--data-dir", required=True, help="Kaggle-layout folder: train.csv, train/train/*.jpg")
+    add_training_flags(parser, "melanoma")
+    add("--use-meta", action="store_true", help="add the patient-metadata branch")
+    features = ",".join(META_FEATURES)
+    add("--meta-features", default=features, help=f"comma list of metadata features (default all: {features})")
+    add("--n-meta-dim", default="512,128", help="sizes of the side branch's two layers")
+    add(
+        "--out-dim",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="1: one sigmoid logit with BCE; 2: two-class softmax with cross-entropy",
+    )
+    add("--model-dir", default="./weights")
+    add("--log-dir", default="./logs")
+    add(
+        "--fold-seed",
+        type=int,
+        default=0,
+        help="the patient-grouped fold split; kept apart from --seed so that runs with different seeds validate "
+        "on the same folds (and their out-of-fold predictions can be averaged)",
+    )
+    add("--n-folds", type=int, default=5)
+    add("--fold", default="0", help="validation fold: an index, a comma list, or 'all'")
+    add(
+        "--augment",
+        choices=AUGMENTATIONS,
+        help=f"training augmentation strength ({default_note('melanoma', 'augment')})",
+    )
+    add(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also fit the metadata logistic regression and image-statistics gradient boosting on each fold",
+    )
+    add(
+        "--fusion",
+        choices=("concat", "late"),
+        help="with --use-meta: concat (the 1st-place metadata branch inside the network) or late (an image network "
+        f"plus a metadata logistic regression, added in log-odds); {default_note('melanoma', 'fusion')}",
+    )
+    add(
+        "--lesion-features",
+        action=argparse.BooleanOptionalAction,
+        help="feed hand-crafted ABCD-rule lesion features (colours, asymmetry, border, size) into the side branch "
+        f"next to the metadata ({default_note('melanoma', 'lesion_features')})",
+    )
+    add(
+        "--bad-images",
+        default="fail",
+        choices=("fail", "skip"),
+        help="empty, truncated or non-image files: stop with their name (fail) or leave them out with a count (skip)",
+    )
+
+
+def add_artifact_flags(parser: argparse.ArgumentParser) -> None:
+    """multi_classification.py's command line: its own flags in the seed's spelling (and with hyphens)."""
+    add = parser.add_argument
+    add("--img_path", "--img-path", dest="img_path", required=True, help="folder of the images")
+    add("--ann_path", "--ann-path", dest="ann_path", help="annotation file (train and val modes)")
+    add("--mode", required=True, choices=("train", "val", "test"))
+    add("--model_path", "--model-path", dest="model_path", required=True, help="written by train, read by val/test")
+    add(
+        "--save_path",
+        "--save-path",
+        dest="save_path",
+        help="test: annotation CSV to write (default <model>_annotations.csv); val: metrics CSV (default "
+        "<model>_metrics.csv)",
+    )
+    add_training_flags(parser, "artifact")
+    add("--ratio", type=float, default=0.8, help="share of the annotated images used for training")
+    add("--threshold", type=float, help="one cut-off for every head, instead of the model's own")
+    add("--all", action="store_true", help="val: score every row, also the training images")
+
+
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    """--compile, for the trainers and bench.py; engine.compile_for_training applies it."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward pass (its first step takes minutes; validation and the saved "
+        "weights stay uncompiled)",
+    )
+
+
+def resolve(args: argparse.Namespace, trainer: str) -> dict:
+    """The command line's values with every default decided: what was left unset takes the table's value for the
+    weights the run starts from."""
+    values = dict(vars(args))
+    pretrained = not values.pop("no_pretrained")
+    defaults = {**DEFAULTS[trainer]["any"], **DEFAULTS[trainer]["imagenet" if pretrained else "random"]}
+    for key, value in defaults.items():
+        if values.get(key) is None:
+            values[key] = value
+    return {**values, "pretrained": pretrained}
+
+
+def refuse(checks: list[tuple[bool, str]]) -> None:
+    """Raises the message of the first check that fails."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The settings both trainers share, every default decided."""
+
+    enet_type: str
+    image_size: int | None  # None only in the detector's val and test modes: the model's own size
+    n_epochs: int
+    batch_size: int
+    init_lr: float
+    num_workers: int
+    seed: int
+    pretrained: bool
+    pretrained_weights: str | None
+    bn_momentum: float
+    bn_refresh_batches: int
+    ema_decay: float
+    compile: bool
+    CUDA_VISIBLE_DEVICES: str | None
+    device: str
+    precision: str
+    channels_last: bool
+    progress: bool | None
+    resume: bool
+    overwrite: bool
+
+    def __post_init__(self) -> None:
+        refuse(
+            [
+                (self.n_epochs >= 1, f"--n-epochs {self.n_epochs} must be at least 1."),
+                (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1."),
+                (self.num_workers >= 0, f"--num-workers {self.num_workers} must be 0 or more."),
+                (0 < self.init_lr < math.inf, f"--init-lr {self.init_lr} must be a positive number, e.g. 3e-4."),
+                (
+                    self.image_size is None or self.image_size >= MIN_IMAGE_SIZE,
+                    f"--image-size {self.image_size} is below the {MIN_IMAGE_SIZE} px minimum of EfficientNet: use "
+                    f"{MIN_IMAGE_SIZE} or more.",
+                ),
+                (
+                    0.0 <= self.ema_decay < 1.0,
+                    f"--ema-decay {self.ema_decay} must lie in [0, 1): e.g. 0.98, or 0 to turn the average off.",
+                ),
+                (self.bn_refresh_batches >= 0, f"--bn-refresh-batches {self.bn_refresh_batches} must be 0 or more."),
+            ]
+        )
+
+    def record(self) -> dict:
+        """The run's settings as plain values, for its checkpoints: all but how this start treats earlier files."""
+        return to_plain({key: value for key, value in asdict(self).items() if key not in ("resume", "overwrite")})
+
+
+@dataclass(frozen=True)
+class MelanomaConfig(RunConfig):
+    """train.py's run."""
+
+    save_name: str
+    data_dir: str
+    use_meta: bool
+    meta_features: tuple[str, ...]
+    n_meta_dim: tuple[int, ...]
+    out_dim: int
+    model_dir: str
+    log_dir: str
+    fold_seed: int
+    augment: str
+    n_folds: int
+    folds: tuple[int, ...]
+    baselines: bool
+    fusion: str
+    lesion_features: bool
+    bad_images: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MelanomaConfig:
+        values = resolve(args, "melanoma")
+        values["meta_features"] = tuple(name for name in values["meta_features"].split(",") if name)
+        values["n_meta_dim"] = parse_meta_dims(values["n_meta_dim"])
+        values["folds"] = parse_folds(values.pop("fold"), values["n_folds"])
+        return cls(**values)
+
+    @property
+    def late_fusion(self) -> bool:
+        """The metadata goes to a logistic regression beside the network, not into it."""
+        return self.use_meta and self.fusion == "late"
+
+
+@dataclass(frozen=True)
+class ArtifactConfig(RunConfig):
+    """multi_classification.py's run, in any of its modes."""
+
+    img_path: str
+    ann_path: str | None
+    mode: str
+    model_path: str
+    save_path: str | None
+    ratio: float
+    threshold: float | None
+    all: bool
+
+    def __post_init__(self) -> None:
+        if self.mode in ("train", "val") and self.ann_path is None:
+            raise UserError(f"--mode {self.mode} needs --ann_path, the annotation file of the images in --img_path.")
+        super().__post_init__()
+        refuse(
+            [
+                (
+                    0 < self.ratio < 1,
+                    f"--ratio {self.ratio} must lie between 0 and 1 (e.g. 0.8: 80 % train, 20 % val).",
+                ),
+                (
+                    self.threshold is None or 0 <= self.threshold <= 1,
+                    f"--threshold {self.threshold} is not a probability: use a value from 0 to 1.",
+                ),
+            ]
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ArtifactConfig:
+        values = resolve(args, "artifact")
+        if args.mode != "train":  # scoring uses the size the model was trained at
+            values["image_size"] = args.image_size
+        return cls(**values)
+
+
+def parse_folds(spec: str, n_folds: int) -> tuple[int, ...]:
+    if spec == "all":
+        return tuple(range(n_folds))
+    try:
+        folds = tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        raise UserError(f"--fold {spec!r} is not a fold index: use e.g. 0, 0,1,2 or all.") from None
+    bad = [fold for fold in folds if not 0 <= fold < n_folds]
+    if bad:
+        raise UserError(f"--fold {bad[0]} is outside 0..{n_folds - 1}: pick a fold below --n-folds {n_folds}.")
+    return folds
+
+
+def parse_meta_dims(spec: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 2 or min(dims) < 1:
+        raise UserError(f"--n-meta-dim {spec!r} must be two positive sizes, e.g. 512,128.")
+    return dims

@@ -1,0 +1,321 @@
+"""The training engine both trainers share. A trainer hands `fit` a Task (its data, its network, how it scores an
+epoch, what its checkpoints add); the engine does the rest: device placement, channels_last,
+DistributedDataParallel and --compile, the loaders, Adam with one warm-up epoch then cosine, the weight average,
+resume, the epoch loop with the BatchNorm refresh, gathering the validation predictions over processes, the
+best/last/final checkpoints and the history file."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from checkpoints import (
+    CHECKPOINT_FORMAT,
+    KIND_ON_DISK,
+    check_resume_compatible,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from config import RunConfig
+from dataset import EpochSampler
+from distributed import (
+    World,
+    average_buffers_over_world,
+    batch_for_share,
+    gather_over_world,
+    setup_world,
+    teardown_world,
+    wrap_for_world,
+)
+from loops import LossFn, make_loader, predict_logits, refresh_batchnorm, train_one_epoch
+from utils import (
+    make_grad_scaler,
+    resolve_precision,
+    set_visible_devices,
+    to_plain,
+    write_csv_atomic,
+    write_text_atomic,
+)
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One trained and validated epoch, as the trainer's score function gets it."""
+
+    number: int
+    lr: float  # at the epoch's first step
+    train_loss: float
+    valid_loss: float
+    logits: torch.Tensor  # every validation item's, gathered over processes, in data set order
+    targets: torch.Tensor
+    seconds: float
+
+
+@dataclass
+class Scored:
+    """A trainer's verdict on one epoch."""
+
+    score: float  # the best checkpoint holds the epoch with the highest; NaN counts as the lowest
+    message: str  # printed after the epoch
+    records: list[dict]  # added to the history file
+    checkpoint: dict  # what this epoch's checkpoints add: its metrics, its thresholds
+    best: dict[str, pd.DataFrame] = field(default_factory=dict)  # kept from the best epoch; see Task.paths
+
+
+@dataclass
+class Task:
+    """What a trainer supplies to `fit`."""
+
+    kind: str  # "melanoma" or "artifact": the checkpoints' kind
+    name: str  # the run, in messages
+    net: nn.Module  # built and seeded, on the CPU
+    train_set: torch.utils.data.Dataset
+    valid_set: torch.utils.data.Dataset
+    shuffle_seed: int
+    loss_fn: LossFn
+    score: Callable[[Epoch], Scored]
+    checkpoint: dict  # what every checkpoint of the run holds: the model's configuration, its input encoding
+    # "best", "last" and "history" (.jsonl or .csv); "final" and "log" where wanted, and the path of any
+    # Scored.best frame that is to be written as CSV
+    paths: dict[str, Path]
+    score_name: str = "auc"
+    log_line: Callable[[dict], str] | None = None  # the log file's line for a history record
+    resume_keys: Sequence[str] = ()  # checkpoint keys that must match for --resume
+    resume_flags: dict[str, str] = field(default_factory=dict)  # settings that must match, with their flags
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the last finished epoch, the best so far and the history."""
+
+    epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best: dict[str, pd.DataFrame] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def update(self, epoch: int, scored: Scored) -> bool:
+        """Records a finished epoch; True when it is the best so far."""
+        self.epoch = epoch
+        self.history += scored.records
+        score = -math.inf if math.isnan(scored.score) else scored.score
+        improved = self.best_epoch == 0 or score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch, self.best = score, epoch, scored.best
+        return improved
+
+    def state(self) -> dict:
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best": {name: to_plain(frame.to_dict(orient="list")) for name, frame in self.best.items()},
+            "history": to_plain(self.history),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        best = {name: pd.DataFrame(columns) for name, columns in state["best"].items()}
+        return cls(state["epoch"], state["best_score"], state["best_epoch"], best, state["history"])
+
+
+@dataclass
+class Fitted:
+    net: nn.Module  # the network that was validated and saved: the weight average where there is one
+    progress: Progress
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def compile_for_training(model: nn.Module, enabled: bool) -> nn.Module:
+    """The module the training steps call: `model` compiled when asked, else `model` itself. The caller keeps
+    saving, averaging and validating the uncompiled network, so checkpoints carry no compiler wrapper."""
+    return torch.compile(model) if enabled else model
+
+
+def weight_average(net: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of `net`'s weights, to be updated after every optimizer step.
+
+    From random weights on a small data set the weights jump from step to step and the validation AUC with them;
+    their average over the last ~1/(1 - decay) steps is a steadier, usually better model. Buffers (BatchNorm
+    statistics) are copied, not averaged (use_buffers=False): the BatchNorm refresh re-estimates them for the
+    averaged weights. AveragedModel copies the weights on its first update; that update is made here, so the
+    average starts from the initial weights and every training step is averaged in."""
+    average = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    average.requires_grad_(False)
+    average.update_parameters(net)
+    return average
+
+
+def make_warmup_cosine(
+    optimizer: torch.optim.Optimizer, n_epochs: int, steps_per_epoch: int, warmup_epochs: int = 1
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up from a tenth of the learning rate over the first epoch, then cosine to zero.
+
+    Stepped once per batch. A one-epoch run skips the warm-up so that it still reaches the full rate.
+    """
+    total = max(1, n_epochs * steps_per_epoch)
+    warmup = warmup_epochs * steps_per_epoch if n_epochs > warmup_epochs else 0
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def make_loaders(
+    task: Task, config: RunConfig, world: World, device: torch.device
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """Shuffled training batches, each process its share, and the validation items in order."""
+    train_sampler = EpochSampler(len(task.train_set), True, task.shuffle_seed, world.rank, world.size)
+    batch_size = batch_for_share(config.batch_size, len(task.train_set), world, "--batch-size")
+    # drop_last keeps BatchNorm away from a final batch of one image
+    drop_last = len(train_sampler) > batch_size
+    train_loader = make_loader(task.train_set, train_sampler, batch_size, config.num_workers, device, drop_last)
+    valid_sampler = EpochSampler(len(task.valid_set), False, 0, world.rank, world.size)
+    valid_loader = make_loader(task.valid_set, valid_sampler, config.batch_size, config.num_workers, device)
+    return train_loader, valid_loader
+
+
+def validate(
+    net: nn.Module,
+    train_loader: torch.utils.data.DataLoader,
+    valid_loader: torch.utils.data.DataLoader,
+    config: RunConfig,
+    world: World,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and targets of every validation item, from all processes, after re-estimating BatchNorm."""
+    if config.bn_refresh_batches:
+        refresh_batchnorm(net, train_loader, device, amp_dtype, config.channels_last, config.bn_refresh_batches)
+    average_buffers_over_world(net, world)
+    logits, targets = predict_logits(net, valid_loader, device, amp_dtype, config.channels_last, config.progress)
+    return gather_over_world(logits, targets, len(valid_loader.dataset), world, device)
+
+
+def write_history(task: Task, history: list[dict]) -> None:
+    """Rewrites the history file (JSON lines or CSV) and the log from the run's history: each epoch appears once,
+    even after a resume, and an interrupted write never leaves half a file."""
+    path = task.paths["history"]
+    if path.suffix == ".jsonl":
+        write_text_atomic(path, "".join(pd.Series(record).to_json() + "\n" for record in history))
+    else:
+        write_csv_atomic(pd.DataFrame(history), path)
+    if task.log_line is not None:
+        write_text_atomic(task.paths["log"], "".join(task.log_line(record) + "\n" for record in history))
+
+
+def save_epoch(
+    task: Task, scored: Scored, improved: bool, progress: Progress, checkpoint: dict, resumable: dict
+) -> None:
+    """The main process's output after an epoch: its message, the checkpoints, the history and the best frames."""
+    paths = task.paths
+    print(scored.message, flush=True)
+    if improved:
+        save_checkpoint(paths["best"], checkpoint)
+        print(f"  best {task.score_name} {scored.score:.4f}: saved {paths['best']}", flush=True)
+    save_checkpoint(paths["last"], {**checkpoint, **resumable, **progress.state()})
+    write_history(task, progress.history)
+    for name, frame in progress.best.items():
+        if name in paths:
+            write_csv_atomic(frame, paths[name])
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@contextlib.contextmanager
+def training_world(config: RunConfig) -> Iterator[tuple[World, torch.device, torch.dtype | None]]:
+    """This process's world (the process group joined under torchrun, and left at the end), its device and the
+    autocast dtype of a training run."""
+    set_visible_devices(config.CUDA_VISIBLE_DEVICES)
+    world, device = setup_world(config.device)
+    try:
+        yield world, device, resolve_precision(config.precision, device, config.image_size)
+    finally:
+        teardown_world(world)
+
+
+def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None) -> Fitted:
+    """Trains task.net for config.n_epochs, or what is left of them after the last checkpoint with --resume.
+    Every process trains; the main one alone prints and writes."""
+    net = task.net.to(device)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = compile_for_training(wrap_for_world(net, world, device), config.compile)
+    average = weight_average(net, config.ema_decay) if config.ema_decay > 0 else None
+    eval_net = net if average is None else average.module  # what is validated and saved
+    update_average = None if average is None else functools.partial(average.update_parameters, net)
+    train_loader, valid_loader = make_loaders(task, config, world, device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.init_lr)
+    scheduler = make_warmup_cosine(optimizer, config.n_epochs, len(train_loader))
+    scaler = make_grad_scaler(device, amp_dtype)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": KIND_ON_DISK[task.kind],
+        **task.checkpoint,
+        "config": config.record(),  # the run's record
+    }
+
+    progress = Progress()
+    if config.resume and task.paths["last"].is_file():
+        state = load_checkpoint(task.paths["last"], task.kind)
+        check_resume_compatible(state, checkpoint, task.paths["last"], task.resume_keys, task.resume_flags)
+        restore_training_state(state, net, optimizer, scheduler, scaler)
+        if average is not None:
+            average.module.load_state_dict(state["state_dict"])
+        progress = Progress.from_state(state)
+        if world.is_main:
+            print(
+                f"resuming {task.name} after epoch {progress.epoch} (best {task.score_name} so far "
+                f"{progress.best_score:.4f}, epoch {progress.best_epoch})",
+                flush=True,
+            )
+
+    for epoch in range(progress.epoch + 1, config.n_epochs + 1):
+        started = time.time()
+        train_loader.sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            task.loss_fn,
+            device,
+            amp_dtype,
+            scaler,
+            scheduler,
+            channels_last=config.channels_last,
+            epoch=epoch,
+            progress=config.progress and world.is_main,
+            world=world,
+            update_average=update_average,
+        )
+        logits, targets = validate(eval_net, train_loader, valid_loader, config, world, device, amp_dtype)
+        valid_loss = float(task.loss_fn(logits, targets))
+        seconds = round(time.time() - started, 2)
+        scored = task.score(Epoch(epoch, lr, train_loss, valid_loss, logits, targets, seconds))
+        improved = progress.update(epoch, scored)
+        if not world.is_main:
+            continue
+        saved = {**checkpoint, "epoch": epoch, **scored.checkpoint, "state_dict": eval_net.state_dict()}
+        resumable = training_state(optimizer, scheduler, scaler)
+        if average is not None:
+            resumable["training_weights"] = net.state_dict()
+        save_epoch(task, scored, improved, progress, saved, resumable)
+        if epoch == config.n_epochs and "final" in task.paths:
+            save_checkpoint(task.paths["final"], saved)
+    return Fitted(eval_net, progress)

@@ -1,0 +1,172 @@
+"""The passes over a DataLoader that training and inference share: one training epoch, a BatchNorm refresh and
+prediction, and the DataLoader itself."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from distributed import World, mean_over_world
+from utils import UserError, autocast
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    sampler: torch.utils.data.Sampler,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """Pinned memory and persistent, prefetching workers on a GPU box; plain in-process loading with 0 workers.
+
+    With workers, OpenCV is set to one thread in this process before they fork, and so in each of them: by default
+    it starts a thread per core in every process, N workers on N cores then run N x N threads. (Setting it inside a
+    freshly forked worker instead can deadlock on the parent's thread pool.)"""
+    if num_workers > 0:
+        cv2.setNumThreads(1)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def model_inputs(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The image batch and its side inputs (metadata and lesion features; the Dataset calls them "meta"), on
+    `device`."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+    side = batch.get("meta")
+    if side is not None:
+        side = side.to(device, non_blocking=True)
+    return image, side
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    channels_last: bool = False,
+    epoch: int = 0,
+    progress: bool | None = None,
+    world: World | None = None,
+    update_average: Callable[[], None] | None = None,
+) -> float:
+    """One pass over `loader`; the scheduler steps, and `update_average` (the weight average's update) is called,
+    after every optimizer step. Returns the mean training loss.
+
+    In a distributed run the loss is averaged over all processes every step, so that every rank logs the same
+    number and all stop together if it diverges."""
+    world = world or World()
+    model.train()
+    losses = []
+    bar = tqdm(
+        loader,
+        desc=f"train {epoch}",
+        leave=False,
+        disable=None if progress is None else not progress,
+        dynamic_ncols=True,
+    )
+    for step, batch in enumerate(bar):
+        image, side = model_inputs(batch, device, channels_last)
+        target = batch["target"].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp_dtype):
+            logits = model(image, side)
+        loss = loss_fn(logits.float(), target)
+        loss_value = mean_over_world(loss.item(), world, device)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"the training loss became {loss_value} at epoch {epoch}, batch {step}: lower --init-lr or "
+                "use --precision fp32; the checkpoints already saved are kept."
+            )
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        if update_average is not None:
+            update_average()
+        losses.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.4f}", smooth=f"{np.mean(losses[-100:]):.4f}")
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+@torch.no_grad()
+def refresh_batchnorm(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    max_batches: int,
+) -> None:
+    """Re-estimates every BatchNorm's running statistics as a plain average over `max_batches` training batches
+    of the current weights. From random weights the weights move so fast that running averages trail them, and
+    in eval mode the network then gives every image the same output (validation AUC exactly 0.5)."""
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not norms or max_batches <= 0:
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    model.train()
+    for index, batch in enumerate(loader):
+        if index >= max_batches:
+            break
+        image, side = model_inputs(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            model(image, side)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool = False,
+    progress: bool | None = None,
+    desc: str = "valid",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs the model in eval mode over `loader`; returns all logits (float32, CPU) and targets if any."""
+    model.eval()
+    all_logits, all_targets = [], []
+    for batch in tqdm(
+        loader, desc=desc, leave=False, disable=None if progress is None else not progress, dynamic_ncols=True
+    ):
+        image, side = model_inputs(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(image, side)
+        all_logits.append(logits.float().cpu())
+        if "target" in batch:
+            all_targets.append(batch["target"])
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0)
+    targets = torch.cat(all_targets) if all_targets else None
+    return logits, targets

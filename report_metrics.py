@@ -1,0 +1,157 @@
+"""The numbers of an evaluation report (evaluate.py): ROC AUC with a bootstrap interval over patients, partial AUC
+above 80 % sensitivity, average precision, the metrics at a chosen threshold and at the one that keeps 90 %
+sensitivity, and calibration (Brier score, expected calibration error, reliability bins)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+from metrics import binary_metrics
+from tables import patient_groups
+
+MIN_TPR = 0.8
+TARGET_SENSITIVITY = 0.9
+CALIBRATION_BINS = 10
+IN_SAMPLE = "the reported rows (in-sample, optimistic)"
+
+
+def partial_auc_above_tpr(targets: np.ndarray, probs: np.ndarray, min_tpr: float = MIN_TPR) -> float:
+    """Area under the ROC curve above the line TPR = min_tpr (the ISIC 2024 metric): 0.2 for a perfect model,
+    0.02 for chance at min_tpr 0.8. With the classes swapped and the scores negated that area lies left of
+    FPR = 1 - min_tpr, which roc_auc_score(max_fpr=...) measures, McClish-standardised: undone here."""
+    max_fpr = 1.0 - min_tpr
+    standardised = roc_auc_score(1 - np.asarray(targets), -np.asarray(probs), max_fpr=max_fpr)
+    min_area = max_fpr**2 / 2  # the chance diagonal's area left of max_fpr; max_fpr itself is a perfect model's
+    return float(min_area + (2 * standardised - 1) * (max_fpr - min_area))
+
+
+def bootstrap_auc(
+    targets: np.ndarray, probs: np.ndarray, n: int, seed: int, groups: np.ndarray | None = None
+) -> list[float]:
+    """Percentile 95 % interval of the ROC AUC over `n` resamples (with replacement) of the patients, `groups`
+    holding one patient label per row (all rows of a patient are drawn together), or of the images (None)."""
+    targets, probs = np.asarray(targets), np.asarray(probs)
+    codes = pd.factorize(np.arange(len(targets)) if groups is None else np.asarray(groups))[0]
+    n_groups = int(codes.max()) + 1
+    if n < 1 or n_groups < 2:  # nothing to resample
+        return [math.nan, math.nan]
+
+    def resampled_auc(drawn: np.ndarray) -> float:
+        # a patient drawn k times weighs k: the AUC of its rows gathered k times, without copying them
+        weight = np.bincount(drawn, minlength=n_groups)[codes]
+        if not (weight[targets == 1].any() and weight[targets == 0].any()):
+            return math.nan  # a resample of one class has no AUC
+        return float(roc_auc_score(targets, probs, sample_weight=weight))
+
+    with warnings.catch_warnings():
+        # scipy's own interval turns NaN once a single resample has no AUC (tiny sets): the percentiles below
+        # are taken over the resamples that have one, as this interval always was
+        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        result = scipy.stats.bootstrap(
+            (np.arange(n_groups),),  # the patients are the sample: resampling them is the cluster bootstrap
+            resampled_auc,
+            n_resamples=n,
+            vectorized=False,
+            batch=100,  # bounds the (batch, patients) array of drawn indices
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+    aucs = result.bootstrap_distribution[~np.isnan(result.bootstrap_distribution)]
+    if aucs.size == 0:
+        return [math.nan, math.nan]
+    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+
+
+def calibration(targets: np.ndarray, probs: np.ndarray, n_bins: int = CALIBRATION_BINS) -> dict:
+    """Brier score, expected calibration error (ECE) and the reliability curve over n_bins equal-width bins."""
+    frac_positive, mean_predicted = calibration_curve(targets, probs, n_bins=n_bins, strategy="uniform")
+    # calibration_curve gives the non-empty bins' fractions but not how many images each holds, which ECE weights
+    # them by (sklearn has no ECE): count them with calibration_curve's own binning, searchsorted on inner edges
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], probs), minlength=n_bins)
+    counts = counts[counts > 0]
+    return {
+        "brier": float(brier_score_loss(targets, probs)),
+        "ece": float(np.sum(counts * np.abs(frac_positive - mean_predicted)) / counts.sum()),
+        "n_bins": n_bins,
+        "bins": [
+            {"mean_predicted": float(m), "fraction_melanoma": float(f), "images": int(c)}
+            for m, f, c in zip(mean_predicted, frac_positive, counts, strict=True)
+        ],
+    }
+
+
+def threshold_for_sensitivity(targets: np.ndarray, probs: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold that still flags at least `sensitivity` of the melanomas."""
+    positives = np.sort(probs[targets == 1])[::-1]
+    return float(positives[math.ceil(sensitivity * len(positives)) - 1])
+
+
+def confusion(targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, int]:
+    predicted = probs >= threshold
+    return {
+        "tn": int(np.sum(~predicted & (targets == 0))),
+        "fp": int(np.sum(predicted & (targets == 0))),
+        "fn": int(np.sum(~predicted & (targets == 1))),
+        "tp": int(np.sum(predicted & (targets == 1))),
+    }
+
+
+def compute_metrics(
+    frame: pd.DataFrame,
+    threshold: float,
+    n_bootstrap: int,
+    seed: int,
+    fit: pd.DataFrame | None = None,
+    fitted_on: str = IN_SAMPLE,
+) -> dict:
+    """The metrics of `frame` (image_name, target, prob, optional patient_id). The 90 %-sensitivity threshold is
+    fitted on `fit` (other rows, described by `fitted_on`), or on `frame` itself when fit is None."""
+    targets, probs = frame["target"].to_numpy(), frame["prob"].to_numpy()
+    at_threshold = binary_metrics(targets, probs, threshold)
+    fit = frame if fit is None else fit
+    sens_threshold = threshold_for_sensitivity(fit["target"].to_numpy(), fit["prob"].to_numpy(), TARGET_SENSITIVITY)
+    at_sensitivity = binary_metrics(targets, probs, sens_threshold)
+    by_patient = "patient_id" in frame.columns and frame["patient_id"].notna().any()
+    groups = patient_groups(frame) if by_patient else None
+    return {
+        "n_images": len(frame),
+        "n_melanoma": int(targets.sum()),
+        "roc_auc": at_threshold["auc"],
+        "roc_auc_ci95": bootstrap_auc(targets, probs, n_bootstrap, seed, groups),
+        "n_bootstrap": n_bootstrap,
+        "bootstrap_unit": "patient" if by_patient else "image",
+        "n_bootstrap_units": len(set(groups)) if by_patient else len(frame),
+        "pauc_above_80_tpr": partial_auc_above_tpr(targets, probs),
+        "average_precision": float(average_precision_score(targets, probs)),
+        "calibration": calibration(targets, probs),
+        "at_threshold": {
+            "threshold": threshold,
+            **{key: at_threshold[key] for key in ("acc", "balanced_acc", "sensitivity", "specificity")},
+            "confusion_matrix": confusion(targets, probs, threshold),
+        },
+        "at_90_sensitivity": {
+            "threshold": sens_threshold,
+            "threshold_fitted_on": fitted_on,
+            **{key: at_sensitivity[key] for key in ("acc", "balanced_acc", "sensitivity", "specificity")},
+            "confusion_matrix": confusion(targets, probs, sens_threshold),
+        },
+    }
+
+
+def json_ready(value: object) -> object:
+    """NaN is not JSON: write null instead."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_ready(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

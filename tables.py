@@ -1,0 +1,305 @@
+"""The Kaggle-layout tables: reading the CSVs as Excel and Windows write them, checking every row, the 1st-place
+metadata encoding fitted on training rows, and patient-grouped folds."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from image_files import image_file_problem, is_plain_name
+from utils import UserError
+
+META_FEATURES = ("sex", "age", "site", "n_images", "image_size")
+SITE_COLUMN = "anatom_site_general_challenge"
+MAX_AGE = 120
+AGE_RULE = f"ages must be numbers from 0 to {MAX_AGE}"  # every reader of ages refuses others in these words
+
+# --------------------------------------------------------------------------- the Kaggle layout
+
+
+def find_train_csv(data_dir: Path) -> Path:
+    """train.csv, or train_concat.csv as shipped in the Kaggle melanoma-external-malignant-256 folder."""
+    for name in ("train.csv", "train_concat.csv"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise UserError(f"no train.csv or train_concat.csv in {data_dir}: point --data-dir at the unpacked Kaggle folder.")
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """Reads a CSV also as Excel and Windows write it: a UTF-8 byte-order mark, CRLF line ends, `;` (then with
+    decimal commas) or tab separators, spaces around header names and cells. image_name and patient_id stay text
+    (leading zeros kept). Empty cells, cells of spaces and pandas' NA strings ("NaN", "NA", "null", ...) are
+    missing."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            header = handle.readline()
+        separator = max(",;\t", key=header.count)  # a comma when the header has a single column
+        options = {"sep": separator, "decimal": "," if separator == ";" else ".", "encoding": "utf-8-sig"}
+        names = pd.read_csv(path, nrows=0, **options).columns
+        text = {name: str for name in names if str(name).strip() in ("image_name", "patient_id")}
+        frame = pd.read_csv(path, dtype=text, **options)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty: it needs a header line and one row per image.") from None
+    except UnicodeDecodeError:
+        raise UserError(f'{path} is not UTF-8 text: save it as "CSV UTF-8" (Excel) or re-download it.') from None
+    except pd.errors.ParserError as error:
+        raise UserError(
+            f"{path} is not a readable CSV ({str(error).splitlines()[0]}): fix or re-download it."
+        ) from None
+    frame.columns = [str(name).strip() for name in frame.columns]
+    repeated = frame.columns[frame.columns.duplicated()]
+    if len(repeated):
+        raise UserError(f"{path} has the column {repeated[0]} twice: keep one of them.")
+    for name in frame.columns:
+        if pd.api.types.is_string_dtype(frame[name]) or frame[name].dtype == object:
+            cells = frame[name].map(lambda cell: cell.strip() if isinstance(cell, str) else cell)
+            frame[name] = cells.mask(cells == "")
+    if frame.empty:
+        raise UserError(f"{path} has a header but no rows: it needs one row per image.")
+    return frame
+
+
+def _cell_text(value: object) -> str:
+    """A cell as the user wrote it, near enough: 150 rather than 150.0 for a column pandas read as numbers."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path} lacks the column(s) {', '.join(missing)}: the Kaggle layout has "
+            f"image_name, patient_id, sex, age_approx, {SITE_COLUMN}, target."
+        )
+
+
+def read_melanoma_table(
+    data_dir: str | Path, split: str, use_meta: bool, require_target: bool, bad_images: str = "fail"
+) -> pd.DataFrame:
+    """Reads the train or test CSV of a Kaggle-layout folder and checks it.
+
+    Image files that are empty, not JPEG/PNG, or truncated (no end marker) stop the run (bad_images="fail") or
+    are left out with a count (bad_images="skip").
+
+    Adds `filepath` (the JPEG at <data-dir>/<split>/<split>/<image_name>.jpg). Every check ends in a
+    UserError naming the file and the fix.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {data_dir} does not exist: pass --data-dir with the unpacked Kaggle folder.")
+    if split == "train":
+        csv_path = find_train_csv(data_dir)
+    else:
+        csv_path = data_dir / "test.csv"
+        if not csv_path.is_file():
+            raise UserError(f"no test.csv in {data_dir}: the Kaggle folder has test.csv beside train.csv.")
+    frame = read_csv(csv_path)
+    required = ["image_name"]
+    if require_target:
+        required.append("target")
+    if use_meta:
+        required += ["sex", "age_approx", SITE_COLUMN]
+    _require_columns(frame, required, csv_path)
+
+    if frame["image_name"].isna().any():
+        row = int(np.flatnonzero(frame["image_name"].isna())[0]) + 2
+        raise UserError(f"{csv_path} line {row} has no image_name: every row must name its image.")
+    paths = [row for row, name in enumerate(frame["image_name"]) if not is_plain_name(name)]
+    if paths:
+        raise UserError(
+            f"{csv_path} line {paths[0] + 2} has image_name {frame['image_name'].iloc[paths[0]]!r}, a path rather "
+            f"than a file name: give the bare name of an image in {split}/{split}/ (no /, \\ or ..)."
+        )
+    duplicated = frame["image_name"].duplicated()
+    if duplicated.any():
+        name = frame["image_name"][duplicated].iloc[0]
+        raise UserError(f"{csv_path} lists image {name} twice: remove the duplicate row.")
+    if require_target:
+        target = pd.to_numeric(frame["target"], errors="coerce")
+        bad = ~target.isin([0, 1])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(
+                f"{csv_path} line {row + 2} has target {_cell_text(frame['target'].iloc[row])!r}: targets must be 0 "
+                "or 1."
+            )
+        frame["target"] = target.astype(int)
+    if "age_approx" in frame.columns:
+        # refused rather than treated as missing: an age of -5, 999 or inf is a typo or a unit mix-up that
+        # only the user can resolve, and a silently dropped age would change the model's input unnoticed
+        bad = implausible_ages(frame["age_approx"])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(
+                f"{csv_path} line {row + 2} has age_approx {_cell_text(frame['age_approx'].iloc[row])!r}: "
+                f"{AGE_RULE}, or empty."
+            )
+        frame["age_approx"] = pd.to_numeric(frame["age_approx"], errors="coerce")
+
+    image_dir = data_dir / split / split
+    if not image_dir.is_dir():
+        raise UserError(f"image folder {image_dir} does not exist: the Kaggle layout keeps images in {split}/{split}/.")
+    frame["filepath"] = [str(image_dir / f"{name}.jpg") for name in frame["image_name"]]
+    missing = [path for path in frame["filepath"] if not os.path.isfile(path)]
+    if missing:
+        raise UserError(
+            f"{len(missing)} image(s) listed in {csv_path} are missing, first {missing[0]}: "
+            "restore them or remove their rows."
+        )
+    damaged = [(path, problem) for path in frame["filepath"] if (problem := image_file_problem(path))]
+    if damaged and bad_images == "fail":
+        path, problem = damaged[0]
+        raise UserError(
+            f"{len(damaged)} image(s) listed in {csv_path} are damaged, first {path} ({problem}): replace them, "
+            "or pass --bad-images skip to leave them out."
+        )
+    if damaged:
+        print(f"notice: left out {len(damaged)} damaged image(s) of {csv_path}, first {damaged[0][0]}", flush=True)
+        frame = frame[~frame["filepath"].isin({path for path, _ in damaged})]
+        if frame.empty:
+            raise UserError(f"every image listed in {csv_path} is damaged: re-download the data set.")
+    return frame.reset_index(drop=True)
+
+
+def implausible_ages(ages: pd.Series) -> pd.Series:
+    """True where a cell holds something other than an age from 0 to MAX_AGE; empty cells are fine (missing)."""
+    return ages.notna() & ~pd.to_numeric(ages, errors="coerce").between(0, MAX_AGE)
+
+
+# --------------------------------------------------------------------------- metadata encoding
+
+
+class MetaEncoder:
+    """The 1st-place SIIM-ISIC metadata, fitted on training rows only and stored in the checkpoint.
+
+    sex: male 1, female 0, missing -1; age: age/90, missing filled with the training median; site: one-hot
+    over the training sites plus a `missing` column that also takes sites never seen in training;
+    n_images: log1p(images of the patient), a row without patient_id being a patient of its own;
+    image_size: log(JPEG bytes).
+    """
+
+    def __init__(self, features: Sequence[str] = META_FEATURES) -> None:
+        unknown = set(features) - set(META_FEATURES)
+        if unknown:
+            raise UserError(f"unknown metadata feature(s) {sorted(unknown)}: choose from {', '.join(META_FEATURES)}.")
+        self.features = list(features)
+        self.sites: list[str] = []
+        self.age_fill = 0.0
+        self.fitted = False
+
+    def fit(self, frame: pd.DataFrame) -> MetaEncoder:
+        if "site" in self.features:
+            self.sites = sorted(frame[SITE_COLUMN].dropna().astype(str).unique().tolist())
+        if "age" in self.features:
+            median = _plausible_ages(frame).median()
+            self.age_fill = float(median) if not math.isnan(median) else 50.0
+        self.fitted = True
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = []
+        for feature in self.features:
+            if feature == "site":
+                names += [f"site_{site}" for site in self.sites] + ["site_missing"]
+            else:
+                names.append(feature)
+        return names
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        if not self.fitted:
+            raise RuntimeError("MetaEncoder.transform called before fit")
+        columns = []
+        for feature in self.features:
+            if feature == "sex":
+                sex = frame["sex"].astype("string").str.strip().str.lower().map({"male": 1.0, "female": 0.0})
+                columns.append(sex.astype(float).fillna(-1.0).to_numpy()[:, None])
+            elif feature == "age":
+                age = _plausible_ages(frame).fillna(self.age_fill) / 90.0
+                columns.append(age.to_numpy(dtype=float)[:, None])
+            elif feature == "site":
+                site = frame[SITE_COLUMN].astype("string")
+                one_hot = np.zeros((len(frame), len(self.sites) + 1))
+                index = {name: i for i, name in enumerate(self.sites)}
+                for row, value in enumerate(site):
+                    one_hot[row, index.get(value, len(self.sites)) if not pd.isna(value) else len(self.sites)] = 1
+                columns.append(one_hot)
+            elif feature == "n_images":
+                columns.append(np.log1p(images_per_patient(frame))[:, None])
+            elif feature == "image_size":
+                sizes = np.array([os.path.getsize(path) for path in frame["filepath"]], dtype=float)
+                columns.append(np.log(np.maximum(sizes, 1.0))[:, None])
+        return np.concatenate(columns, axis=1).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        return {"features": list(self.features), "sites": list(self.sites), "age_fill": self.age_fill}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> MetaEncoder:
+        encoder = cls(state["features"])
+        encoder.sites = list(state["sites"])
+        encoder.age_fill = float(state["age_fill"])
+        encoder.fitted = True
+        return encoder
+
+
+def _plausible_ages(frame: pd.DataFrame) -> pd.Series:
+    """age_approx as numbers, NaN where missing or outside 0..MAX_AGE. The CSV readers refuse such ages; this
+    keeps the encoding finite for frames built elsewhere (predict.py's --age, a caller's own table)."""
+    age = pd.to_numeric(frame["age_approx"], errors="coerce").astype(float)
+    return age.where(age.between(0, MAX_AGE))
+
+
+def images_per_patient(frame: pd.DataFrame) -> np.ndarray:
+    """Counts each patient's images within `frame`; a row without patient_id counts 1 (its own patient),
+    so that unlabelled external images do not pool into one giant "patient" that leaks the label."""
+    if "patient_id" not in frame.columns:
+        return np.ones(len(frame))
+    patient = frame["patient_id"].astype("string")
+    counts = patient.map(patient.value_counts())
+    return counts.astype(float).fillna(1.0).to_numpy()
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def patient_groups(frame: pd.DataFrame) -> np.ndarray:
+    """Group label per row: its patient_id, or a unique label for a row without one."""
+    if "patient_id" not in frame.columns:
+        return np.array([f"row-{i}" for i in range(len(frame))])
+    patient = frame["patient_id"].astype("string")
+    return np.array([f"row-{i}" if pd.isna(value) else f"pid-{value}" for i, value in enumerate(patient)])
+
+
+def make_folds(frame: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
+    """Fold index per row: stratified by target, grouped by patient (no patient on both sides)."""
+    groups = patient_groups(frame)
+    n_groups = len(set(groups))
+    if n_folds < 2 or n_groups < n_folds:
+        raise UserError(f"--n-folds {n_folds} needs at least 2 folds and as many patients ({n_groups} here).")
+    largest_class = int(frame["target"].value_counts().max())
+    if largest_class < n_folds:  # StratifiedGroupKFold needs one class with an image in every fold
+        raise UserError(
+            f"--n-folds {n_folds} needs at least {n_folds} images of one class, the largest class has "
+            f"{largest_class}: use fewer folds or add images."
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = np.full(len(frame), -1, dtype=int)
+    with warnings.catch_warnings():
+        # "the least populated class has only N members": a fold without one class is refused in one sentence
+        # where it matters (train.py's validation fold), not in a library warning ahead of it
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        for fold, (_, valid_index) in enumerate(splitter.split(np.zeros(len(frame)), frame["target"], groups)):
+            folds[valid_index] = fold
+    return folds
