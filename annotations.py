@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from artifacts import DEFAULT_BIAS_HEADS
+from artifacts import DEFAULT_ARTIFACT_HEADS
 from image_files import IMAGE_EXTENSIONS, is_plain_name
 from utils import UserError
 
@@ -37,7 +37,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def read_bias_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd.DataFrame, list[str], np.ndarray]:
+def read_artifact_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd.DataFrame, list[str], np.ndarray]:
     """Reads an artifact annotation file; returns (frame, heads, labels).
 
     Two forms are accepted:
@@ -87,13 +87,13 @@ def read_bias_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd.Dat
         if not rows:
             raise UserError(f"{path} has a header but no rows: add one line per image.")
     else:
-        if len(first) != len(DEFAULT_BIAS_HEADS) + 1:
+        if len(first) != len(DEFAULT_ARTIFACT_HEADS) + 1:
             raise UserError(
                 f"{path} line {first_number} has {len(first) - 1} labels without a header; the headerless form "
-                f"has {len(DEFAULT_BIAS_HEADS)} ({','.join(DEFAULT_BIAS_HEADS)}): fix the line or add a header line "
-                "naming the heads."
+                f"has {len(DEFAULT_ARTIFACT_HEADS)} ({','.join(DEFAULT_ARTIFACT_HEADS)}): fix the line or add a "
+                "header line naming the heads."
             )
-        columns = list(DEFAULT_BIAS_HEADS)
+        columns = list(DEFAULT_ARTIFACT_HEADS)
     keep = [
         i for i, name in enumerate(columns) if not (name.endswith(PROB_SUFFIX) and name[: -len(PROB_SUFFIX)] in columns)
     ]

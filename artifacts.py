@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 # the artifact heads of the detector and the columns of the headerless annotation file, in this order
-DEFAULT_BIAS_HEADS = ("hair_dense", "hair_short", "hair_medium", "black_frame", "ruler_mark", "other")
+DEFAULT_ARTIFACT_HEADS = ("hair_dense", "hair_short", "hair_medium", "black_frame", "ruler_mark", "other")
 HAIR_KINDS = ("hair_dense", "hair_short", "hair_medium")
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from annotations import read_bias_annotations
+from annotations import read_artifact_annotations
 from artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
 from dataset import valid_transforms
 from features import lesion_features
@@ -183,7 +183,7 @@ def audited_rows(args: argparse.Namespace, loaded: LoadedModel) -> tuple[pd.Data
 
 def artifact_labels(path: str, image_dir: Path, names: pd.Series) -> tuple[pd.DataFrame, list[str]]:
     """The annotation file's 0/1 labels (NaN: not annotated) aligned with `names`."""
-    annotations, heads, labels = read_bias_annotations(path, image_dir)
+    annotations, heads, labels = read_artifact_annotations(path, image_dir)
     table = pd.DataFrame(labels, columns=heads)
     table.index = [image_name(name) for name in annotations["image_name"]]
     aligned = table.reindex(names.tolist()).reset_index(drop=True)

@@ -4,9 +4,10 @@
     python bench.py --mode predict --image-size 128 --batch-size 32 --data-dir ../shared/data/isic2018
 
 --mode train (the default) measures (a) the bare model's train step (forward, backward, optimizer step) and
-inference on random tensors, (b) the data pipeline alone (JPEG decode + augmentation, images/s in one process = per
-worker), (c) the end-to-end training loop of train.py (same Dataset, DataLoader, train_one_epoch) on a data dir,
-and (d) peak memory. The end-to-end figure over the bare step says how much the loop loses to its data.
+inference on random tensors, (b) the data pipeline alone (JPEG decode + augmentation: images/s in one process = per
+worker, or with --data-path gpu the device pipeline's images/s on the device), (c) the end-to-end training loop of
+train.py (same loader, train_one_epoch) on a data dir, and (d) peak memory. The end-to-end figure over the bare step
+says how much the loop loses to its data. --data-path picks where (b) and (c) decode and augment, as in train.py.
 
 --mode predict measures, interleaved (best of --repeats, after a warm-up of every shape):
   bare       the bare model's forward pass on random tensors of --batch-size images (no data loading)
@@ -34,11 +35,12 @@ import cv2
 import pandas as pd
 import torch
 
+import device_data as dd
 from config import add_compile_flag
-from dataset import EpochSampler, ImageDataset, train_transforms
+from dataset import EpochSampler
 from engine import compile_for_training
 from inference import LoadedModel, load_melanoma_model, predict_probabilities
-from loops import make_loader, train_one_epoch
+from loops import Images, Preparation, device_pipeline, image_dataset, image_loader, train_one_epoch
 from models import ENET_TYPES, MelanomaNet, input_normalization
 from tables import MetaEncoder, read_melanoma_table
 from train import melanoma_loss
@@ -70,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-dir", default=None, help="Kaggle-layout folder: train mode's data and loop parts, predict mode's images"
     )
     parser.add_argument("--num-workers", type=int, default=default_num_workers(), help="data-loading processes")
+    parser.add_argument(
+        "--data-path",
+        default="auto",
+        choices=dd.DATA_PATHS,
+        help="train mode: decode and augment in the workers (cpu) or on the device (gpu); auto: gpu on CUDA",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--steps", type=int, default=10, help="train mode: timed steps per measurement (after warm-up)")
     parser.add_argument(
@@ -161,43 +169,68 @@ def forward_throughput(
     return steps * batch / (time.perf_counter() - started)
 
 
-def training_dataset(args: argparse.Namespace, start: int = 0, stop: int | None = None) -> tuple[ImageDataset, int]:
+def training_images(args: argparse.Namespace, n_images: int) -> Images:
+    """The first `n_images` training rows of --data-dir, with their encoded metadata under --use-meta."""
     frame = read_melanoma_table(args.data_dir, "train", use_meta=args.use_meta, require_target=True)
-    frame = frame.iloc[start:stop].reset_index(drop=True)
+    frame = frame.head(n_images).reset_index(drop=True)
     meta = MetaEncoder().fit(frame).transform(frame) if args.use_meta else None
-    dataset = ImageDataset(frame["filepath"], train_transforms(args.image_size), meta, frame["target"], augment_seed=0)
-    return dataset, 0 if meta is None else meta.shape[1]
+    return Images(frame["filepath"].tolist(), meta, frame["target"].to_numpy())
 
 
-def bench_data_pipeline(args: argparse.Namespace) -> float:
-    """Decode + augment images/s in this one process: what each DataLoader worker delivers."""
-    dataset, _ = training_dataset(args)
-    cv2.setNumThreads(1)  # as make_loader sets it for the workers
-    n_images = min(args.data_images, len(dataset))
-    for index in range(min(10, n_images)):
-        dataset[(0, index)]
+def full_augmentation(args: argparse.Namespace) -> Preparation:
+    """train.py's training images at --image-size with the full 1st-place augmentation."""
+    mean, std = input_normalization(args.enet_type)
+    return Preparation(args.image_size, mean, std, "full", seed=0)
+
+
+def bench_data_pipeline(args: argparse.Namespace, device: torch.device, data_path: str) -> float:
+    """Decode + augment images/s. On the CPU path in this one process: what each DataLoader worker delivers. On the
+    device path the device pipeline's, batch by batch, from bytes read beforehand (the workers' part)."""
+    images, prep = training_images(args, args.data_images), full_augmentation(args)
+    n_images = len(images.filepaths)
+    if data_path == "cpu":
+        dataset = image_dataset(images, prep)
+        cv2.setNumThreads(1)  # as make_loader sets it for the workers
+        for index in range(min(10, n_images)):
+            dataset[(0, index)]
+        started = time.perf_counter()
+        for index in range(n_images):
+            dataset[(1, index)]
+        return n_images / (time.perf_counter() - started)
+    dataset = dd.ByteDataset(images.filepaths, images.side, images.targets)
+    pipeline = device_pipeline(prep, device)
+    items, size = [dataset[index] for index in range(n_images)], args.batch_size
+    batches = [dd.collate_bytes(items[start : start + size]) for start in range(0, n_images, size)]
+    pipeline(batches[0], 0, 0)  # warm-up: the first call sets up the decoder and kernels
+    synchronize(device)
     started = time.perf_counter()
-    for index in range(n_images):
-        dataset[(1, index)]
+    for index, batch in enumerate(batches):
+        pipeline(batch, 1, index)
+    synchronize(device)
     return n_images / (time.perf_counter() - started)
 
 
-def bench_training_loop(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> float:
-    """train.py's loop (DataLoader, workers, transfers, loss bookkeeping, scheduler) on real files.
+def bench_training_loop(
+    args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None, data_path: str
+) -> float:
+    """train.py's loop (loader, workers, transfers, loss bookkeeping, scheduler) on real files, on `data_path`.
 
     Like train.py, one loader with persistent workers serves every epoch: the first epoch over the images is the
     warm-up (worker start, first allocations), the second is timed, from the first batch request to the last step."""
     n_timed = args.steps * args.batch_size
-    dataset, n_meta = training_dataset(args, 0, n_timed)
-    if len(dataset) < n_timed:
+    images = training_images(args, n_timed)
+    if len(images.filepaths) < n_timed:
         raise SystemExit(f"--data-dir has too few images for {args.steps} steps of {args.batch_size}: lower --steps")
+    n_meta = 0 if images.side is None else images.side.shape[1]
     model = compile_for_training(build_model(args, device, n_meta), args.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
     scaler = make_grad_scaler(device, amp_dtype)
     loss_fn = melanoma_loss(1)
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=0)
-    loader = make_loader(dataset, sampler, args.batch_size, args.num_workers, device, drop_last=True)
+    sampler = EpochSampler(n_timed, shuffle=True, seed=0)
+    loader = image_loader(
+        images, full_augmentation(args), sampler, args.batch_size, args.num_workers, device, data_path, drop_last=True
+    )
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         synchronize(device)
@@ -214,7 +247,8 @@ def bench_training(args: argparse.Namespace, device: torch.device, amp_dtype: to
     parts = set(args.only.split(","))
     if args.data_dir is None:
         parts -= {"data", "loop"}
-    result = {}
+    data_path = dd.resolve_data_path(args.data_path, device)
+    result = {"data_path": data_path}
     if "model" in parts:
         result["model_train_img_s"] = bench_model_step(args, device, amp_dtype)
     if "infer" in parts:
@@ -223,9 +257,10 @@ def bench_training(args: argparse.Namespace, device: torch.device, amp_dtype: to
             model, args.batch_size, args.image_size, args.steps, args.warmup, args, device, amp_dtype
         )
     if "data" in parts:
-        result["data_img_s_per_worker"] = bench_data_pipeline(args)
+        data_key = "data_img_s_per_worker" if data_path == "cpu" else "data_img_s_on_device"
+        result[data_key] = bench_data_pipeline(args, device, data_path)
     if "loop" in parts:
-        result["loop_train_img_s"] = bench_training_loop(args, device, amp_dtype)
+        result["loop_train_img_s"] = bench_training_loop(args, device, amp_dtype, data_path)
         if "model_train_img_s" in result:
             result["loop_over_model"] = result["loop_train_img_s"] / result["model_train_img_s"]
     return result
@@ -311,8 +346,11 @@ def bench_prediction(args: argparse.Namespace, device: torch.device, amp_dtype: 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
-        if args.mode == "predict" and (args.use_meta or args.compile):
-            raise UserError("--use-meta and --compile apply to --mode train: predict mode times --model-path as is.")
+        if args.mode == "predict" and (args.use_meta or args.compile or args.data_path != "auto"):
+            raise UserError(
+                "--use-meta, --compile and --data-path apply to --mode train: predict mode times predict.py's own "
+                "path with --model-path as is."
+            )
         if args.threads:
             torch.set_num_threads(args.threads)
         device = select_device(args.device)
@@ -342,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings += f"{model}_{result['image_size']}px_bs{args.batch_size}_{result['precision']}"
         settings += "_cl" if args.channels_last else ""
         settings += "_compile" if args.compile else ""
+        settings += "_gpudata" if result.get("data_path") == "gpu" else ""
         path = Path(args.json or f"bench_results/{device.type}_{settings}.json")
         write_text_atomic(path, json.dumps(result, indent=2) + "\n")
         print(f"written {path}")

@@ -17,8 +17,9 @@ from torch import nn
 from utils import UserError, atomic_path, temp_files_of, to_plain
 
 CHECKPOINT_FORMAT = 1
-# the "kind" a checkpoint carries on disk; the artifact detector's files say "bias", the word models.py and every
-# file written so far use, and are read as the artifact kind
+# the "kind" a checkpoint carries on disk. The artifact detector's files say "bias", the original code's word for
+# artifact: every detector file written so far holds it, so new files keep writing it (older versions of this
+# project read them) and kind_of reads it as the artifact kind
 KIND_ON_DISK = {"melanoma": "melanoma", "artifact": "bias"}
 WRITERS = {"melanoma": "train.py", "artifact": "multi_classification.py"}
 READERS = {"melanoma": "train.py / predict.py", "artifact": "multi_classification.py"}

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from dataset import AUGMENTATIONS
+from device_data import DATA_PATHS
 from image_files import MIN_IMAGE_SIZE
 from models import ENET_TYPES
 from tables import META_FEATURES
@@ -96,6 +97,13 @@ def add_training_flags(parser: argparse.ArgumentParser, trainer: str) -> None:
         type=int,
         default=default_num_workers(),
         help="data-loading processes (default: half the cores, at most 8)",
+    )
+    add(
+        "--data-path",
+        default="auto",
+        choices=DATA_PATHS,
+        help="where images are decoded and augmented: cpu (in the data-loading processes), gpu (in batches on the "
+        "training device, nvJPEG on CUDA; the same code runs on the CPU) or auto (gpu on CUDA, else cpu; default)",
     )
     add("--seed", type=int, default=any_weights["seed"], help="initialisation, shuffling and augmentation")
     weights = parser.add_mutually_exclusive_group()
@@ -256,6 +264,7 @@ class RunConfig:
     batch_size: int
     init_lr: float
     num_workers: int
+    data_path: str
     seed: int
     pretrained: bool
     pretrained_weights: str | None

@@ -24,7 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # --------------------------------------------------------------------------- augmentations
 
 
-AUGMENTATIONS = ("full", "light", "none")
+AUGMENTATIONS = ("full", "light", "none")  # --augment's
+TRAINING_AUGMENTATIONS = (*AUGMENTATIONS, "artifact")  # and the artifact detector's own
 
 
 def train_transforms(
@@ -36,12 +37,15 @@ def train_transforms(
     """Training augmentation. "full" is the 1st-place SIIM-ISIC pipeline in the albumentations 2.x API; "light"
     keeps only geometric changes (flips, transposes, any rotation, small shift and scale, reflected borders):
     colour is much of the signal, and a network learning from random weights on a small set does not get past
-    colour jitter, blur and cutout; "none" only resizes and normalises.
+    colour jitter, blur and cutout; "none" only resizes and normalises (valid_transforms); "artifact" is the
+    detector's (artifact_train_transforms).
 
     The resize comes first rather than last: every later step then works on image_size pixels instead of the
     file's, which is several times cheaper when training below the stored resolution, and equivalent in
     distribution. ElasticTransform uses its approximate form (about 5x faster, same look).
     """
+    if strength == "artifact":
+        return artifact_train_transforms(image_size, mean, std)
     resize, normalize = A.Resize(image_size, image_size), A.Normalize(mean=tuple(mean), std=tuple(std))
     dihedral = [A.Transpose(p=0.5), A.VerticalFlip(p=0.5), A.HorizontalFlip(p=0.5)]
     jitter = A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75)
@@ -62,7 +66,9 @@ def train_transforms(
         )
         return A.Compose([resize, *dihedral, rotate, normalize])
     if strength != "full":
-        raise UserError(f"unknown augmentation strength {strength!r}: choose one of {', '.join(AUGMENTATIONS)}.")
+        raise UserError(
+            f"unknown augmentation strength {strength!r}: choose one of {', '.join(TRAINING_AUGMENTATIONS)}."
+        )
     return A.Compose(
         [
             resize,
@@ -102,7 +108,7 @@ def valid_transforms(
     return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean=tuple(mean), std=tuple(std))])
 
 
-def bias_train_transforms(
+def artifact_train_transforms(
     image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> A.Compose:
     """Augmentations for the artifact detector: flips, transposes, colour and mild noise, nothing that adds or

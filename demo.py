@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
             announce("train.py", command)
             results[name] = train.main(command)["mean_auc"]
 
-        bias_model = weights / "demo_artifacts.pth"
+        artifact_model = weights / "demo_artifacts.pth"
         annotations = data_dir / "gans_biases.csv"
         common = ["--img_path", str(data_dir / "train" / "train"), "--ann_path", str(annotations)]
-        common += ["--model_path", str(bias_model), "--image_size", str(args.image_size)]
+        common += ["--model_path", str(artifact_model), "--image_size", str(args.image_size)]
         # the default batch of 16 and three times the epochs: from random weights the small marks (ink, stubble)
         # need that many optimiser steps before every head clears 0.9 whatever the seed
         train_command = [*common, "--mode", "train", "--epochs", str(3 * args.n_epochs)]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  data set:            {data_dir}")
         print(f"  melanoma models:     {weights}/demo_*_best.pth, _final.pth, _last.pth")
         print(f"  logs and metrics:    {logs}/log_*.txt, metrics_*.jsonl, oof_*.csv")
-        print(f"  artifact model:      {bias_model} (per-head metrics beside it)")
+        print(f"  artifact model:      {artifact_model} (per-head metrics beside it)")
         print(f"  artifact labels:     {save_path}")
         print(
             f"melanoma validation AUC: image only {results['image_only']:.3f}, with metadata {results['with_meta']:.3f}"

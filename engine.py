@@ -7,6 +7,7 @@ best/last/final checkpoints and the history file."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -39,7 +40,16 @@ from distributed import (
     teardown_world,
     wrap_for_world,
 )
-from loops import LossFn, make_loader, predict_logits, refresh_batchnorm, train_one_epoch
+from loops import (
+    Images,
+    Loader,
+    LossFn,
+    Preparation,
+    image_loader,
+    predict_logits,
+    refresh_batchnorm,
+    train_one_epoch,
+)
 from utils import (
     make_grad_scaler,
     resolve_precision,
@@ -81,8 +91,9 @@ class Task:
     kind: str  # "melanoma" or "artifact": the checkpoints' kind
     name: str  # the run, in messages
     net: nn.Module  # built and seeded, on the CPU
-    train_set: torch.utils.data.Dataset
-    valid_set: torch.utils.data.Dataset
+    train_images: Images
+    valid_images: Images
+    preparation: Preparation  # of the training images; the validation images are prepared without augmentation
     shuffle_seed: int
     loss_fn: LossFn
     score: Callable[[Epoch], Scored]
@@ -175,24 +186,28 @@ def make_warmup_cosine(
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
-def make_loaders(
-    task: Task, config: RunConfig, world: World, device: torch.device
-) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """Shuffled training batches, each process its share, and the validation items in order."""
-    train_sampler = EpochSampler(len(task.train_set), True, task.shuffle_seed, world.rank, world.size)
-    batch_size = batch_for_share(config.batch_size, len(task.train_set), world, "--batch-size")
+def make_loaders(task: Task, config: RunConfig, world: World, device: torch.device) -> tuple[Loader, Loader]:
+    """Shuffled training batches, each process its share, and the validation items in order; each process
+    decodes its own share, on the side --data-path says."""
+    n_train = len(task.train_images.filepaths)
+    train_sampler = EpochSampler(n_train, True, task.shuffle_seed, world.rank, world.size)
+    batch_size = batch_for_share(config.batch_size, n_train, world, "--batch-size")
     # drop_last keeps BatchNorm away from a final batch of one image
     drop_last = len(train_sampler) > batch_size
-    train_loader = make_loader(task.train_set, train_sampler, batch_size, config.num_workers, device, drop_last)
-    valid_sampler = EpochSampler(len(task.valid_set), False, 0, world.rank, world.size)
-    valid_loader = make_loader(task.valid_set, valid_sampler, config.batch_size, config.num_workers, device)
+    common = {"num_workers": config.num_workers, "device": device, "data_path": config.data_path, "rank": world.rank}
+    train_loader = image_loader(
+        task.train_images, task.preparation, train_sampler, batch_size, drop_last=drop_last, **common
+    )
+    valid_sampler = EpochSampler(len(task.valid_images.filepaths), False, 0, world.rank, world.size)
+    no_augmentation = dataclasses.replace(task.preparation, strength="none")
+    valid_loader = image_loader(task.valid_images, no_augmentation, valid_sampler, config.batch_size, **common)
     return train_loader, valid_loader
 
 
 def validate(
     net: nn.Module,
-    train_loader: torch.utils.data.DataLoader,
-    valid_loader: torch.utils.data.DataLoader,
+    train_loader: Loader,
+    valid_loader: Loader,
     config: RunConfig,
     world: World,
     device: torch.device,

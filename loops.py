@@ -1,10 +1,12 @@
 """The passes over a DataLoader that training and inference share: one training epoch, a BatchNorm refresh and
-prediction, and the DataLoader itself."""
+prediction, and the loader itself: images decoded and augmented in the DataLoader workers (--data-path cpu) or on
+the training device (gpu, device_data)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -12,10 +14,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import device_data as dd
+from dataset import ImageDataset, train_transforms
 from distributed import World, mean_over_world
 from utils import UserError, autocast
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Loader = torch.utils.data.DataLoader | dd.DeviceBatches  # what image_loader makes: the loops read either
 
 
 def make_loader(
@@ -25,6 +30,7 @@ def make_loader(
     num_workers: int,
     device: torch.device,
     drop_last: bool = False,
+    collate_fn: Callable[[list], dict] | None = None,
 ) -> torch.utils.data.DataLoader:
     """Pinned memory and persistent, prefetching workers on a GPU box; plain in-process loading with 0 workers.
 
@@ -40,9 +46,65 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
+        collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+@dataclass(frozen=True)
+class Images:
+    """A loader's rows: image files, with their side inputs (metadata, lesion features) and targets where any."""
+
+    filepaths: Sequence[str]
+    side: np.ndarray | None = None
+    targets: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How a file becomes the network's input: resized to `size` x `size`, augmented at `strength` (one of
+    dataset.TRAINING_AUGMENTATIONS, reproducibly from `seed`), normalised with `mean` and `std` (0-1 scale)."""
+
+    size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    strength: str = "none"
+    seed: int = 0
+
+
+def image_loader(
+    images: Images,
+    preparation: Preparation,
+    sampler: torch.utils.data.Sampler,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    data_path: str,
+    rank: int = 0,
+    drop_last: bool = False,
+) -> Loader:
+    """Batches of `images` as the loops read them, {"image", "meta"?, "target"?}, prepared where --data-path
+    (`data_path`, resolved for `device`) says: by albumentations in the DataLoader workers, or on `device` in
+    batches (the workers only read bytes). `rank` keeps the device path's augmentation apart between processes."""
+    if dd.resolve_data_path(data_path, device) == "cpu":
+        return make_loader(image_dataset(images, preparation), sampler, batch_size, num_workers, device, drop_last)
+    dataset = dd.ByteDataset(images.filepaths, images.side, images.targets)
+    loader = make_loader(dataset, sampler, batch_size, num_workers, device, drop_last, dd.collate_bytes)
+    return dd.DeviceBatches(loader, device_pipeline(preparation, device, rank))
+
+
+def image_dataset(images: Images, preparation: Preparation) -> ImageDataset:
+    """The CPU path's Dataset: each item read, augmented and normalised by albumentations where it is loaded."""
+    prep = preparation
+    transform = train_transforms(prep.size, prep.mean, prep.std, prep.strength)
+    return ImageDataset(images.filepaths, transform, images.side, images.targets, augment_seed=prep.seed)
+
+
+def device_pipeline(preparation: Preparation, device: torch.device, rank: int = 0) -> dd.DevicePipeline:
+    """The device path's batch preparation on `device`."""
+    prep = preparation
+    return dd.DevicePipeline(prep.size, prep.strength, prep.mean, prep.std, device, prep.seed, rank)
 
 
 class TrainingDiverged(UserError):

@@ -16,6 +16,7 @@ from efficientnet_pytorch.utils import MemoryEfficientSwish, Swish
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
+from checkpoints import kind_of
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from utils import UserError
 
@@ -175,7 +176,7 @@ class MelanomaNet(nn.Module):
         return torch.stack([self.fc(dropout(features)) for dropout in self.dropouts]).mean(dim=0)
 
 
-class BiasNet(nn.Module):
+class ArtifactNet(nn.Module):
     """EfficientNet with one binary head (dropout + linear, a sigmoid logit) per artifact type."""
 
     def __init__(
@@ -203,11 +204,13 @@ class BiasNet(nn.Module):
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> nn.Module:
     """Rebuilds the network a checkpoint of this project was saved from, with its weights, in eval mode.
 
-    checkpoint["model"] holds the constructor arguments of MelanomaNet (kind "melanoma") or BiasNet (kind "bias");
+    checkpoint["model"] holds the constructor arguments of MelanomaNet (kind "melanoma") or ArtifactNet (kind "bias");
     the backbone starts from random weights (no download) since the checkpoint's own weights replace them.
     """
-    networks = {"melanoma": MelanomaNet, "bias": BiasNet}
-    kind, config = checkpoint.get("kind"), checkpoint.get("model")
+    networks = {"melanoma": MelanomaNet, "artifact": ArtifactNet}
+    # every detector file written so far says "bias" (the original code's word): kind_of reads it as "artifact",
+    # so that those files keep loading
+    kind, config = kind_of(checkpoint.get("kind")), checkpoint.get("model")
     if kind not in networks or not isinstance(config, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} lacks the model configuration or weights: use a checkpoint written by this project.")
     try:

@@ -41,16 +41,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from annotations import PROB_SUFFIX, read_bias_annotations
+from annotations import PROB_SUFFIX, read_artifact_annotations
 from checkpoints import claim_outputs, load_checkpoint
 from config import ArtifactConfig, add_artifact_flags
-from dataset import EpochSampler, ImageDataset, bias_train_transforms, valid_transforms
+from dataset import EpochSampler
+from device_data import resolve_data_path
 from distributed import World
 from engine import Epoch, Scored, Task, fit, training_world
 from image_files import list_images
-from loops import make_loader, predict_logits
+from loops import Images, Preparation, image_loader, predict_logits
 from metrics import choose_thresholds, format_table, mean_auc, metrics_table
-from models import BiasNet, input_normalization, model_from_checkpoint
+from models import ArtifactNet, input_normalization, model_from_checkpoint
 from utils import (
     UserError,
     ensure_writable_dir,
@@ -145,9 +146,11 @@ def predict_probs(
     amp_dtype: torch.dtype | None,
 ) -> np.ndarray:
     """Sigmoid probabilities (images x heads) at the model's own image size and normalisation, in file order."""
-    dataset = ImageDataset(filepaths, valid_transforms(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"]))
-    sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
-    loader = make_loader(dataset, sampler, config.batch_size, config.num_workers, device)
+    preparation = Preparation(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    sampler = EpochSampler(len(filepaths), shuffle=False, seed=0)
+    loader = image_loader(
+        Images(filepaths), preparation, sampler, config.batch_size, config.num_workers, device, config.data_path
+    )
     logits, _ = predict_logits(
         model, loader, device, amp_dtype, config.channels_last, config.progress, desc=config.mode
     )
@@ -207,7 +210,7 @@ def run_train(
 ) -> dict:
     """Trains the detector; under torchrun as DistributedDataParallel, rank 0 alone writing (as train.py)."""
     world = world or World()
-    frame, heads, labels = read_bias_annotations(config.ann_path, config.img_path)
+    frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
     train_index, val_index = split_train_val(labels, config.ratio, config.seed)
     paths = output_paths(config.model_path)
     if world.is_main:
@@ -224,12 +227,12 @@ def run_train(
     log(
         f"{len(frame)} annotated images, heads {', '.join(heads)}; {len(train_index)} train / {len(val_index)} val; "
         f"{config.enet_type} at {config.image_size} px on {device}, precision {precision_name(amp_dtype)}, "
-        f"lr {config.init_lr}",
+        f"data path {resolve_data_path(config.data_path, device)}, lr {config.init_lr}",
         flush=True,
     )
 
     seed_everything(config.seed)
-    net = BiasNet(
+    net = ArtifactNet(
         config.enet_type,
         heads,
         pretrained=config.pretrained,
@@ -241,15 +244,9 @@ def run_train(
         kind="artifact",
         name=str(paths["model"]),
         net=net,
-        train_set=ImageDataset(
-            frame["filepath"].iloc[train_index],
-            bias_train_transforms(config.image_size, mean, std),
-            targets=labels[train_index],
-            augment_seed=config.seed,
-        ),
-        valid_set=ImageDataset(
-            frame["filepath"].iloc[val_index], valid_transforms(config.image_size, mean, std), targets=labels[val_index]
-        ),
+        train_images=Images(frame["filepath"].iloc[train_index].tolist(), targets=labels[train_index]),
+        valid_images=Images(frame["filepath"].iloc[val_index].tolist(), targets=labels[val_index]),
+        preparation=Preparation(config.image_size, mean, std, "artifact", seed=config.seed),
         shuffle_seed=config.seed,
         loss_fn=masked_bce,
         score=functools.partial(score_epoch, heads=heads, n_epochs=config.n_epochs),
@@ -289,7 +286,7 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
     paths = output_paths(config.model_path)
     save_path = Path(config.save_path) if config.save_path else paths["metrics"]
     claim_report(save_path, config.save_path is not None, config.overwrite)
-    frame, heads, labels = read_bias_annotations(config.ann_path, config.img_path)
+    frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
     common = [head for head in checkpoint["heads"] if head in heads]
     if not common:
         raise UserError(

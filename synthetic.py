@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from artifacts import DEFAULT_BIAS_HEADS
+from artifacts import DEFAULT_ARTIFACT_HEADS
 from synthetic_image import render_image
 from tables import SITE_COLUMN
 
@@ -144,10 +144,10 @@ def _make_metadata(
 
 
 def _artifact_flags(rng: np.random.Generator, target: np.ndarray, rate: float, force: bool) -> np.ndarray:
-    """0/1 matrix (rows, len(DEFAULT_BIAS_HEADS)); at most one hair type per row; ruler mildly tied to target."""
+    """0/1 matrix (rows, len(DEFAULT_ARTIFACT_HEADS)); at most one hair type per row; ruler mildly tied to target."""
     n = len(target)
     p = float(np.clip(rate / 2.0, 0.0, 1.0))
-    flags = np.zeros((n, len(DEFAULT_BIAS_HEADS)), dtype=int)
+    flags = np.zeros((n, len(DEFAULT_ARTIFACT_HEADS)), dtype=int)
     p_hair = min(p, 1.0 / 3.0)
     u = rng.random(n)
     for k in range(3):  # hair_dense, hair_short, hair_medium
@@ -156,8 +156,8 @@ def _artifact_flags(rng: np.random.Generator, target: np.ndarray, rate: float, f
     ruler_p = np.where(target == 1, min(1.0, 1.4 * p), 0.85 * p)
     flags[:, 4] = rng.random(n) < ruler_p
     flags[:, 5] = rng.random(n) < p
-    if force and n >= len(DEFAULT_BIAS_HEADS) and p > 0:
-        for k in range(len(DEFAULT_BIAS_HEADS)):
+    if force and n >= len(DEFAULT_ARTIFACT_HEADS) and p > 0:
+        for k in range(len(DEFAULT_ARTIFACT_HEADS)):
             if flags[:, k].any():
                 continue
             if k < 3:  # hair: pick a row without hair, else steal from the most common hair type
@@ -212,7 +212,7 @@ def make_synthetic_dataset(
     n_patients is the number of train patients (default about n_train / 3); test patients are distinct,
     about as many per image. Each artifact head is drawn with probability about artifact_rate / 2.
     The train split always holds both classes (at least min(3, n_train // 2) of each) and, from
-    len(DEFAULT_BIAS_HEADS) images on, at least one positive per artifact head. Deterministic for a given seed.
+    len(DEFAULT_ARTIFACT_HEADS) images on, at least one positive per artifact head. Deterministic for a given seed.
     """
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be >= 0")

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from artifacts import (
-    DEFAULT_BIAS_HEADS,
+    DEFAULT_ARTIFACT_HEADS,
     HAIR_KINDS,
     blend,
     draw_black_frame,
@@ -139,9 +139,9 @@ def render_image(
 ) -> np.ndarray:
     """Renders one synthetic dermoscopy image as an RGB uint8 array of shape (image_size, image_size, 3).
 
-    `artifacts` holds 0/1 flags in the order of DEFAULT_BIAS_HEADS; at most one hair flag may be set.
+    `artifacts` holds 0/1 flags in the order of DEFAULT_ARTIFACT_HEADS; at most one hair flag may be set.
     """
-    flags = dict(zip(DEFAULT_BIAS_HEADS, (int(v) for v in artifacts), strict=True))
+    flags = dict(zip(DEFAULT_ARTIFACT_HEADS, (int(v) for v in artifacts), strict=True))
     hair = [kind for kind in HAIR_KINDS if flags[kind]]
     if len(hair) > 1:
         raise ValueError(f"at most one hair type per image, got {hair}")

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from baselines import baseline_aucs
 from checkpoints import claim_outputs
 from config import MelanomaConfig, add_melanoma_flags
-from dataset import ImageDataset, train_transforms, valid_transforms
+from device_data import resolve_data_path
 from distributed import World
 from engine import Epoch, Scored, Task, fit, training_world
 from features import FeatureScaler, colour_statistics, lesion_features, side_inputs
-from loops import LossFn
+from loops import Images, LossFn, Preparation
 from metrics import binary_metrics, safe_auc
 from models import MelanomaNet, MetadataLogit, input_normalization, melanoma_logit, melanoma_probability
 from tables import MetaEncoder, make_folds, read_melanoma_table
@@ -205,18 +205,13 @@ def fold_baselines(
     return baselines
 
 
-def fold_datasets(config: MelanomaConfig, inputs: FoldInputs, fold: int) -> tuple[ImageDataset, ImageDataset]:
-    mean, std = input_normalization(config.enet_type)
+def fold_images(inputs: FoldInputs) -> tuple[Images, Images]:
+    """The fold's training and validation rows as the loaders read them."""
     train_rows, valid_rows = inputs.train_rows, inputs.valid_rows
-    train_set = ImageDataset(
-        train_rows["filepath"],
-        train_transforms(config.image_size, mean, std, strength=config.augment),
-        inputs.train_side,
-        train_rows["target"],
-        augment_seed=config.seed + fold,
+    return (
+        Images(train_rows["filepath"].tolist(), inputs.train_side, train_rows["target"].to_numpy()),
+        Images(valid_rows["filepath"].tolist(), inputs.valid_side, valid_rows["target"].to_numpy()),
     )
-    valid_transform = valid_transforms(config.image_size, mean, std)
-    return train_set, ImageDataset(valid_rows["filepath"], valid_transform, inputs.valid_side, valid_rows["target"])
 
 
 def train_fold(
@@ -249,14 +244,16 @@ def train_fold(
         bn_momentum=config.bn_momentum,
     )
     torch.manual_seed(config.seed + fold + 1000 * world.rank)  # dropout differs per rank, the initial weights do not
-    train_set, valid_set = fold_datasets(config, inputs, fold)
+    train_images, valid_images = fold_images(inputs)
+    mean, std = input_normalization(config.enet_type)
     paths = run_paths(config, run_name)
     task = Task(
         kind="melanoma",
         name=run_name,
         net=net,
-        train_set=train_set,
-        valid_set=valid_set,
+        train_images=train_images,
+        valid_images=valid_images,
+        preparation=Preparation(config.image_size, mean, std, config.augment, seed=config.seed + fold),
         shuffle_seed=config.seed + fold,
         loss_fn=melanoma_loss(config.out_dim),
         score=functools.partial(
@@ -330,7 +327,8 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
         print(
             f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {config.n_folds} patient-grouped folds, "
             f"validating on fold(s) {folds}; {config.enet_type} at {config.image_size} px on {device}, "
-            f"precision {precision_name(amp_dtype)}{', metadata branch' if config.use_meta else ''}"
+            f"precision {precision_name(amp_dtype)}, data path {resolve_data_path(config.data_path, device)}"
+            f"{', metadata branch' if config.use_meta else ''}"
             f"{', lesion features' if config.lesion_features else ''}",
             flush=True,
         )

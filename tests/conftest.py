@@ -43,3 +43,19 @@ def eager_compile(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     return compiled
+
+
+@pytest.fixture()
+def device_pipeline_strengths(monkeypatch):
+    """The augmentation strength of every batch that went through the device data path (device_data)."""
+    import device_data
+
+    strengths = []
+    real_call = device_data.DevicePipeline.__call__
+
+    def recording_call(pipeline, batch, *args, **kwargs):
+        strengths.append(pipeline.strength)
+        return real_call(pipeline, batch, *args, **kwargs)
+
+    monkeypatch.setattr(device_data.DevicePipeline, "__call__", recording_call)
+    return strengths

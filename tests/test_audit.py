@@ -5,7 +5,7 @@ import torch
 
 import audit
 import train
-from artifacts import DEFAULT_BIAS_HEADS
+from artifacts import DEFAULT_ARTIFACT_HEADS
 from audit import PasteThenTransform, paste_artifact
 from dataset import EpochSampler, ImageDataset, valid_transforms
 from inference import make_dataset
@@ -59,10 +59,10 @@ def test_table_rows_on_the_held_out_fold(synthetic_dir, checkpoint, tmp_path, ca
     assert overall["images"] == len(held_out) and overall["melanoma"] == held_out["target"].sum()
     assert "held-out" in capsys.readouterr().out
 
-    labels = pd.read_csv(synthetic_dir / "gans_biases.csv", header=None, names=["file", *DEFAULT_BIAS_HEADS])
+    labels = pd.read_csv(synthetic_dir / "gans_biases.csv", header=None, names=["file", *DEFAULT_ARTIFACT_HEADS])
     labels = labels.set_index(labels["file"].str.removesuffix(".jpg")).loc[held_out["image_name"]]
     rows = table.set_index(["artifact", "test"])
-    for head in DEFAULT_BIAS_HEADS:
+    for head in DEFAULT_ARTIFACT_HEADS:
         assert rows.loc[(head, "with"), "images"] == (labels[head] == 1).sum()
         assert rows.loc[(head, "with"), "images"] + rows.loc[(head, "without"), "images"] == len(held_out)
     assert rows.loc[("black_frame", "inserted black_frame"), "images"] == (labels["black_frame"] == 0).sum()
@@ -151,7 +151,7 @@ def test_paste_artifact_draws_on_a_copy(kind):
 
 def test_labels_with_a_header_and_prob_columns(synthetic_dir, checkpoint, tmp_path):
     """The file multi_classification.py --mode test writes: names without extension, <head>_prob columns."""
-    raw = pd.read_csv(synthetic_dir / "gans_biases.csv", header=None, names=["file", *DEFAULT_BIAS_HEADS])
+    raw = pd.read_csv(synthetic_dir / "gans_biases.csv", header=None, names=["file", *DEFAULT_ARTIFACT_HEADS])
     labels = pd.DataFrame({
         "image_name": raw["file"].str.removesuffix(".jpg"), "dark_corner": raw["black_frame"],
         "dark_corner_prob": raw["black_frame"] * 0.9,

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from annotations import read_bias_annotations
+from annotations import read_artifact_annotations
 from dataset import EpochSampler, ImageDataset, train_transforms, valid_transforms
 from image_files import image_dimensions, image_file_problem, read_image
 from tables import MetaEncoder, images_per_patient, make_folds, patient_groups, read_melanoma_table
@@ -161,10 +161,10 @@ def test_annotation_lines_that_name_paths_are_refused(tmp_path):
     images.mkdir()
     cv2.imwrite(str(tmp_path / "outside.jpg"), np.full((40, 40, 3), 128, np.uint8))
     cv2.imwrite(str(images / "inside.jpg"), np.full((40, 40, 3), 128, np.uint8))
-    annotations = tmp_path / "bias.csv"
+    annotations = tmp_path / "artifacts.csv"
     annotations.write_text("image,hair\ninside.jpg,1\n../outside.jpg,0\n")
-    with pytest.raises(UserError, match=r"bias\.csv line 3 names image '\.\./outside\.jpg', a path rather than"):
-        read_bias_annotations(annotations, images)
+    with pytest.raises(UserError, match=r"artifacts\.csv line 3 names image '\.\./outside\.jpg', a path rather than"):
+        read_artifact_annotations(annotations, images)
 
 
 def test_csv_as_excel_writes_it(tmp_path):
@@ -298,9 +298,9 @@ def test_annotation_file_as_excel_writes_it(tmp_path):
     images.mkdir()
     for name in ("a", "b"):
         cv2.imwrite(str(images / f"{name}.jpg"), np.full((40, 40, 3), 128, np.uint8))
-    annotations = tmp_path / "bias.csv"
+    annotations = tmp_path / "artifacts.csv"
     annotations.write_bytes("image ; hair;ruler\r\na.jpg;1;0\r\nb ; 0 ;\r\n".encode("utf-8-sig"))
-    frame, heads, labels = read_bias_annotations(annotations, images)
+    frame, heads, labels = read_artifact_annotations(annotations, images)
     assert heads == ["hair", "ruler"] and frame["image_name"].tolist() == ["a.jpg", "b"]
     np.testing.assert_array_equal(labels, np.array([[1, 0], [0, np.nan]], dtype=np.float32))
 

@@ -1,5 +1,5 @@
-"""device_data: bytes in the workers, decode + augment + normalise in batches on the device (here the CPU, which
-runs the same code). Small synthetic JPEGs (32-80 px), written with cv2.imencode."""
+"""device_data, device_augment and device_ops: bytes in the workers, decode + augment + normalise in batches on the
+device (here the CPU, which runs the same code). Small synthetic JPEGs (32-80 px), written with cv2.imencode."""
 
 import math
 import random
@@ -13,13 +13,16 @@ from albumentations.augmentations.blur import functional as blur_f
 from albumentations.augmentations.geometric import functional as geometric_f
 from albumentations.augmentations.pixel import functional as pixel_f
 
+import device_augment as da
 import device_data as dd
+import device_ops as ops
 from dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TRAINING_AUGMENTATIONS,
     EpochSampler,
     ImageDataset,
-    bias_train_transforms,
+    artifact_train_transforms,
     train_transforms,
     valid_transforms,
 )
@@ -86,7 +89,7 @@ def test_workers_read_bytes_and_the_collate_keeps_them_a_list(lesion_files):
     assert dataset[2]["data"].tolist() == list(Path(lesion_files[2]).read_bytes())
 
 
-@pytest.mark.parametrize("strength", dd.DEVICE_AUGMENTATIONS)
+@pytest.mark.parametrize("strength", TRAINING_AUGMENTATIONS)
 def test_shapes_dtype_and_range(tmp_path, strength):
     files = [
         _write(tmp_path / "square.jpg", _lesion(64)),
@@ -101,7 +104,7 @@ def test_shapes_dtype_and_range(tmp_path, strength):
     low, high = (0 - MEAN) / STD, (1 - MEAN) / STD
     assert (image >= low - 1e-5).all() and (image <= high + 1e-5).all()
     assert out["target"] is batch["target"] and "data" not in out and "path" not in out
-    raw = dd.augment(dd.resize_batch(dd.decode_images(batch["data"], CPU), 48), strength, _gen(3))
+    raw = da.augment(dd.resize_batch(dd.decode_images(batch["data"], CPU), 48), strength, _gen(3))
     assert raw.min() >= 0 and raw.max() <= 255
 
 
@@ -128,8 +131,8 @@ def test_none_is_valid_transforms(tmp_path):
 # --------------------------------------------------------------------------- seeding
 
 
-def _gen(seed: int) -> dd.Generators:
-    return dd.batch_generators(seed, 0, 0, 0, CPU)
+def _gen(seed: int) -> da.Generators:
+    return da.batch_generators(seed, 0, 0, 0, CPU)
 
 
 def test_seed_epoch_batch_and_rank_fix_the_augmentation(lesion_files):
@@ -172,7 +175,7 @@ def test_device_batches_is_a_drop_in_loader(lesion_files):
     assert not torch.equal(next(iter(loader))["image"], first[0])
 
 
-@pytest.mark.parametrize("strength", ["full", "light", "bias"])
+@pytest.mark.parametrize("strength", ["full", "light", "artifact"])
 def test_each_image_draws_its_own_parameters(lesion_files, strength):
     images = _pipeline(strength)(_batch(lesion_files[:1] * 8))["image"]
     for i in range(8):
@@ -205,11 +208,11 @@ def _affine_reference(image, shift, scale, angle, border):
 
 
 def _affine_ours(tensor, shift, scale, angle, border):
-    x, y = dd._pixel_grid(tensor)
+    x, y = ops.pixel_grid(tensor)
     dx, dy = x - 31.5 - shift[0], y - 31.5 - shift[1]
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     src_x, src_y = (cos * dx - sin * dy) / scale[0] + 31.5, (sin * dx + cos * dy) / scale[1] + 31.5
-    return dd._remap(tensor, src_x, src_y, border)
+    return ops.remap(tensor, src_x, src_y, border)
 
 
 def _grid_reference(image, steps_x, steps_y):
@@ -224,10 +227,10 @@ def _motion_reference(image, size, angle, direction, shift):
 
 
 def _motion_ours(tensor, size, angle, direction, shift):
-    kernels = dd._motion_kernels(
+    kernels = ops.motion_kernels(
         torch.tensor([size]), torch.tensor([math.radians(angle)]), torch.tensor([direction]), torch.tensor([shift])
     )
-    return dd._filter(tensor, kernels)
+    return ops.filter2d(tensor, kernels)
 
 
 STEPS_X, STEPS_Y = (1.3, 0.6, 1.45, 0.9, 0.55, 1.2), (0.7, 1.4, 1.0, 0.5, 1.25, 0.8)
@@ -239,17 +242,17 @@ OPERATIONS = [
      lambda i: _affine_reference(i, (6, -3), (0.93, 1.08), 12, cv2.BORDER_CONSTANT), 1.0),
     ("affine reflect-101", lambda t: _affine_ours(t, (-3, 3), (1.1, 0.9), -170, "reflection"),
      lambda i: _affine_reference(i, (-3, 3), (1.1, 0.9), -170, cv2.BORDER_REFLECT_101), 1.0),
-    ("optical distortion", lambda t: dd._optical(t, torch.tensor([0.4])),
+    ("optical distortion", lambda t: ops.optical_distortion(t, torch.tensor([0.4])),
      lambda i: cv2.remap(i, *geometric_f.get_camera_matrix_distortion_maps((64, 64), 0.4), cv2.INTER_LINEAR), 1.0),
-    ("grid distortion", lambda t: dd._grid(t, torch.tensor([STEPS_X]), torch.tensor([STEPS_Y])),
+    ("grid distortion", lambda t: ops.grid_distortion(t, torch.tensor([STEPS_X]), torch.tensor([STEPS_Y])),
      lambda i: _grid_reference(i, STEPS_X, STEPS_Y), 1.0),
     ("motion blur", lambda t: _motion_ours(t, 5, 70.0, -0.4, (0.3, -0.8)),
      lambda i: _motion_reference(i, 5, 70.0, -0.4, (0.3, -0.8)), 0.5),
-    ("gaussian blur", lambda t: dd._filter(t, dd._gaussian_kernels(torch.tensor([3]), torch.tensor([0.8]))),
+    ("gaussian blur", lambda t: ops.filter2d(t, ops.gaussian_kernels(torch.tensor([3]), torch.tensor([0.8]))),
      lambda i: pixel_f.separable_convolve(i, blur_f.create_gaussian_kernel_1d(0.8, 3)), 0.5),
-    ("median 3", lambda t: dd._median(t, 3), lambda i: cv2.medianBlur(i, 3), 0.0),
-    ("median 5", lambda t: dd._median(t, 5), lambda i: cv2.medianBlur(i, 5), 0.0),
-    ("hsv", lambda t: dd._hsv_shift(t, torch.tensor([7.3]), torch.tensor([15.0]), torch.tensor([-8.0])),
+    ("median 3", lambda t: ops.median_blur(t, 3), lambda i: cv2.medianBlur(i, 3), 0.0),
+    ("median 5", lambda t: ops.median_blur(t, 5), lambda i: cv2.medianBlur(i, 5), 0.0),
+    ("hsv", lambda t: ops.hsv_shift(t, torch.tensor([7.3]), torch.tensor([15.0]), torch.tensor([-8.0])),
      lambda i: pixel_f.shift_hsv(i, 7.3, 15, -8), 4.0),
 ]  # fmt: skip
 
@@ -274,9 +277,9 @@ def test_clahe_matches_opencv():
     lightness = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)[:, :, 0]
     for clip, crop in ((1.0, 64), (2.5, 60), (4.0, 37)):
         part = np.ascontiguousarray(lightness[:crop, : crop + 3])
-        ours = dd._equalize(torch.from_numpy(part)[None].long(), torch.tensor([clip]))[0].numpy()
+        ours = ops.equalize(torch.from_numpy(part)[None].long(), torch.tensor([clip]))[0].numpy()
         assert np.array_equal(ours, cv2.createCLAHE(clip, (8, 8)).apply(part)), clip
-        rgb = _rgb(dd._clahe_rgb(torch.from_numpy(image).permute(2, 0, 1)[None].float(), torch.tensor([clip])))
+        rgb = _rgb(ops.clahe_rgb(torch.from_numpy(image).permute(2, 0, 1)[None].float(), torch.tensor([clip])))
         assert np.abs(rgb - pixel_f.clahe(image, clip, (8, 8))).mean() <= 3.0, clip
 
 
@@ -289,7 +292,7 @@ def test_motion_kernels_are_albumentations_kernels():
         expected = np.zeros((5, 5))
         border = (5 - size) // 2
         expected[border : border + size, border : border + size] = kernel / kernel.sum()
-        ours = dd._motion_kernels(
+        ours = ops.motion_kernels(
             torch.tensor([size]), torch.tensor([math.radians(angle)]), torch.tensor([direction]), torch.tensor([shift])
         )
         assert np.allclose(ours[0].numpy(), expected)
@@ -319,7 +322,7 @@ def _summary(images: torch.Tensor, inputs: torch.Tensor) -> dict[str, torch.Tens
     }
 
 
-@pytest.mark.parametrize("strength", dd.DEVICE_AUGMENTATIONS)
+@pytest.mark.parametrize("strength", TRAINING_AUGMENTATIONS)
 def test_distributions_match_albumentations(lesion_files, strength):
     """256 augmented images from each pipeline (4 batches of 64 here, ImageDataset's per-image seeds there).
     Each statistic's mean must agree within 3.5 standard errors of the difference of two independent means (a
@@ -331,7 +334,7 @@ def test_distributions_match_albumentations(lesion_files, strength):
     files = [lesion_files[i % 4] for i in range(n)]
     inputs = _pixels(torch.stack([ImageDataset(files, valid_transforms(64))[i]["image"] for i in range(4)]))
     inputs = inputs.repeat(n // 4, 1, 1, 1)
-    transform = bias_train_transforms(64) if strength == "bias" else train_transforms(64, strength=strength)
+    transform = artifact_train_transforms(64) if strength == "artifact" else train_transforms(64, strength=strength)
     cpu_set = ImageDataset(files, transform, augment_seed=1)
     cpu = _summary(_pixels(torch.stack([cpu_set[(0, i)]["image"] for i in range(n)])), inputs)
     pipeline, dataset = _pipeline(strength, seed=1), dd.ByteDataset(files)

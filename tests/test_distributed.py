@@ -3,6 +3,7 @@
 import socket
 
 import pandas as pd
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -30,14 +31,33 @@ def train_on_rank(rank: int, world_size: int, port: int, argv: list[str], out_di
         importlib.import_module(script).main(argv)
 
 
-def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthetic_dir, tmp_path):
+def train_recording_decodes(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+    """train_on_rank, writing the files of every batch this rank's device data path decoded, with the batch's
+    augmentation strength, to decoded<rank>.txt."""
+    import device_data
+
+    decoded = []
+    real_call = device_data.DevicePipeline.__call__
+
+    def recording_call(pipeline, batch, *args):
+        decoded.extend(f"{pipeline.strength} {path}" for path in batch["path"])
+        return real_call(pipeline, batch, *args)
+
+    device_data.DevicePipeline.__call__ = recording_call
+    train_on_rank(rank, world_size, port, argv, out_dir)
+    with open(f"{out_dir}/decoded{rank}.txt", "w") as handle:
+        handle.write("\n".join(decoded))
+
+
+@pytest.mark.parametrize("data_path", ["cpu", "gpu"])
+def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthetic_dir, tmp_path, data_path):
     argv = [
         "--save-name", "ddp", "--data-dir", str(synthetic_dir), "--image-size", "32", "--n-epochs", "1",
         "--enet-type", "efficientnet-b0", "--no-pretrained", "--batch-size", "8", "--num-workers", "0",
-        "--n-folds", "3", "--device", "cpu", "--no-baselines",
+        "--n-folds", "3", "--device", "cpu", "--no-baselines", "--data-path", data_path,
         "--model-dir", str(tmp_path / "weights"), "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip
-    mp.spawn(train_on_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(train_recording_decodes, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
 
     assert sorted(path.name for path in (tmp_path / "weights").iterdir()) == [
         "ddp_best.pth", "ddp_final.pth", "ddp_last.pth",
@@ -61,9 +81,19 @@ def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthe
     logged_auc = float((tmp_path / "logs" / "log_ddp.txt").read_text().split("auc: ")[1].split(",")[0])
     assert abs(train.binary_metrics(oof["target"], oof["prob"])["auc"] - logged_auc) < 1e-5
 
+    # on the device path each rank decoded its own share: together the ranks cover each split, overlapping by at
+    # most the one image EpochSampler repeats to even the shares out
+    lines = [(tmp_path / f"decoded{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    in_fold = make_folds(frame, 3, 0) == 0
+    for strength, rows in (("light", ~in_fold), ("none", in_fold)):  # the training and the validation batches
+        shares = [{line.partition(" ")[2] for line in rank if line.startswith(strength + " ")} for rank in lines]
+        expected = set(frame["filepath"][rows]) if data_path == "gpu" else set()
+        assert shares[0] | shares[1] == expected
+        assert len(shares[0]) + len(shares[1]) <= len(expected) + 1
+
 
 def test_two_process_artifact_detector_writes_one_model(synthetic_dir, tmp_path):
-    model_path = tmp_path / "bias.pth"
+    model_path = tmp_path / "detector.pth"
     argv = [
         "--img_path", str(synthetic_dir / "train" / "train"), "--ann_path", str(synthetic_dir / "gans_biases.csv"),
         "--mode", "train", "--model_path", str(model_path), "--epochs", "1", "--batch", "8", "--image_size", "32",
@@ -73,5 +103,5 @@ def test_two_process_artifact_detector_writes_one_model(synthetic_dir, tmp_path)
     checkpoint = load_checkpoint(model_path, "artifact")
     assert not any(name.startswith("module.") for name in checkpoint["state_dict"])
     assert len(checkpoint["val_images"]) == len(set(checkpoint["val_images"])) > 0
-    history = pd.read_csv(tmp_path / "bias_history.csv")
+    history = pd.read_csv(tmp_path / "detector_history.csv")
     assert history["epoch"].tolist() == [1] * len(checkpoint["heads"])  # one row per head, written once

@@ -211,14 +211,14 @@ def test_zero_epochs_or_batch_is_refused_by_both_trainers(synthetic_dir, tmp_pat
     detector_flag = flag  # the same flags in both trainers
     detector = [
         "--img_path", str(synthetic_dir / "train" / "train"), "--ann_path", str(synthetic_dir / "gans_biases.csv"),
-        "--mode", "train", "--model_path", str(tmp_path / "bias.pth"), detector_flag, "0",
+        "--mode", "train", "--model_path", str(tmp_path / "detector.pth"), detector_flag, "0",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         multi_classification.main(detector)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"{detector_flag} 0 must be at least 1" in err
-    assert not (tmp_path / "weights").exists() and not (tmp_path / "bias.pth").exists()
+    assert not (tmp_path / "weights").exists() and not (tmp_path / "detector.pth").exists()
 
 
 def test_training_folds_of_one_class_are_refused(copy_of, tmp_path, capsys):

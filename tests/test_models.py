@@ -8,7 +8,7 @@ from efficientnet_pytorch import EfficientNet
 from torch import nn
 
 from models import (
-    BiasNet,
+    ArtifactNet,
     MelanomaNet,
     MetadataLogit,
     build_backbone,
@@ -32,9 +32,16 @@ def test_forward_with_and_without_metadata(enet_type):
         with_meta(image)
 
 
-def test_bias_net_has_one_logit_per_head():
-    model = BiasNet("efficientnet-b0", ["hair", "ruler", "frame"], pretrained=False).eval()
+def test_artifact_net_has_one_logit_per_head():
+    model = ArtifactNet("efficientnet-b0", ["hair", "ruler", "frame"], pretrained=False).eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_detector_checkpoints_keep_the_kind_bias_on_disk():
+    net = ArtifactNet("efficientnet-b0", ["hair", "ruler"], pretrained=False)
+    config = {"enet_type": "efficientnet-b0", "heads": ["hair", "ruler"]}
+    rebuilt = model_from_checkpoint({"kind": "bias", "model": config, "state_dict": net.state_dict()})
+    assert isinstance(rebuilt, ArtifactNet) and rebuilt.head_names == ["hair", "ruler"]
 
 
 def test_batchnorm_uses_pytorch_momentum_so_random_init_does_not_collapse():

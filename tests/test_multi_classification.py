@@ -20,8 +20,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import engine  # noqa: E402
 import multi_classification as mc  # noqa: E402
-from annotations import read_bias_annotations  # noqa: E402
-from artifacts import DEFAULT_BIAS_HEADS  # noqa: E402
+from annotations import read_artifact_annotations  # noqa: E402
+from artifacts import DEFAULT_ARTIFACT_HEADS  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from metrics import best_f1_threshold, head_metrics  # noqa: E402
 from synthetic import make_synthetic_dataset  # noqa: E402
@@ -62,7 +62,7 @@ def train_argv(synthetic: Path, model_path: Path, epochs: int) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(synthetic, tmp_path_factory) -> Path:
     """A detector trained for one epoch by the seed's train command."""
-    model_path = tmp_path_factory.mktemp("model") / "bias.pth"
+    model_path = tmp_path_factory.mktemp("model") / "detector.pth"
     mc.main(train_argv(synthetic, model_path, epochs=1))
     return model_path
 
@@ -73,8 +73,8 @@ def trained(synthetic, tmp_path_factory) -> Path:
 def test_reads_the_original_headerless_form(tmp_path):
     write_images(tmp_path, ["a.jpg", "b.jpg"])
     (tmp_path / "ann.csv").write_text("a.jpg,1,0,0,1,0,0\nb.jpg,0,0,1,0,1,1\n")
-    frame, heads, labels = read_bias_annotations(tmp_path / "ann.csv", tmp_path)
-    assert heads == list(DEFAULT_BIAS_HEADS)
+    frame, heads, labels = read_artifact_annotations(tmp_path / "ann.csv", tmp_path)
+    assert heads == list(DEFAULT_ARTIFACT_HEADS)
     assert frame["image_name"].tolist() == ["a.jpg", "b.jpg"]
     assert frame["filepath"].tolist() == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
     np.testing.assert_array_equal(labels, [[1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 1, 1]])
@@ -83,7 +83,7 @@ def test_reads_the_original_headerless_form(tmp_path):
 def test_reads_a_header_form_with_blanks_and_names_without_extension(tmp_path):
     write_images(tmp_path, ["a.jpg", "b.png"])
     (tmp_path / "ann.csv").write_text("image_name,dark_corner,ruler,ink\na,1,,0\nb,,0,1\n")
-    frame, heads, labels = read_bias_annotations(tmp_path / "ann.csv", tmp_path)
+    frame, heads, labels = read_artifact_annotations(tmp_path / "ann.csv", tmp_path)
     assert heads == ["dark_corner", "ruler", "ink"]
     assert frame["filepath"].tolist() == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
     np.testing.assert_array_equal(labels, [[1, np.nan, 0], [np.nan, 0, 1]])
@@ -92,14 +92,14 @@ def test_reads_a_header_form_with_blanks_and_names_without_extension(tmp_path):
 def test_prob_columns_are_ignored_only_beside_their_head(tmp_path):
     write_images(tmp_path, ["a.jpg"])
     (tmp_path / "ann.csv").write_text("image_name,hair,hair_prob,ink_prob\na.jpg,1,0.93,0\n")
-    _, heads, labels = read_bias_annotations(tmp_path / "ann.csv", tmp_path)
+    _, heads, labels = read_artifact_annotations(tmp_path / "ann.csv", tmp_path)
     assert heads == ["hair", "ink_prob"]  # ink_prob has no `ink` beside it: it is a head of its own
     np.testing.assert_array_equal(labels, [[1, 0]])
 
 
 @pytest.mark.skipif(not (ISIC2018 / "bias.csv").is_file(), reason="shared isic2018 data not present")
 def test_reads_the_shared_isic2018_bias_file():
-    frame, heads, labels = read_bias_annotations(ISIC2018 / "bias.csv", ISIC2018 / "train" / "train")
+    frame, heads, labels = read_artifact_annotations(ISIC2018 / "bias.csv", ISIC2018 / "train" / "train")
     assert heads == ["dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches"]
     assert labels.shape == (1600, 7) and not np.isnan(labels).any()
     assert frame["filepath"].str.endswith(".jpg").all()
@@ -125,7 +125,7 @@ def test_bad_annotation_files_are_one_clear_error(tmp_path, content, message):
     write_images(tmp_path, ["a.jpg", "b.jpg"])
     (tmp_path / "ann.csv").write_text(content)
     with pytest.raises(UserError, match=message):
-        read_bias_annotations(tmp_path / "ann.csv", tmp_path)
+        read_artifact_annotations(tmp_path / "ann.csv", tmp_path)
 
 
 CELLS = st.sampled_from(
@@ -142,7 +142,7 @@ def test_any_annotation_file_parses_or_is_a_user_error(tmp_path, content):
     write_images(tmp_path, ["a.jpg", "b.png"])
     (tmp_path / "ann.csv").write_bytes(content)
     try:
-        frame, heads, labels = read_bias_annotations(tmp_path / "ann.csv", tmp_path)
+        frame, heads, labels = read_artifact_annotations(tmp_path / "ann.csv", tmp_path)
     except UserError as error:
         assert "\n" not in str(error)
         return
@@ -250,13 +250,13 @@ def test_train_reestimates_batchnorm_before_each_validation(synthetic, tmp_path,
 
 def test_train_keeps_heads_thresholds_normalisation_and_val_split(trained, synthetic):
     checkpoint = load_checkpoint(trained, "artifact")  # weights_only=True inside
-    assert checkpoint["heads"] == list(DEFAULT_BIAS_HEADS)
+    assert checkpoint["heads"] == list(DEFAULT_ARTIFACT_HEADS)
     assert len(checkpoint["thresholds"]) == 6 and all(0 <= t <= 1 for t in checkpoint["thresholds"])
     assert checkpoint["image_size"] == 32 and len(checkpoint["mean"]) == len(checkpoint["std"]) == 3
     assert len(checkpoint["val_images"]) == 36 - round(36 * 0.8)
     names = pd.read_csv(synthetic / "gans_biases.csv", header=None)[0]
     assert set(checkpoint["val_images"]) <= set(names)
-    assert (trained.parent / "bias_last.pth").is_file() and (trained.parent / "bias_history.csv").is_file()
+    assert (trained.parent / "detector_last.pth").is_file() and (trained.parent / "detector_history.csv").is_file()
 
 
 def test_val_scores_only_the_held_out_images_of_the_training_file(trained, synthetic):
@@ -265,8 +265,8 @@ def test_val_scores_only_the_held_out_images_of_the_training_file(trained, synth
     held_out = mc.main(argv)
     assert held_out["n_images"] == 7
     assert held_out["table"]["support"].tolist() == [7] * 6
-    written = pd.read_csv(trained.parent / "bias_metrics.csv")
-    assert written["head"].tolist() == list(DEFAULT_BIAS_HEADS)
+    written = pd.read_csv(trained.parent / "detector_metrics.csv")
+    assert written["head"].tolist() == list(DEFAULT_ARTIFACT_HEADS)
     assert set(written.columns) >= {"auc", "ap", "f1", "precision", "recall", "acc", "support"}
     assert mc.main([*argv, "--all"])["n_images"] == 36
 
@@ -285,7 +285,7 @@ def test_test_mode_writes_one_row_per_image_and_reads_back(trained, synthetic, t
     written = pd.read_csv(save_path)
     assert result["n_images"] == 12
     assert written["image_name"].tolist() == sorted(p.name for p in images.iterdir() if p.suffix != ".txt")
-    heads = list(DEFAULT_BIAS_HEADS)
+    heads = list(DEFAULT_ARTIFACT_HEADS)
     assert written.columns.tolist() == ["image_name", *heads, *[f"{head}_prob" for head in heads]]
     thresholds = load_checkpoint(trained, "artifact")["thresholds"]
     for head, threshold in zip(heads, thresholds, strict=True):
@@ -367,9 +367,10 @@ def test_a_model_saved_on_a_gpu_loads_on_the_cpu(trained, synthetic, tmp_path):
     pd.testing.assert_frame_equal(on_cpu["annotations"], original["annotations"])
 
 
-def test_resume_ends_like_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
+@pytest.mark.parametrize("data_path", ["cpu", "gpu"])
+def test_resume_ends_like_an_uninterrupted_run(synthetic, tmp_path, monkeypatch, data_path):
     def argv(model_path: Path) -> list[str]:
-        return train_argv(synthetic, model_path, epochs=2)
+        return [*train_argv(synthetic, model_path, epochs=2), "--data-path", data_path]
 
     whole = mc.main(argv(tmp_path / "whole.pth"))
 
@@ -401,7 +402,26 @@ def test_resume_ends_like_an_uninterrupted_run(synthetic, tmp_path, monkeypatch)
 
 
 def test_compile_flag_compiles_the_detector_for_training_only(synthetic, tmp_path, eager_compile):
-    mc.main([*train_argv(synthetic, tmp_path / "bias.pth", epochs=1), "--compile"])
-    assert eager_compile == ["BiasNet"]
-    state = load_checkpoint(tmp_path / "bias.pth", "artifact")["state_dict"]
+    mc.main([*train_argv(synthetic, tmp_path / "detector.pth", epochs=1), "--compile"])
+    assert eager_compile == ["ArtifactNet"]
+    state = load_checkpoint(tmp_path / "detector.pth", "artifact")["state_dict"]
     assert not any(key.startswith("_orig_mod") for key in state)
+
+
+def test_device_data_path_trains_scores_and_repeats_exactly(synthetic, tmp_path, device_pipeline_strengths):
+    first, second = (
+        mc.main([*train_argv(synthetic, tmp_path / f"{run}.pth", epochs=1), "--data_path", "gpu"]) for run in "ab"
+    )
+    # the detector's own augmentation for the training batches (and the BatchNorm refresh), none for validation
+    assert set(device_pipeline_strengths) == {"artifact", "none"}
+    pd.testing.assert_frame_equal(first["table"], second["table"], atol=0, rtol=0)
+
+    del device_pipeline_strengths[:]
+    argv = ["--img_path", str(synthetic / "train" / "train"), "--model_path", str(tmp_path / "a.pth")]
+    argv += ["--num_workers", "0", "--data-path", "gpu", "--save_path"]
+    scored = mc.main(
+        [*argv, str(tmp_path / "metrics.csv"), "--mode", "val", "--ann_path", str(synthetic / "gans_biases.csv")]
+    )
+    labelled = mc.main([*argv, str(tmp_path / "annotations.csv"), "--mode", "test"])
+    assert scored["n_images"] == 7 and labelled["n_images"] == 36
+    assert set(device_pipeline_strengths) == {"none"}

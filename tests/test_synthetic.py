@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import synthetic_image
-from artifacts import DEFAULT_BIAS_HEADS, draw_other
+from artifacts import DEFAULT_ARTIFACT_HEADS, draw_other
 from synthetic_image import render_image
 
 
@@ -32,9 +32,9 @@ def test_other_marks_stand_out_from_the_skin_at_64_px(seed):
 @pytest.mark.parametrize("head", ["hair_dense", "hair_short", "hair_medium", "ruler_mark"])
 def test_thin_artifacts_survive_the_resize_to_64_px(head):
     for seed in range(10):
-        flags = [int(name == head) for name in DEFAULT_BIAS_HEADS]
+        flags = [int(name == head) for name in DEFAULT_ARTIFACT_HEADS]
         with_mark = render_image(np.random.default_rng(seed), 256, False, flags)
-        without = render_image(np.random.default_rng(seed), 256, False, [0] * len(DEFAULT_BIAS_HEADS))
+        without = render_image(np.random.default_rng(seed), 256, False, [0] * len(DEFAULT_ARTIFACT_HEADS))
         if head == "ruler_mark":  # the ruler's ticks: dark lines on a light strip
             assert (np.abs(with_mark.astype(int) - without).sum(axis=2) > 60).mean() > 0.02
         small_with = cv2.resize(with_mark, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32)

@@ -122,8 +122,9 @@ def test_pickled_checkpoint_is_refused(tmp_path):
         load_checkpoint(path, "melanoma")
 
 
-def test_interrupted_run_resumes_to_the_same_result(synthetic_dir, tmp_path, monkeypatch):
-    uninterrupted = train.main(seed_command(synthetic_dir, tmp_path / "a", "--n-epochs", "2"))
+@pytest.mark.parametrize("data_path", ["cpu", "gpu"])
+def test_interrupted_run_resumes_to_the_same_result(synthetic_dir, tmp_path, monkeypatch, data_path):
+    uninterrupted = train.main(seed_command(synthetic_dir, tmp_path / "a", "--n-epochs", "2", "--data-path", data_path))
 
     real_epoch = engine.train_one_epoch
     calls = []
@@ -134,7 +135,7 @@ def test_interrupted_run_resumes_to_the_same_result(synthetic_dir, tmp_path, mon
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    command = seed_command(synthetic_dir, tmp_path / "b", "--n-epochs", "2")
+    command = seed_command(synthetic_dir, tmp_path / "b", "--n-epochs", "2", "--data-path", data_path)
     monkeypatch.setattr(engine, "train_one_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main(command)
@@ -199,3 +200,24 @@ def test_compile_trains_the_compiled_module_and_saves_plain_weights(synthetic_di
     checkpoint = load_checkpoint(tmp_path / "weights" / "efficientnetb2_256_20ep_best.pth", "melanoma")
     assert not any(key.startswith("_orig_mod") for key in checkpoint["state_dict"])
     MelanomaNet(**checkpoint["model"], pretrained=False).load_state_dict(checkpoint["state_dict"])
+
+
+def test_device_data_path_trains_validates_and_repeats_exactly(synthetic_dir, tmp_path, device_pipeline_strengths):
+    def history(run: str, *extra: str) -> list[dict]:
+        train.main(seed_command(synthetic_dir, tmp_path / run, "--n-epochs", "2", "--no-baselines", *extra))
+        lines = (tmp_path / run / "logs" / "metrics_efficientnetb2_256_20ep.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        return [{key: value for key, value in record.items() if key not in ("time", "seconds")} for record in records]
+
+    history("auto")  # auto on the CPU: the albumentations workers
+    assert device_pipeline_strengths == []
+    first = history("a", "--data-path", "gpu")
+    # the training batches augmented ("light", the default with --no-pretrained, also for the BatchNorm refresh), the
+    # validation batches decoded on the device too
+    assert set(device_pipeline_strengths) == {"light", "none"}
+    assert history("b", "--data-path", "gpu") == first
+    weights = [
+        torch.load(tmp_path / run / "weights" / "efficientnetb2_256_20ep_final.pth", weights_only=True)["state_dict"]
+        for run in "ab"
+    ]
+    assert all(torch.equal(tensor, weights[1][name]) for name, tensor in weights[0].items())
