@@ -29,7 +29,15 @@ def checkpoints(synthetic_dir, tmp_path_factory):
         "plain": train_tiny(synthetic_dir, out, "plain"),
         "meta": train_tiny(synthetic_dir, out, "meta", "--use-meta"),
         # ImageNet weights from the installed Lite0 package, metadata inside the network
-        "lite": train_tiny(synthetic_dir, out, "lite", "--use-meta", weights=("--enet-type", "efficientnet-lite0")),
+        "lite": train_tiny(
+            synthetic_dir,
+            out,
+            "lite",
+            "--use-meta",
+            "--fusion",
+            "concat",
+            weights=("--enet-type", "efficientnet-lite0"),
+        ),
         # validates on another fold than the others: an ensemble whose members held out different images
         "fold1": train_tiny(synthetic_dir, out, "fold1", "--fold", "1"),
     }
