@@ -2,7 +2,7 @@
 circular frame of a contact dermoscope, a ruler strip, and "other" marks (ink rings, marker dots, stickers). One
 place for both users: synthetic.py draws them into the synthetic data set, audit.py pastes them onto real images.
 
-Every mark is drawn to stay visible when a 256 px image is trained at 64 px (README, "The drawn artifacts").
+Every mark is drawn to stay visible when a 256 px image is trained at 64 px (tests/test_synthetic.py checks it).
 All randomness comes from the numpy Generator passed in."""
 
 from __future__ import annotations

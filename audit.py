@@ -219,7 +219,7 @@ def run_audit(
     base_transform = valid_transforms(loaded.image_size, loaded.mean, loaded.std)
     canvas = max(CANVAS, loaded.image_size)
 
-    # from the files, so pasted artifacts do not reach them (README, audit): computed once for every pass
+    # from the files, so pasted artifacts do not reach them (docs/training.md): computed once for every pass
     lesion = lesion_features(list(frame["filepath"])) if loaded.feature_scaler else None
 
     def probabilities(index: np.ndarray, kind: str | None, seed: int | None) -> np.ndarray:

@@ -5,7 +5,7 @@ Two users:
 - the trivial baseline (baselines.py) fits gradient boosting on `colour_statistics` plus metadata;
 - `train.py --lesion-features` feeds `lesion_features` (standardised on the training fold) into the network's side
   branch next to the metadata: from random weights on a small data set the network learns these global cues
-  slowly, and hand-crafted features carry them at once (README, "Results on the real sample").
+  slowly, and hand-crafted features carry them at once (docs/results.md).
 """
 
 from __future__ import annotations

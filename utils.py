@@ -145,7 +145,7 @@ def select_device(request: str) -> torch.device:
         return torch.device("cpu")
     if torch.cuda.is_available():
         # torch.backends.cudnn.benchmark stays off: an H100 run with it on (efficientnet-b2, 256 px, bf16) halved
-        # inference, slowed training by a quarter and spent a minute autotuning (README, Benchmark).
+        # inference, slowed training by a quarter and spent a minute autotuning (docs/benchmark.md).
         return torch.device("cuda")
     if request == "cuda":
         raise UserError(
@@ -206,7 +206,7 @@ def resolve_precision(name: str, device: torch.device, image_size: int | None = 
 
     auto: bf16 on GPUs that have it, fp16 (with a GradScaler) on older GPUs. On the CPU, bf16 where it measured
     faster: a CPU with native bf16 and images of at least 192 px (b0 train step at 256 px: 5.9 img/s bf16 vs 2.7
-    fp32; at 128 px bf16 was no faster, README "Benchmark"); fp32 otherwise.
+    fp32; at 128 px bf16 was no faster, docs/benchmark.md); fp32 otherwise.
     """
     if name == "fp32":
         return None
