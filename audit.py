@@ -50,7 +50,7 @@ from inference import (
     require_metadata,
 )
 from metrics import binary_metrics
-from predict import add_runtime_args, check_output, prepare_runtime
+from predict import add_runtime_args, check_output, prediction_options, prepare_runtime
 from tables import read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
 
@@ -228,14 +228,10 @@ def run_audit(
             frame.iloc[index].reset_index(drop=True),
             device,
             amp_dtype,
-            n_tta=args.n_tta,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            channels_last=args.channels_last,
             transform=PasteThenTransform(kind, canvas, base_transform),
             augment_seed=seed,
-            progress=args.progress,
             lesion=None if lesion is None else lesion[index],
+            **prediction_options(args),
         )
 
     targets = frame["target"].to_numpy()

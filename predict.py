@@ -107,6 +107,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def prediction_options(args: argparse.Namespace) -> dict:
+    """The runtime flags as predict_probabilities' keyword arguments (predict.py's and audit.py's calls)."""
+    return {
+        "n_tta": args.n_tta,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "channels_last": args.channels_last,
+        "progress": args.progress,
+    }
+
+
 def prepare_runtime(args: argparse.Namespace):
     """Device and autocast dtype from the shared flags."""
     set_visible_devices(args.CUDA_VISIBLE_DEVICES)
@@ -182,12 +193,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     frame[rows].reset_index(drop=True),
                     device,
                     amp_dtype,
-                    n_tta=args.n_tta,
-                    batch_size=args.batch_size,
-                    num_workers=args.num_workers,
-                    channels_last=args.channels_last,
-                    progress=args.progress,
                     lesion=None if lesion is None else lesion[rows],
+                    **prediction_options(args),
                 )
                 scope = f" on the {int(rows.sum())} images it held out" if held_out is not None else ""
                 print(f"  {loaded.path}: mean P(melanoma) {np.nanmean(probs):.4f}{scope}", flush=True)
