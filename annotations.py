@@ -44,7 +44,7 @@ def read_artifact_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd
     - the original headerless one, lines `image_file,hair_dense,hair_short,hair_medium,black_frame,ruler_mark,other`;
     - a CSV whose header names the heads: first column the image (with or without extension), every other
       column a head, of any name and number (e.g. isic2018/bias.csv).
-    The first line is a header when none of its label cells is a number.
+    The first line is a header when none of its label cells is a number and one at least is not blank.
 
     Cells hold 0, 1 or nothing; a blank cell means "not annotated" and becomes NaN in `labels` (float32,
     shape images x heads), to be left out of that head's loss and metrics. A column `<head>_prob` is ignored when
@@ -75,7 +75,8 @@ def read_artifact_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd
             f"{path} line {first_number} has no label columns: each line needs the image name, then one 0/1 "
             "value per artifact head."
         )
-    if not any(_is_number(cell) for cell in first[1:]):
+    # a line of blank labels (not annotated) is a row of the headerless form: a header names its heads
+    if any(first[1:]) and not any(_is_number(cell) for cell in first[1:]):
         columns = first[1:]
         rows = rows[1:]
         for index, name in enumerate(columns, start=2):

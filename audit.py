@@ -42,6 +42,7 @@ from features import lesion_features
 from inference import (
     LoadedModel,
     attach_metadata,
+    encode_metadata,
     frame_from_images,
     held_out_images,
     image_name,
@@ -91,7 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(melanoma)")
     parser.add_argument("--n-tta", type=int, default=1, help="dihedral test-time augmentations, 1..8")
-    parser.add_argument("--allow-missing-meta", action="store_true", help="encode absent metadata as missing")
+    parser.add_argument(
+        "--allow-missing-meta",
+        action="store_true",
+        help="encode absent metadata, and a sex or site the model was not trained with, as missing",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the pasted artifacts")
     parser.add_argument("--out", default="audit.csv", help="the table as CSV (default audit.csv)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -186,6 +191,15 @@ def artifact_labels(path: str, image_dir: Path, names: pd.Series) -> tuple[pd.Da
     annotations, heads, labels = read_artifact_annotations(path, image_dir)
     table = pd.DataFrame(labels, columns=heads)
     table.index = [image_name(name) for name in annotations["image_name"]]
+    repeated = table.index.duplicated()
+    if repeated.any():  # e.g. ISIC_1.jpg and ISIC_1.png: which of the two is the image of train.csv's row ISIC_1?
+        second = int(np.flatnonzero(repeated)[0])
+        first = int(np.flatnonzero(table.index == table.index[second])[0])
+        raise UserError(
+            f"{path} labels two files of image {table.index[second]}, {annotations['image_name'].iloc[first]} (line "
+            f"{annotations['line'].iloc[first]}) and {annotations['image_name'].iloc[second]} (line "
+            f"{annotations['line'].iloc[second]}): keep the line of the file the model scores."
+        )
     aligned = table.reindex(names.tolist()).reset_index(drop=True)
     if aligned.isna().all(axis=None):
         raise UserError(f"{path} labels none of the audited images: pass the artifact labels of these images.")
@@ -221,8 +235,12 @@ def run_audit(
 
     # from the files, so pasted artifacts do not reach them (docs/training.md): computed once for every pass
     lesion = lesion_features(list(frame["filepath"])) if loaded.feature_scaler else None
+    # encoded once for every audited row: a subset's own encoding would recount each patient's images
+    meta = encode_metadata(loaded, frame)
 
     def probabilities(index: np.ndarray, kind: str | None, seed: int | None) -> np.ndarray:
+        if not len(index):
+            return np.zeros(0)
         return predict_probabilities(
             loaded,
             frame.iloc[index].reset_index(drop=True),
@@ -231,6 +249,7 @@ def run_audit(
             transform=PasteThenTransform(kind, canvas, base_transform),
             augment_seed=seed,
             lesion=None if lesion is None else lesion[index],
+            meta=None if meta is None else meta[index],
             **prediction_options(args),
         )
 
@@ -246,9 +265,12 @@ def run_audit(
         pasted = probabilities(index, kind, seed)
         before, after = base[index], pasted
         row = metric_row(artifact, f"inserted {kind}", targets[index], pasted, args.threshold)
+        if not len(index):  # every audited image has the artifact already: nothing to paste it onto
+            print(f"notice: no audited image is labelled without {artifact}: inserted {kind} is not measurable.")
+            return row
         row["benign_to_malignant"] = int(np.sum((before < args.threshold) & (after >= args.threshold)))
         row["malignant_to_benign"] = int(np.sum((before >= args.threshold) & (after < args.threshold)))
-        row["mean_shift"] = float(np.mean(after - before)) if len(index) else np.nan
+        row["mean_shift"] = float(np.mean(after - before))
         return row
 
     for head in heads:
@@ -294,7 +316,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         device, amp_dtype = prepare_runtime(args)
         loaded = load_melanoma_model(args.model_path, device, args.channels_last)
         frame, image_dir, described = audited_rows(args, loaded)
-        require_metadata(frame, [loaded], args.allow_missing_meta, "the audited CSV")
+        source = args.meta_csv if args.images else f"the train CSV of {args.data_dir}"
+        require_metadata(frame, [loaded], args.allow_missing_meta, source)
         labels, heads = artifact_labels(args.artifacts, image_dir, frame["image_name"])
         unlabelled = int(labels.isna().all(axis=1).sum())
         print(

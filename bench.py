@@ -18,13 +18,16 @@ The target is TTA-8 >= 0.9 x bare / 8 (the eight views are batched into one forw
 --model-path times a train.py checkpoint; without it a randomly initialised MelanomaNet of --enet-type at
 --image-size (the speed is the same).
 
-Both modes print a table and write it as JSON (--json; default bench_results/<device>_<settings>.json, the
-settings starting with predict_ in predict mode).
+Both modes print a table and write it as JSON (--json; default bench_results/<device>_<settings>_<digest>.json,
+the settings starting with predict_ in predict mode, the digest a short hash of every flag that shapes the figures:
+steps, workers, threads, images, data folder, ...; the JSON lists them all under "settings"). An existing results
+file is replaced only with --overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import resource
@@ -39,6 +42,7 @@ import device_data as dd
 from config import add_compile_flag
 from dataset import EpochSampler
 from engine import compile_for_training
+from image_files import MIN_IMAGE_SIZE
 from inference import LoadedModel, load_melanoma_model, predict_probabilities
 from loops import Images, Preparation, device_pipeline, image_dataset, image_loader, train_one_epoch
 from models import ENET_TYPES, MelanomaNet, input_normalization
@@ -51,6 +55,7 @@ from utils import (
     default_num_workers,
     exit_on_user_error,
     make_grad_scaler,
+    refuse_folder,
     resolve_precision,
     select_device,
     write_text_atomic,
@@ -89,7 +94,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-images", type=int, default=256, help="predict mode: test images per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="predict mode: rounds of measurements, best kept")
     parser.add_argument("--json", default=None, help="write the results here (default bench_results/<settings>.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     return parser.parse_args(argv)
+
+
+TRAIN_PARTS = ("model", "infer", "data", "loop")
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Counts that would time nothing (a division by zero, an empty table) end in one sentence."""
+    least = {"--steps": (args.steps, 1), "--warmup": (args.warmup, 0), "--batch-size": (args.batch_size, 1)}
+    least |= {"--image-size": (args.image_size, MIN_IMAGE_SIZE), "--num-workers": (args.num_workers, 0)}
+    least |= {"--data-images": (args.data_images, 1), "--n-images": (args.n_images, 1), "--repeats": (args.repeats, 1)}
+    if args.threads is not None:
+        least["--threads"] = (args.threads, 1)
+    for flag, (value, minimum) in least.items():
+        if value < minimum:
+            raise UserError(f"{flag} {value} must be at least {minimum}.")
+    parts = [part for part in args.only.split(",") if part]
+    unknown = [part for part in parts if part not in TRAIN_PARTS]
+    if unknown or not parts:
+        named = unknown[0] if unknown else "no part"
+        raise UserError(f"--only {args.only!r} names {named}: choose from {','.join(TRAIN_PARTS)}.")
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """Every flag that shapes the figures (all but where they are written), the data folder as an absolute path."""
+    settings = {key: value for key, value in vars(args).items() if key not in ("json", "overwrite", "progress")}
+    for key in ("data_dir", "model_path"):
+        if settings[key] is not None:
+            settings[key] = str(Path(settings[key]).resolve())
+    return settings
 
 
 def synchronize(device: torch.device) -> None:
@@ -220,7 +255,10 @@ def bench_training_loop(
     n_timed = args.steps * args.batch_size
     images = training_images(args, n_timed)
     if len(images.filepaths) < n_timed:
-        raise SystemExit(f"--data-dir has too few images for {args.steps} steps of {args.batch_size}: lower --steps")
+        raise UserError(
+            f"{args.data_dir} has {len(images.filepaths)} training images, too few for --steps {args.steps} of "
+            f"--batch-size {args.batch_size}: lower --steps or --batch-size."
+        )
     n_meta = 0 if images.side is None else images.side.shape[1]
     model = compile_for_training(build_model(args, device, n_meta), args.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -244,7 +282,7 @@ def bench_training_loop(
 
 
 def bench_training(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    parts = set(args.only.split(","))
+    parts = {part for part in args.only.split(",") if part}
     if args.data_dir is None:
         parts -= {"data", "loop"}
     data_path = dd.resolve_data_path(args.data_path, device)
@@ -343,9 +381,27 @@ def bench_prediction(args: argparse.Namespace, device: torch.device, amp_dtype: 
 # --------------------------------------------------------------------------- main
 
 
+def results_path(args: argparse.Namespace, device: torch.device, precision: str) -> Path:
+    """--json, else a name of the main settings and a digest of every setting (settings_of): runs that differ in
+    anything that shapes their figures never share a file."""
+    if args.json:
+        return Path(args.json)
+    model = Path(args.model_path).stem if args.model_path else args.enet_type
+    settings = "predict_" if args.mode == "predict" else ""
+    # a checkpoint's own size is what predict mode times; the model's name stands for it
+    settings += model if args.mode == "predict" and args.model_path else f"{model}_{args.image_size}px"
+    settings += f"_bs{args.batch_size}_{precision}"
+    settings += "_cl" if args.channels_last else ""
+    settings += "_compile" if args.compile else ""
+    settings += "_gpudata" if args.mode == "train" and dd.resolve_data_path(args.data_path, device) == "gpu" else ""
+    digest = hashlib.sha256(json.dumps(settings_of(args), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(f"bench_results/{device.type}_{settings}_{digest}.json")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
+        check_counts(args)
         if args.mode == "predict" and (args.use_meta or args.compile or args.data_path != "auto"):
             raise UserError(
                 "--use-meta, --compile and --data-path apply to --mode train: predict mode times predict.py's own "
@@ -357,6 +413,11 @@ def main(argv: list[str] | None = None) -> dict:
         # as the timed script resolves it: train.py by image size, predict.py without
         image_size = args.image_size if args.mode == "train" else None
         amp_dtype = resolve_precision(args.precision, device, image_size)
+        precision = str(amp_dtype or "fp32").replace("torch.", "")
+        path = results_path(args, device, precision)
+        refuse_folder(path, "--json", "bench.json")
+        if path.exists() and not args.overwrite:
+            raise UserError(f"{path} already exists: pass --overwrite to replace it, or choose another --json.")
         result = {
             "mode": args.mode,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -364,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
             "enet_type": "(checkpoint)" if args.model_path else args.enet_type,
             "image_size": args.image_size,
             "batch_size": args.batch_size,
-            "precision": str(amp_dtype or "fp32").replace("torch.", ""),
+            "precision": precision,
             "channels_last": args.channels_last,
             "compile": args.compile,
             "num_workers": args.num_workers,
@@ -375,13 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         for key, value in result.items():
             print(f"{key:>24}  {value:.3f}" if isinstance(value, float) else f"{key:>24}  {value}")
-        model = Path(args.model_path).stem if args.model_path else args.enet_type
-        settings = "predict_" if args.mode == "predict" else ""  # train mode keeps its earlier file names
-        settings += f"{model}_{result['image_size']}px_bs{args.batch_size}_{result['precision']}"
-        settings += "_cl" if args.channels_last else ""
-        settings += "_compile" if args.compile else ""
-        settings += "_gpudata" if result.get("data_path") == "gpu" else ""
-        path = Path(args.json or f"bench_results/{device.type}_{settings}.json")
+        result["settings"] = settings_of(args)
         write_text_atomic(path, json.dumps(result, indent=2) + "\n")
         print(f"written {path}")
         return result

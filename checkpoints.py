@@ -64,7 +64,8 @@ def load_checkpoint(path: str | Path, expected_kind: str) -> dict:
     if kind != expected_kind:
         writer = WRITERS.get(kind, "another tool")
         raise UserError(
-            f"checkpoint {path} was written by {writer}, not {READERS[expected_kind]}: pass a {expected_kind} model."
+            f"checkpoint {path} was written by {writer}, not {READERS[expected_kind]}: pass a checkpoint that "
+            f"{WRITERS[expected_kind]} wrote."
         )
     return checkpoint
 

@@ -353,7 +353,7 @@ class MelanomaConfig(RunConfig):
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MelanomaConfig:
         values = resolve(args, "melanoma")
-        values["meta_features"] = tuple(name for name in values["meta_features"].split(",") if name)
+        values["meta_features"] = parse_meta_features(values["meta_features"])
         values["n_meta_dim"] = parse_meta_dims(values["n_meta_dim"])
         values["folds"] = parse_folds(values.pop("fold"), values["n_folds"])
         return cls(**values)
@@ -413,6 +413,19 @@ def parse_folds(spec: str, n_folds: int) -> tuple[int, ...]:
     if bad:
         raise UserError(f"--fold {bad[0]} is outside 0..{n_folds - 1}: pick a fold below --n-folds {n_folds}.")
     return folds
+
+
+def parse_meta_features(spec: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in spec.split(",") if name.strip())
+    unknown = [name for name in names if name not in META_FEATURES]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if not names or unknown or repeated:
+        problem = f"names {unknown[0]!r}" if unknown else f"repeats {repeated[0]}" if repeated else "names no feature"
+        raise UserError(
+            f"--meta-features {spec!r} {problem}: give a comma list of distinct features from "
+            f"{','.join(META_FEATURES)}."
+        )
+    return names
 
 
 def parse_meta_dims(spec: str) -> tuple[int, ...]:

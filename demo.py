@@ -5,20 +5,26 @@
 It trains the melanoma classifier image-only and with --use-meta (EfficientNet-Lite0 with the ImageNet weights from
 pip: the offline recipe users run), then the artifact detector in its train, val and test modes, and prints where
 everything went. Every model must clearly beat chance: that makes the demo a check.
+
+--out-dir must be new or empty (a real data folder beside it is never written into); an earlier demo's folder
+(it holds demo.json) is replaced with --overwrite, which replaces only the demo's own files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import time
 from pathlib import Path
 
 import multi_classification
 import train
+from image_files import MIN_IMAGE_SIZE
 from synthetic import make_synthetic_dataset
 from utils import UserError, exit_on_user_error
 
+MARKER = "demo.json"  # written first into --out-dir: the folder is then known to hold this demo's outputs
 MIN_MELANOMA_AUC = 0.8
 MIN_ARTIFACT_AUC = 0.9
 
@@ -35,7 +41,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-pretrained", action="store_true", help="train the melanoma models from random weights")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in --out-dir")
     return parser.parse_args(argv)
+
+
+def claim_out_dir(out: Path, overwrite: bool) -> None:
+    """--out-dir is new or empty, or an earlier demo's (its marker) and --overwrite is given; refused otherwise."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir {out} is a file: choose a new or empty folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise UserError(
+                f"--out-dir {out} is not empty and holds no earlier demo ({MARKER}): choose a new or empty folder; "
+                "nothing in it was touched."
+            )
+        if not overwrite:
+            raise UserError(
+                f"--out-dir {out} holds an earlier demo: pass --overwrite to replace its outputs, or choose another "
+                "--out-dir."
+            )
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def announce(script: str, argv: list[str]) -> None:
@@ -46,11 +71,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
         started = time.time()
+        counts = (("--n-train", args.n_train, 1), ("--n-test", args.n_test, 1), ("--n-epochs", args.n_epochs, 1))
+        for flag, value, least in (*counts, ("--image-size", args.image_size, MIN_IMAGE_SIZE)):
+            if value < least:  # before the data set is drawn, which takes a minute
+                raise UserError(f"{flag} {value} must be at least {least}.")
         out = Path(args.out_dir)
+        claim_out_dir(out, args.overwrite)
+        (out / MARKER).write_text(json.dumps({"written_by": "demo.py", **vars(args)}, indent=1) + "\n")
         data_dir = out / "melanoma_external_256"
         weights, logs = out / "weights", out / "logs"
         print(f"making {args.n_train} training and {args.n_test} test images in {data_dir} ...", flush=True)
-        make_synthetic_dataset(data_dir, n_train=args.n_train, n_test=args.n_test, image_size=256, seed=args.seed)
+        make_synthetic_dataset(
+            data_dir, n_train=args.n_train, n_test=args.n_test, image_size=256, seed=args.seed, overwrite=True
+        )
 
         results = {}
         for name, extra in (("image_only", []), ("with_meta", ["--use-meta"])):
@@ -77,8 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_command += ["--enet_type", "efficientnet-b0", "--no-pretrained", "--seed", str(args.seed), "--overwrite"]
         announce("multi_classification.py", train_command)
         multi_classification.main(train_command)
-        announce("multi_classification.py", [*common, "--mode", "val"])
-        table = multi_classification.main([*common, "--mode", "val"])["table"]
+        val_command = [*common, "--mode", "val", "--overwrite"]
+        announce("multi_classification.py", val_command)
+        table = multi_classification.main(val_command)["table"]
         head_auc = dict(zip(table["head"], table["auc"], strict=True))
         save_path = out / "annotations.csv"
         test_command = [*common, "--mode", "test", "--save_path", str(save_path), "--overwrite"]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2.functional import to_dtype
 
 from device_augment import augment, augmentation_steps, batch_generators
 from image_files import MIN_IMAGE_SIZE, REDUCE_MARGIN
@@ -88,9 +89,12 @@ def _decode_one(encoded: torch.Tensor, path: str) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_image(encoded, mode=ImageReadMode.RGB)
+            image = decode_image(encoded, mode=ImageReadMode.RGB)
     except RuntimeError:
         raise UserError(f"image {path} cannot be decoded: replace the file or remove its row.") from None
+    # a 16-bit PNG decodes to uint16 (0..65535); the CPU path (OpenCV's IMREAD_COLOR) keeps its high byte, and so
+    # does torchvision's scaling conversion: the same 0..255 pixels either way, and batches of one dtype
+    return to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image
 
 
 def resize_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:

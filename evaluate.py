@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-path", help="with --cam: the checkpoint that made the predictions")
     parser.add_argument("--data-dir", help="Kaggle-layout folder: the images for --cam, patient ids from its train.csv")
     parser.add_argument("--split", default="train", choices=("train", "test"), help="with --cam: image folder")
+    parser.add_argument(
+        "--allow-missing-meta",
+        action="store_true",
+        help="with --cam: encode absent metadata, and a sex or site the model was not trained with, as missing",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier report")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
@@ -89,6 +94,12 @@ def read_predictions(pred_path: Path, labels_path: Path | None, flag: str = "--p
     pred = read_csv(pred_path)
     if "image_name" not in pred.columns:
         raise UserError(f"{pred_path} lacks the column image_name: use train.py's OOF CSV or predict.py's output.")
+    refuse_repeated_images(pred, pred_path)
+    if "rank_score" in pred.columns and not {"prob", "target"} & set(pred.columns):
+        raise UserError(
+            f"{pred_path} holds rank scores (predict.py --rank-average), not probabilities: evaluate the models' mean "
+            "P(melanoma), predict.py without --rank-average."
+        )
     patient = ["patient_id"] if "patient_id" in pred.columns else []
     if "prob" in pred.columns and "target" in pred.columns:  # labels of its own: --labels is for the others
         frame = pred[["image_name", "target", "prob", *patient]]
@@ -106,6 +117,7 @@ def read_predictions(pred_path: Path, labels_path: Path | None, flag: str = "--p
         labels = read_csv(labels_path)
         if not {"image_name", "target"} <= set(labels.columns):
             raise UserError(f"{labels_path} lacks image_name or target: the labels need both columns.")
+        refuse_repeated_images(labels, labels_path)
         frame = pred[["image_name", score, *patient]].rename(columns={score: "prob"})
         label_patient = ["patient_id"] if "patient_id" in labels.columns and not patient else []
         frame = frame.merge(labels[["image_name", "target", *label_patient]], on="image_name", how="left")
@@ -119,8 +131,10 @@ def read_predictions(pred_path: Path, labels_path: Path | None, flag: str = "--p
     frame = frame.reset_index(drop=True)
     target = pd.to_numeric(frame["target"], errors="coerce")
     if not target.isin([0, 1]).all():
-        bad = frame["target"][~target.isin([0, 1])].iloc[0]
-        raise UserError(f"{label_source} has target {bad!r}: labels must be 0 or 1.")
+        bad = ~target.isin([0, 1])
+        cell, name = frame["target"][bad].iloc[0], frame["image_name"][bad].iloc[0]
+        has = "no target" if pd.isna(cell) else f"target {cell!r}"
+        raise UserError(f"{label_source} has {has} for image {name}: labels must be 0 or 1.")
     prob = pd.to_numeric(frame["prob"], errors="coerce")
     if prob.isna().any() or not np.isfinite(prob).all():
         raise UserError(f"{pred_path} has a score that is not a finite number: re-run the prediction.")
@@ -132,6 +146,13 @@ def read_predictions(pred_path: Path, labels_path: Path | None, flag: str = "--p
     if target.nunique() < 2:
         raise UserError(f"{label_source} holds only target {int(target.iloc[0])}: AUC needs images of both classes.")
     return frame.assign(target=target.astype(int), prob=prob.astype(float))
+
+
+def refuse_repeated_images(table: pd.DataFrame, path: Path) -> None:
+    """A repeated row would count its image twice (a repeated melanoma raises the average precision)."""
+    repeated = table["image_name"][table["image_name"].duplicated()]
+    if not repeated.empty:
+        raise UserError(f"{path} lists image {repeated.iloc[0]} twice: keep one row per image.")
 
 
 def attach_patients(frame: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
@@ -233,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
             device, _ = prepare_runtime(args)
             loaded = load_melanoma_model(args.model_path, device)
             table = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
-            require_metadata(table, [loaded], allow_missing=False, source=f"the {args.split} CSV of {args.data_dir}")
+            source = f"the {args.split} CSV of {args.data_dir}"
+            require_metadata(table, [loaded], args.allow_missing_meta, source)
             chosen = select_cam_images(frame, args.threshold, args.cam)
             cams = write_cams(loaded, chosen, table, out_dir / "cam", device)
             written.append(f"cam/ ({len(cams)} overlays)")

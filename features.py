@@ -215,12 +215,14 @@ def side_inputs(
     encoder: MetaEncoder | None,
     scaler: FeatureScaler | None,
     lesion: np.ndarray | None = None,
+    encoded: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """What the network's side branch reads for the rows of `frame`: the encoded metadata, then the scaled
-    lesion features (computed from frame["filepath"] unless given). None when the model has neither."""
+    """What the network's side branch reads for the rows of `frame`: the encoded metadata (encoder.transform of
+    `frame` unless given as `encoded`), then the scaled lesion features (computed from frame["filepath"] unless
+    given). None when the model has neither."""
     parts = []
     if encoder is not None:
-        parts.append(encoder.transform(frame))
+        parts.append(encoder.transform(frame) if encoded is None else encoded)
     if scaler is not None:
         parts.append(scaler.transform(lesion_features(list(frame["filepath"])) if lesion is None else lesion))
     return np.concatenate(parts, axis=1).astype(np.float32) if parts else None

@@ -164,19 +164,27 @@ class TTAModel(nn.Module):
             return torch.softmax(logits, dim=-1).mean(0).log().float()
 
 
+def encode_metadata(loaded: LoadedModel, frame: pd.DataFrame) -> np.ndarray | None:
+    """The model's metadata encoding of the rows of `frame` (None for an image-only model). Images per patient are
+    counted over `frame`: encode every scored row at once, then pass slices of it (`meta=`) to score subsets."""
+    return None if loaded.encoder is None else loaded.encoder.transform(frame)
+
+
 def make_dataset(
     loaded: LoadedModel,
     frame: pd.DataFrame,
     transform=None,
     augment_seed: int | None = None,
     lesion: np.ndarray | None = None,
+    meta: np.ndarray | None = None,
 ) -> ImageDataset:
     """The images of `frame` (column filepath) as this model sees them, with its metadata encoding and lesion
     features (computed from the files, so a `transform` that edits pixels does not reach them; pass `lesion`, the
-    unscaled features of the rows of `frame`, to reuse them across models)."""
+    unscaled features of the rows of `frame`, to reuse them across models, and `meta`, their encode_metadata rows,
+    to encode a subset as part of a larger table)."""
     # under late fusion the metadata goes to the logistic regression, not into the network
     network_encoder = None if loaded.meta_model is not None else loaded.encoder
-    meta = side_inputs(frame, network_encoder, loaded.feature_scaler, lesion)
+    meta = side_inputs(frame, network_encoder, loaded.feature_scaler, lesion, meta)
     transform = transform or valid_transforms(loaded.image_size, loaded.mean, loaded.std)
     return ImageDataset(frame["filepath"], transform, meta, augment_seed=augment_seed)
 
@@ -194,19 +202,23 @@ def predict_probabilities(
     augment_seed: int | None = None,
     progress: bool | None = None,
     lesion: np.ndarray | None = None,
+    meta: np.ndarray | None = None,
 ) -> np.ndarray:
-    """P(melanoma) per row of `frame`, in row order, averaged over `n_tta` dihedral transforms.
+    """P(melanoma) per row of `frame`, in row order, averaged over `n_tta` dihedral transforms. `lesion` and `meta`:
+    the rows' lesion features and encoded metadata when computed beforehand (see make_dataset).
 
     `batch_size` counts the images of one forward pass, TTA views included: each loader batch holds
     batch_size / n_tta images. A forward pass then costs what a bare one of batch_size images does; eight times
     larger passes run slower per image on a CPU (the activations outgrow its caches)."""
-    dataset = make_dataset(loaded, frame, transform, augment_seed, lesion)
+    if meta is None:
+        meta = encode_metadata(loaded, frame)
+    dataset = make_dataset(loaded, frame, transform, augment_seed, lesion, meta)
     images_per_batch = max(1, batch_size // n_tta)
     sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
     loader = make_loader(dataset, sampler, images_per_batch, num_workers, device)
     tta_model = TTAModel(loaded.model, n_tta)
     logits, _ = predict_logits(tta_model, loader, device, amp_dtype, channels_last, progress, desc="predict")
-    evidence = loaded.meta_model.evidence(loaded.encoder.transform(frame)) if loaded.meta_model is not None else None
+    evidence = loaded.meta_model.evidence(meta) if loaded.meta_model is not None else None
     return melanoma_probability(logits, evidence)
 
 
@@ -290,17 +302,37 @@ def attach_metadata(
     return frame
 
 
-def require_metadata(frame: pd.DataFrame, models: Sequence[LoadedModel], allow_missing: bool, source: str) -> None:
+def require_metadata(
+    frame: pd.DataFrame,
+    models: Sequence[LoadedModel],
+    allow_missing: bool,
+    source: str,
+    flags: dict[str, str] | None = None,
+) -> None:
     """A model trained with --use-meta needs its metadata columns: refuse without them, or (when the user asks
-    for it) add them empty so that the encoder's missing-value codes are used."""
+    for it) add them empty so that the encoder's missing-value codes are used. A value its encoding does not know
+    (a site it never trained with, a sex that is no spelling of male or female) is refused in the same way, or
+    encoded as missing after a notice that names it: never silently. `flags` names the command-line flag a
+    column's value came from (e.g. {SITE_COLUMN: "--site"}), for the messages."""
+    flags = flags or {}
     for loaded in models:
         absent = [column for column in loaded.meta_columns if column not in frame.columns]
-        if not absent:
-            continue
-        if not allow_missing:
+        if absent and not allow_missing:
             raise UserError(
                 f"{loaded.path} was trained with --use-meta and {source} has no {', '.join(absent)}: give the "
                 "metadata (--meta-csv, or --sex/--age/--site), or --allow-missing-meta to encode it as missing."
             )
         for column in absent:
             frame[column] = np.nan
+        for column, value, rows in loaded.encoder.unrecognised(frame) if loaded.encoder is not None else []:
+            known = ", ".join(loaded.encoder.known_values(column)) or "none"
+            known += ", or M/F" if column == "sex" else ""
+            if column in flags:
+                given = f"{flags[column]} {value!r}"
+            else:
+                first = frame["image_name"][rows].iloc[0]
+                given = f"{source} gives {column} {value!r} (for {int(rows.sum())} image(s), first {first}), which"
+            unknown = f"{given} is not a value {loaded.path} was trained with (it knows {known}, in any case)"
+            if not allow_missing:
+                raise UserError(f"{unknown}: use one of those, or pass --allow-missing-meta to encode it as missing.")
+            print(f"notice: {unknown}: encoded as missing.", flush=True)

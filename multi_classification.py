@@ -18,9 +18,12 @@ train  splits the annotations into train and val (--ratio, seeded, stratified on
        image size, normalisation, the val image names and one threshold per head: the cut-off with the highest
        F1 on the val split (these numbers on the val split itself are therefore slightly optimistic). Also writes
        <model>_last.pth (resumable with --resume) and <model>_history.csv (per-head metrics of every epoch).
-val    scores the images of --ann_path; when that is the file the model was trained on, only its held-out val
-       images (--all scores every row). Per head: ROC AUC, average precision, F1, precision, recall, accuracy at the
-       threshold, support. Printed, and written to --save_path (default <model>_metrics.csv).
+val    scores the images of --ann_path that the model did not train on, by name, whatever file they come from: the
+       checkpoint lists its training and val images (--all scores every row). Per head: ROC AUC, average precision,
+       F1, precision, recall, accuracy at the threshold, support, and thresholds_in_sample: true where the model's
+       own thresholds were fitted on scored images (its val split), which makes F1, precision, recall and accuracy
+       optimistic (--threshold sets one of your own). Printed, and written to --save_path (default
+       <model>_metrics.csv; an existing file is replaced only with --overwrite).
 test   labels every image in --img_path (jpg, jpeg, png, bmp; sorted by name) and writes --save_path (default
        <model>_annotations.csv): image_name,<head>,...,<head>_prob,... with 0/1 decisions at the stored thresholds
        (or --threshold) and the probabilities. The file reads back as --ann_path (the _prob columns are ignored).
@@ -49,6 +52,7 @@ from device_data import resolve_data_path
 from distributed import World
 from engine import Epoch, Scored, Task, fit, training_world
 from image_files import list_images
+from inference import image_name
 from loops import Images, Preparation, image_loader, predict_logits
 from metrics import choose_thresholds, format_table, mean_auc, metrics_table
 from models import ArtifactNet, input_normalization, model_from_checkpoint
@@ -57,6 +61,7 @@ from utils import (
     ensure_writable_dir,
     exit_on_user_error,
     precision_name,
+    refuse_folder,
     resolve_precision,
     seed_everything,
     select_device,
@@ -179,11 +184,26 @@ def thresholds_for(checkpoint: dict, config: ArtifactConfig, heads: list[str]) -
     return [stored[head] for head in heads]
 
 
-def claim_report(path: Path, explicit: bool, overwrite: bool) -> None:
-    """A file the user named is never replaced without --overwrite; the defaults beside the model are reports of
-    that model and are rewritten."""
-    if explicit and path.exists() and not overwrite:
+def claim_report(path: Path, overwrite: bool) -> None:
+    """An earlier report is never replaced without --overwrite, nor is a folder taken for the file."""
+    refuse_folder(path, "--save_path", "report.csv")
+    if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: pass --overwrite to replace it, or choose another --save_path.")
+
+
+def trained_images(checkpoint: dict, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of an annotation frame: did the model train on that image, and is it one of its val images? By
+    image name (without extension), from the names the checkpoint stores, never from the file's bytes or path: a
+    copy with other line ends, or a file that mixes training images with new ones, is scored by what it holds. A
+    checkpoint without train_images (written before they were stored) counts every image outside val_images as a
+    training image when the file holds any of its val images, since then it holds the training annotations."""
+    names = frame["image_name"].map(image_name)
+    in_val = names.isin({image_name(name) for name in checkpoint["val_images"]}).to_numpy()
+    if "train_images" in checkpoint:
+        in_train = names.isin({image_name(name) for name in checkpoint["train_images"]}).to_numpy()
+    else:
+        in_train = ~in_val if in_val.any() else np.zeros(len(frame), dtype=bool)
+    return in_train, in_val
 
 
 # --------------------------------------------------------------------------- train
@@ -260,6 +280,7 @@ def run_train(
             "threshold_rule": "max F1 on the val split",
             "ann_path": str(Path(config.ann_path).resolve()),
             "ann_sha256": file_sha256(config.ann_path),
+            "train_images": frame["image_name"].iloc[train_index].tolist(),
             "val_images": frame["image_name"].iloc[val_index].tolist(),
         },
         paths={"best": paths["model"], "last": paths["last"], "history": paths["history"]},
@@ -285,7 +306,7 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
     model, checkpoint = load_model(config, device)
     paths = output_paths(config.model_path)
     save_path = Path(config.save_path) if config.save_path else paths["metrics"]
-    claim_report(save_path, config.save_path is not None, config.overwrite)
+    claim_report(save_path, config.overwrite)
     frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
     common = [head for head in checkpoint["heads"] if head in heads]
     if not common:
@@ -298,38 +319,47 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
         print(f"notice: {config.ann_path} has no column for {', '.join(skipped)}; those heads are not scored.")
     labels = labels[:, [heads.index(head) for head in common]]
 
-    # the training file, also after a label was fixed in it (same path) or as a copy elsewhere (same bytes)
-    trained_on = checkpoint["ann_sha256"] == file_sha256(config.ann_path) or checkpoint["ann_path"] == str(
-        Path(config.ann_path).resolve()
-    )
-    if trained_on and not config.all:
-        held_out = frame["image_name"].isin(set(checkpoint["val_images"])).to_numpy()
-        if not held_out.any():
+    in_train, in_val = trained_images(checkpoint, frame)
+    if in_train.any() and not config.all:
+        if in_train.all():
             raise UserError(
-                f"none of the val images stored in {config.model_path} is in {config.ann_path}: pass --all to score "
-                "every row."
+                f"{config.model_path} trained on every image of {config.ann_path}: score images it did not train "
+                "on, or pass --all to score these (optimistic numbers)."
             )
         print(
-            f"{config.ann_path} is the file {config.model_path} was trained on: scoring only its {int(held_out.sum())} "
-            f"held-out val images of {len(frame)} (--all scores every row).",
+            f"{config.ann_path} holds {int(in_train.sum())} images {config.model_path} trained on: scoring the other "
+            f"{int((~in_train).sum())} of {len(frame)} ({int(in_val.sum())} of them its val images; --all scores "
+            "every row).",
             flush=True,
         )
-        frame, labels = frame[held_out].reset_index(drop=True), labels[held_out]
-    elif trained_on:
+        kept = ~in_train
+        frame, labels, in_val = frame[kept].reset_index(drop=True), labels[kept], in_val[kept]
+    elif in_train.any():
         print(
-            f"scoring all {len(frame)} rows of {config.ann_path}, including the images {config.model_path} was trained "
-            "on: these numbers are optimistic.",
+            f"scoring all {len(frame)} rows of {config.ann_path}, including the {int(in_train.sum())} images "
+            f"{config.model_path} was trained on: these numbers are optimistic.",
             flush=True,
         )
 
     probs = predict_probs(model, frame["filepath"].tolist(), checkpoint, config, device, amp_dtype)
     probs = probs[:, [checkpoint["heads"].index(head) for head in common]]
     table = metrics_table(common, labels, probs, thresholds_for(checkpoint, config, common))
+    # the stored thresholds maximise F1 on the val split: scored there, the thresholded numbers flatter the model
+    in_sample = config.threshold is None and bool(in_val.any())
+    table["thresholds_in_sample"] = in_sample
     ensure_writable_dir(save_path.parent, "folder of --save_path")
     write_csv_atomic(table, save_path)
+    if config.threshold is not None:
+        source = "--threshold"
+    elif in_sample:
+        source = (
+            f"of the model, fitted on {int(in_val.sum())} of these images (its val split): F1, precision, recall and "
+            "accuracy are in-sample, optimistic (--threshold sets your own)"
+        )
+    else:
+        source = "of the model (max F1 on its val split, none of these images)"
     print(
-        f"{len(frame)} images, mean auc {mean_auc(table):.4f}, thresholds "
-        f"{'--threshold' if config.threshold is not None else 'of the model (max F1 on its val split)'}:\n"
+        f"{len(frame)} images, mean auc {mean_auc(table):.4f}, thresholds {source}:\n"
         f"{format_table(table)}\nwritten to {save_path}",
         flush=True,
     )
@@ -339,8 +369,7 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
 def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
     model, checkpoint = load_model(config, device)
     save_path = Path(config.save_path) if config.save_path else output_paths(config.model_path)["annotations"]
-    if save_path.exists() and not config.overwrite:
-        raise UserError(f"{save_path} already exists: pass --overwrite to replace it, or choose another --save_path.")
+    claim_report(save_path, config.overwrite)
     files = list_images(config.img_path)
     ensure_writable_dir(save_path.parent, "folder of --save_path")
     heads = checkpoint["heads"]
@@ -367,6 +396,7 @@ def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtyp
 def main(argv: list[str] | None = None) -> dict:
     with exit_on_user_error():
         config = parse_args(argv)
+        refuse_folder(config.model_path, "--model_path", "detector.pth")
         if config.mode == "train":
             with training_world(config) as (world, device, amp_dtype):
                 return run_train(config, device, amp_dtype, world)

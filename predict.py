@@ -13,7 +13,9 @@ their mean rank). Any images (files or folders) to a CSV image_name,filepath,tar
     python predict.py --images photos/ --meta-csv photos.csv --model-path weights/r1 weights/r2 --out probs.csv
     python predict.py --images lesion.jpg --sex male --age 55 --site torso --model-path weights/meta_best.pth
 
-`target` is always P(melanoma) in [0, 1] (with --rank-average a rank score in (0, 1]).
+`target` is always P(melanoma) in [0, 1]. --rank-average (two or more models) writes the column `rank_score`
+instead: each model's ranks scaled to (0, 1], averaged; it orders images but is no probability (rename the column
+to target for a Kaggle submission).
 
 --split train scores the data folder's train.csv honestly: each image only with the models that held it out
 (its name is in the checkpoint's val_images, so the model never trained on it), e.g. every image with the one
@@ -35,6 +37,7 @@ from inference import (
     LoadedModel,
     attach_metadata,
     combine,
+    encode_metadata,
     expand_model_paths,
     frame_from_images,
     held_out_images,
@@ -42,13 +45,14 @@ from inference import (
     predict_probabilities,
     require_metadata,
 )
-from tables import AGE_RULE, MAX_AGE, SITE_COLUMN, read_melanoma_table
+from tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
     add_device_flags,
     default_num_workers,
     ensure_writable_dir,
     exit_on_user_error,
+    refuse_folder,
     resolve_precision,
     select_device,
     set_visible_devices,
@@ -88,16 +92,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --data-dir: which CSV; train scores each image only with the models that held it out",
     )
     parser.add_argument("--meta-csv", help="with --images: CSV of image_name, sex, age_approx, site (, patient_id)")
-    parser.add_argument("--sex", choices=("male", "female"), help="with --images: the same sex for every image")
+    parser.add_argument(
+        "--sex", type=sex_flag, help="with --images: the same sex for every image, male or female (M/F also do)"
+    )
     parser.add_argument("--age", type=float, help="with --images: the same age for every image")
     parser.add_argument("--site", help="with --images: the same anatomical site for every image, e.g. torso")
     parser.add_argument(
         "--allow-missing-meta",
         action="store_true",
-        help="let --use-meta models predict without metadata, encoded as missing (less accurate)",
+        help="let --use-meta models predict without metadata, or with a sex or site they were not trained with, "
+        "encoded as missing (less accurate; each such value is named)",
     )
     parser.add_argument("--n-tta", type=int, default=1, help=f"dihedral test-time augmentations, 1..{MAX_TTA}")
-    parser.add_argument("--rank-average", action="store_true", help="ensemble by mean rank instead of probability")
+    parser.add_argument(
+        "--rank-average",
+        action="store_true",
+        help="ensemble two or more models by mean rank instead of probability (column rank_score, not target)",
+    )
     parser.add_argument("--out", default="submission.csv", help="output CSV (default submission.csv)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_runtime_args(parser)
@@ -105,6 +116,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data_dir and (args.meta_csv or args.sex or args.age is not None or args.site):
         parser.error("--meta-csv, --sex, --age and --site go with --images; --data-dir reads its own test.csv")
     return args
+
+
+def sex_flag(text: str) -> str:
+    """--sex in any of the spellings the metadata encoding reads (SEX_SPELLINGS), as its canonical value."""
+    sex = SEX_SPELLINGS.get(text.strip().lower())
+    if sex is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a sex: use male or female (M/F also do), or leave --sex out when it is not known"
+        )
+    return sex
 
 
 def prediction_options(args: argparse.Namespace) -> dict:
@@ -128,6 +149,7 @@ def prepare_runtime(args: argparse.Namespace):
 def check_output(path: Path, overwrite: bool) -> None:
     """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work. Deletes
     the temporary files that a killed earlier write of `path` left beside it: they are never a finished result."""
+    refuse_folder(path, "--out", "predictions.csv")
     for leftover in temp_files_of(path):
         leftover.unlink(missing_ok=True)
     if path.exists() and not overwrite:
@@ -162,6 +184,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
         device, amp_dtype = prepare_runtime(args)
         paths = expand_model_paths(args.model_path, args.which)
+        if args.rank_average and len(paths) < 2:
+            raise UserError(
+                f"--rank-average ensembles two or more models, --model-path gives {len(paths)}: leave it out to "
+                "write the model's P(melanoma)."
+            )
         models = [load_melanoma_model(path, device, args.channels_last) for path in paths]
 
         if args.data_dir:
@@ -174,11 +201,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         held_out = None  # with --split train: which models may score each row
         if args.data_dir and args.split == "train":
             frame, held_out = held_out_rows(frame, models, source)
-        require_metadata(frame, models, args.allow_missing_meta, source)
+        flags = {"sex": ("--sex", args.sex), SITE_COLUMN: ("--site", args.site)}
+        given = {column: flag for column, (flag, value) in flags.items() if value is not None}
+        require_metadata(frame, models, args.allow_missing_meta, source, given)
 
         print(
             f"{len(frame)} images, {len(models)} model(s), {args.n_tta} TTA view(s) each, on {device}"
-            f"{', rank average' if args.rank_average and len(models) > 1 else ''}",
+            f"{', rank average' if args.rank_average else ''}",
             flush=True,
         )
         # every model that reads lesion features reads the same ones: compute them once
@@ -188,12 +217,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             rows = held_out[index] if held_out is not None else np.ones(len(frame), dtype=bool)
             probs = np.full(len(frame), np.nan)  # NaN: not scored by this model, left out of the row's mean
             if rows.any():
+                meta = encode_metadata(loaded, frame)  # over every row: a patient's images are counted in full
                 probs[rows] = predict_probabilities(
                     loaded,
                     frame[rows].reset_index(drop=True),
                     device,
                     amp_dtype,
                     lesion=None if lesion is None else lesion[rows],
+                    meta=None if meta is None else meta[rows],
                     **prediction_options(args),
                 )
                 scope = f" on the {int(rows.sum())} images it held out" if held_out is not None else ""
@@ -201,19 +232,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             else:
                 print(f"  {loaded.path}: held out none of these images, not used", flush=True)
             probabilities.append(probs)
-        target = combine(probabilities, args.rank_average)
+        score = combine(probabilities, args.rank_average)
 
         result = pd.DataFrame({"image_name": frame["image_name"]})
         if not args.data_dir:
             result["filepath"] = frame["filepath"]
-        result["target"] = target
+        result["rank_score" if args.rank_average else "target"] = score
         if held_out is not None:
             result["n_models"] = held_out.sum(axis=0)
         write_csv_atomic(result, out)
-        print(
-            f"wrote {out}: {len(result)} rows, {int(np.sum(target >= 0.5))} at or above 0.5, mean {target.mean():.4f}",
-            flush=True,
-        )
+        if args.rank_average:  # ranks say nothing about a threshold of 0.5
+            summary = "column rank_score: mean ranks in (0, 1], not probabilities"
+        else:
+            summary = f"{int(np.sum(score >= 0.5))} at or above 0.5, mean {score.mean():.4f}"
+        print(f"wrote {out}: {len(result)} rows, {summary}", flush=True)
         return result
 
 

@@ -8,6 +8,11 @@ The generated folder looks like the Kaggle one::
     out_dir/test/test/<image_name>.jpg
     out_dir/gans_biases.csv     headerless: <image_name>.jpg,hair_dense,hair_short,hair_medium,black_frame,
                                 ruler_mark,other (0/1 per train image, exactly what was drawn)
+    out_dir/synthetic.json      the settings and the list of files written (written first)
+
+The folder must be new or empty: files of anyone else are never written over or mixed in. A folder that holds an
+earlier synthetic data set (its synthetic.json) is replaced with --overwrite, which deletes only the files listed
+there.
 
 Both the metadata and the image carry signal about the target, neither perfectly:
 
@@ -27,6 +32,7 @@ Everything is deterministic for a given seed (numpy Generators only, no global r
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +44,9 @@ import pandas as pd
 from artifacts import DEFAULT_ARTIFACT_HEADS
 from synthetic_image import render_image
 from tables import SITE_COLUMN
+from utils import UserError, exit_on_user_error
 
+MANIFEST = "synthetic.json"
 SITES = ("torso", "lower extremity", "upper extremity", "head/neck", "palms/soles", "oral/genital")
 TRAIN_COLUMNS = ("image_name", "patient_id", "sex", "age_approx", SITE_COLUMN, "target")
 
@@ -194,6 +202,41 @@ def _write_images(
             raise OSError(f"could not write {folder / f'{name}.jpg'}")
 
 
+def claim_folder(out: Path, overwrite: bool) -> None:
+    """Makes `out` ready for a data set: new or empty, or (with `overwrite`) holding an earlier synthetic data set
+    and nothing else, whose files are then deleted. Refused otherwise, before anything is touched: a real data
+    folder (the Kaggle one holds train_concat.csv, which a new train.csv would shadow) is never written into."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: choose a new or empty folder for the synthetic data set.")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    manifest = out / MANIFEST
+    try:
+        written = {out / name for name in json.loads(manifest.read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{out} is not empty and holds no synthetic data set of this script ({MANIFEST}): choose a new or empty "
+            "folder; nothing in it was touched."
+        ) from None
+    if not overwrite:
+        raise UserError(
+            f"{out} holds an earlier synthetic data set: pass --overwrite to replace it, or choose a new or empty "
+            "folder."
+        )
+    others = sorted(p for p in out.rglob("*") if p.is_file() and p not in written and p != manifest)
+    if others:
+        raise UserError(
+            f"{out} holds files this script did not write, e.g. {others[0]}: move them out, or choose a new or empty "
+            "folder; nothing in it was touched."
+        )
+    for path in written:
+        path.unlink(missing_ok=True)
+    manifest.unlink()
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def make_synthetic_dataset(
     out_dir: str | Path,
     n_train: int = 400,
@@ -203,6 +246,7 @@ def make_synthetic_dataset(
     malignant_fraction: float = 0.3,
     artifact_rate: float = 0.3,
     n_patients: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes a synthetic data set in the Kaggle melanoma-external-malignant-256 layout.
 
@@ -210,7 +254,8 @@ def make_synthetic_dataset(
     out_dir/test/test/<image_name>.jpg, and out_dir/gans_biases.csv; returns out_dir as Path.
 
     n_patients is the number of train patients (default about n_train / 3); test patients are distinct,
-    about as many per image. Each artifact head is drawn with probability about artifact_rate / 2.
+    about as many per image. Each artifact head is drawn with probability about artifact_rate / 2. `out_dir` must
+    be new or empty, or hold an earlier synthetic data set and `overwrite` be set (claim_folder).
     The train split always holds both classes (at least min(3, n_train // 2) of each) and, from
     len(DEFAULT_ARTIFACT_HEADS) images on, at least one positive per artifact head. Deterministic for a given seed.
     """
@@ -226,6 +271,7 @@ def make_synthetic_dataset(
         raise ValueError("n_patients must be >= 1")
 
     out = Path(out_dir)
+    claim_folder(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     meta_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
     rng = np.random.default_rng(meta_seq)
@@ -253,6 +299,11 @@ def make_synthetic_dataset(
     train_flags = _artifact_flags(rng, train_target, artifact_rate, force=True)
     test_flags = _artifact_flags(rng, test_target, artifact_rate, force=False)
 
+    files = ["train.csv", "test.csv", "gans_biases.csv"]
+    files += [f"train/train/{name}.jpg" for name in train_names] + [f"test/test/{name}.jpg" for name in test_names]
+    settings = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size}
+    # first: a run killed half-way leaves a folder that is still known to be this script's
+    (out / MANIFEST).write_text(json.dumps({"written_by": "synthetic.py", **settings, "files": files}, indent=1))
     train.to_csv(out / "train.csv", index=False, columns=list(TRAIN_COLUMNS))
     test.to_csv(out / "test.csv", index=False, columns=list(TRAIN_COLUMNS[:-1]))
     with open(out / "gans_biases.csv", "w", encoding="utf-8", newline="") as handle:
@@ -279,11 +330,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-test", type=int, metavar="N", default=100, help="test images (100)")
     parser.add_argument("--image-size", type=int, metavar="PX", default=256, help="image side (256)")
     parser.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic data set in OUT_DIR")
     args = parser.parse_args(argv)
     if args.n_train < 0 or args.n_test < 0:
         parser.error("--n-train and --n-test must be >= 0")
     if args.image_size < 16:
         parser.error("--image-size must be at least 16")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
     return args
 
 
@@ -291,9 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: generates the data set and prints a one-line summary."""
     args = parse_args(argv)
     start = time.perf_counter()
-    out = make_synthetic_dataset(
-        args.out_dir, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size, seed=args.seed
-    )
+    with exit_on_user_error():
+        out = make_synthetic_dataset(
+            args.out_dir,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            image_size=args.image_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
     print(
         f"wrote {args.n_train} train + {args.n_test} test images ({args.image_size} px) to {out} "
         f"in {time.perf_counter() - start:.1f} s"

@@ -20,6 +20,10 @@ META_FEATURES = ("sex", "age", "site", "n_images", "image_size")
 SITE_COLUMN = "anatom_site_general_challenge"
 MAX_AGE = 120
 AGE_RULE = f"ages must be numbers from 0 to {MAX_AGE}"  # every reader of ages refuses others in these words
+# the spellings of sex read as the encoder's two values, whatever their case. Numbers are not among them: data sets
+# disagree on them (1 is male in some, female in others; ISO 5218 has 1 male, 2 female, 0 unknown)
+SEX_SPELLINGS = {"male": "male", "m": "male", "female": "female", "f": "female"}
+SEX_RULE = "sex must be male or female (M/F and any case also do), or empty when it is not known"
 
 # --------------------------------------------------------------------------- the Kaggle layout
 
@@ -126,11 +130,15 @@ def read_melanoma_table(
         bad = ~target.isin([0, 1])
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise UserError(
-                f"{csv_path} line {row + 2} has target {_cell_text(frame['target'].iloc[row])!r}: targets must be 0 "
-                "or 1."
-            )
+            cell = frame["target"].iloc[row]
+            has = "no target" if pd.isna(cell) else f"target {_cell_text(cell)!r}"
+            raise UserError(f"{csv_path} line {row + 2} has {has}: targets must be 0 or 1.")
         frame["target"] = target.astype(int)
+    if use_meta:
+        bad = unknown_sex(frame["sex"])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{csv_path} line {row + 2} has sex {_cell_text(frame['sex'].iloc[row])!r}: {SEX_RULE}.")
     if "age_approx" in frame.columns:
         # refused rather than treated as missing: an age of -5, 999 or inf is a typo or a unit mix-up that
         # only the user can resolve, and a silently dropped age would change the model's input unnoticed
@@ -168,6 +176,16 @@ def read_melanoma_table(
     return frame.reset_index(drop=True)
 
 
+def canonical_sex(values: pd.Series) -> pd.Series:
+    """male / female for the spellings of SEX_SPELLINGS, in any case; missing for empty cells and anything else."""
+    return values.astype("string").str.strip().str.lower().map(SEX_SPELLINGS).astype("string")
+
+
+def unknown_sex(values: pd.Series) -> pd.Series:
+    """True where a cell holds something that is neither missing nor a spelling of male or female."""
+    return values.notna().to_numpy() & canonical_sex(values).isna().to_numpy()
+
+
 def implausible_ages(ages: pd.Series) -> pd.Series:
     """True where a cell holds something other than an age from 0 to MAX_AGE; empty cells are fine (missing)."""
     return ages.notna() & ~pd.to_numeric(ages, errors="coerce").between(0, MAX_AGE)
@@ -179,8 +197,9 @@ def implausible_ages(ages: pd.Series) -> pd.Series:
 class MetaEncoder:
     """The 1st-place SIIM-ISIC metadata, fitted on training rows only and stored in the checkpoint.
 
-    sex: male 1, female 0, missing -1; age: age/90, missing filled with the training median; site: one-hot
-    over the training sites plus a `missing` column that also takes sites never seen in training;
+    sex: male 1, female 0, missing -1 (SEX_SPELLINGS: M/F in any case too); age: age/90, missing filled with the
+    training median; site: one-hot over the training sites (matched in any case) plus a `missing` column that also
+    takes sites never seen in training (the readers of new metadata refuse those first: `unrecognised`);
     n_images: log1p(images of the patient), a row without patient_id being a patient of its own;
     image_size: log(JPEG bytes).
     """
@@ -196,7 +215,11 @@ class MetaEncoder:
 
     def fit(self, frame: pd.DataFrame) -> MetaEncoder:
         if "site" in self.features:
-            self.sites = sorted(frame[SITE_COLUMN].dropna().astype(str).unique().tolist())
+            # one column per site whatever its case: "Torso" and "torso" are one site (the first spelling kept)
+            first: dict[str, str] = {}
+            for site in sorted(frame[SITE_COLUMN].dropna().astype(str).unique()):
+                first.setdefault(site.casefold(), site)
+            self.sites = list(first.values())
         if "age" in self.features:
             median = _plausible_ages(frame).median()
             self.age_fill = float(median) if not math.isnan(median) else 50.0
@@ -223,17 +246,15 @@ class MetaEncoder:
         columns = []
         for feature in self.features:
             if feature == "sex":
-                sex = frame["sex"].astype("string").str.strip().str.lower().map({"male": 1.0, "female": 0.0})
+                sex = canonical_sex(frame["sex"]).map({"male": 1.0, "female": 0.0})
                 columns.append(sex.astype(float).fillna(-1.0).to_numpy()[:, None])
             elif feature == "age":
                 age = _plausible_ages(frame).fillna(self.age_fill) / 90.0
                 columns.append(age.to_numpy(dtype=float)[:, None])
             elif feature == "site":
-                site = frame[SITE_COLUMN].astype("string")
                 one_hot = np.zeros((len(frame), len(self.sites) + 1))
-                index = {name: i for i, name in enumerate(self.sites)}
-                for row, value in enumerate(site):
-                    one_hot[row, index.get(value, len(self.sites)) if not pd.isna(value) else len(self.sites)] = 1
+                for row, column in enumerate(self._site_columns(frame[SITE_COLUMN])):
+                    one_hot[row, len(self.sites) if column is None else column] = 1
                 columns.append(one_hot)
             elif feature == "n_images":
                 columns.append(np.log1p(images_per_patient(frame))[:, None])
@@ -241,6 +262,32 @@ class MetaEncoder:
                 sizes = np.array([os.path.getsize(path) for path in frame["filepath"]], dtype=float)
                 columns.append(np.log(np.maximum(sizes, 1.0))[:, None])
         return np.concatenate(columns, axis=1).astype(np.float32)
+
+    def _site_columns(self, sites: pd.Series) -> list[int | None]:
+        """The one-hot column of each cell's site, matched in any case and without surrounding spaces; None for a
+        missing cell or a site not seen in training."""
+        index = {name.casefold(): i for i, name in enumerate(self.sites)}
+        return [None if pd.isna(value) else index.get(str(value).strip().casefold()) for value in sites]
+
+    def known_values(self, column: str) -> list[str]:
+        """The values of a categorical column ("sex" or SITE_COLUMN) that this encoding knows."""
+        return ["male", "female"] if column == "sex" else list(self.sites)
+
+    def unrecognised(self, frame: pd.DataFrame) -> list[tuple[str, str, pd.Series]]:
+        """(column, value, mask of its rows) for every categorical value of `frame` that this encoding would turn
+        into "missing" without it being missing: a sex that is no spelling of male or female, a site not seen in
+        training (matched in any case). Empty when every value is known or missing."""
+        found = []
+        if "sex" in self.features and "sex" in frame.columns:
+            bad = pd.Series(unknown_sex(frame["sex"]), index=frame.index)
+            found += [("sex", value, bad & (frame["sex"] == value)) for value in frame["sex"][bad].unique()]
+        if "site" in self.features and SITE_COLUMN in frame.columns:
+            columns = self._site_columns(frame[SITE_COLUMN])
+            bad = pd.Series([column is None for column in columns], index=frame.index) & frame[SITE_COLUMN].notna()
+            found += [
+                (SITE_COLUMN, value, bad & (frame[SITE_COLUMN] == value)) for value in frame[SITE_COLUMN][bad].unique()
+            ]
+        return [(column, _cell_text(value), rows) for column, value, rows in found]
 
     def state_dict(self) -> dict:
         return {"features": list(self.features), "sites": list(self.sites), "age_fill": self.age_fill}

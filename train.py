@@ -192,7 +192,13 @@ def fold_baselines(
     config: MelanomaConfig, frame: pd.DataFrame, fold: int, inputs: FoldInputs, colour: np.ndarray | None
 ) -> dict:
     """What the network is compared with on this fold, printed: late fusion's metadata regression on its own, and
-    the baselines' validation AUCs (returned)."""
+    the baselines' validation AUCs (returned). First, the validation values the encoding has no column for."""
+    for column, value, rows in inputs.encoder.unrecognised(inputs.valid_rows) if inputs.encoder else []:
+        print(
+            f"notice: {int(rows.sum())} validation image(s) of fold {fold} have {column} {value!r}, which no training "
+            "image of the fold has: encoded as missing (predict.py and audit.py will ask for --allow-missing-meta).",
+            flush=True,
+        )
     if inputs.evidence is not None:
         alone = safe_auc(inputs.valid_rows["target"], inputs.evidence)
         print(f"late fusion: metadata logistic regression on the training fold (alone {alone:.4f})", flush=True)

@@ -41,6 +41,8 @@ def exit_on_user_error() -> Iterator[None]:
 def ensure_writable_dir(path: str | Path, what: str) -> Path:
     """Creates `path` if needed and checks that files can be written there."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the {what} {path} is a file, not a folder: choose a folder.")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -50,6 +52,12 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
             f"cannot write to the {what} {path} ({error.strerror}): choose a folder you can write to."
         ) from None
     return path
+
+
+def refuse_folder(path: str | Path, flag: str, example: str) -> None:
+    """An output file named as an existing folder would fail only when written, after all the work."""
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a folder: name the file to write, e.g. {Path(path) / example}.")
 
 
 # --------------------------------------------------------------------------- atomic files

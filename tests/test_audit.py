@@ -1,3 +1,6 @@
+import shutil
+
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -31,8 +34,11 @@ def oof_names(checkpoint):
 
 
 def run_audit(tmp_path, *args):
+    """audit.main with its table checked against the CSV it wrote. The synthetic fold 0 holds sites the model's
+    training folds did not (head/neck, palms/soles): --allow-missing-meta encodes them as missing, as validation did."""
     out = tmp_path / "audit.csv"
-    table = audit.main([*map(str, args), "--out", str(out), "--num-workers", "0", "--overwrite"])
+    argv = [*map(str, args), "--out", str(out), "--num-workers", "0", "--overwrite", "--allow-missing-meta"]
+    table = audit.main(argv)
     pd.testing.assert_frame_equal(pd.read_csv(out), table, check_dtype=False)
     return table
 
@@ -171,6 +177,7 @@ def test_labels_with_a_header_and_prob_columns(synthetic_dir, checkpoint, tmp_pa
 
 def test_bad_input_is_one_clear_error(synthetic_dir, checkpoint, tmp_path, capsys):
     base = ["--model-path", str(checkpoint), "--data-dir", str(synthetic_dir), "--out", str(tmp_path / "a.csv")]
+    base += ["--allow-missing-meta"]
     for extra, expected in (
         (["--artifacts", str(tmp_path / "missing.csv")], "missing.csv"),
         (["--artifacts", str(synthetic_dir / "gans_biases.csv"), "--insert", "tattoo"], "tattoo"),
@@ -211,3 +218,49 @@ def test_leftover_temp_files_of_the_output_are_removed(synthetic_dir, checkpoint
         synthetic_dir / "gans_biases.csv", "--insert", "",
     )  # fmt: skip
     assert not leftover.exists() and other.exists()
+
+
+def test_nothing_pasted_changes_nothing(synthetic_dir, checkpoint, tmp_path, monkeypatch):
+    """The metadata is encoded once for every audited row: a subset encoded on its own recounted each patient's
+    images, so that the "inserted" rows differed from the reference even with nothing pasted."""
+    monkeypatch.setattr(audit, "paste_artifact", lambda image, kind, rng: image.copy())
+    table = run_audit(
+        tmp_path, "--model-path", checkpoint, "--data-dir", synthetic_dir, "--artifacts",
+        synthetic_dir / "gans_biases.csv",
+    )  # fmt: skip
+    inserted = table[table["test"].str.startswith("inserted")]
+    assert len(inserted) == 3 and (inserted["images"] > 0).all()
+    np.testing.assert_allclose(inserted["mean_shift"], 0, atol=1e-6)
+    assert (inserted["benign_to_malignant"] == 0).all() and (inserted["malignant_to_benign"] == 0).all()
+
+
+def test_an_artifact_on_every_image_gives_a_row_that_is_not_measurable(synthetic_dir, checkpoint, tmp_path, capsys):
+    names = pd.read_csv(synthetic_dir / "train.csv")["image_name"]
+    pd.DataFrame({"image_name": names, "black_frame": 1}).to_csv(tmp_path / "framed.csv", index=False)
+    table = run_audit(
+        tmp_path, "--model-path", checkpoint, "--data-dir", synthetic_dir, "--artifacts", tmp_path / "framed.csv",
+        "--insert", "black_frame",
+    )  # fmt: skip
+    row = table.set_index("test").loc["inserted black_frame"]
+    assert row["images"] == 0 and np.isnan(row["auc"]) and np.isnan(row["mean_shift"])
+    assert pd.isna(row["benign_to_malignant"])
+    assert "no audited image is labelled without black_frame" in capsys.readouterr().out
+
+
+def test_two_files_of_one_image_are_refused_naming_both(synthetic_dir, checkpoint, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    names = pd.read_csv(data / "train.csv")["image_name"]
+    image = cv2.imread(str(data / "train" / "train" / f"{names[0]}.jpg"))
+    cv2.imwrite(str(data / "train" / "train" / f"{names[0]}.png"), image)
+    lines = [f"{name}.jpg,0,0,0,0,0,0" for name in names] + [f"{names[0]}.png,0,0,0,1,0,0"]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        audit.main([
+            "--model-path", str(checkpoint), "--data-dir", str(data), "--artifacts", str(tmp_path / "labels.csv"),
+            "--all-rows", "--out", str(tmp_path / "a.csv"), "--num-workers", "0", "--allow-missing-meta",
+        ])  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1, error
+    assert f"{names[0]}.jpg (line 1)" in error and f"{names[0]}.png (line {len(names) + 1})" in error
+    assert not (tmp_path / "a.csv").exists()

@@ -65,3 +65,31 @@ def test_predict_mode_needs_the_test_images(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--mode", "predict", "--json", str(tmp_path / "p.json")])
     assert exit_info.value.code == 2 and "--data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "least"),
+    [("--steps", 0, 1), ("--repeats", 0, 1), ("--batch-size", 0, 1), ("--n-images", 0, 1), ("--warmup", -1, 0),
+     ("--data-images", 0, 1), ("--threads", 0, 1), ("--num-workers", -1, 0), ("--image-size", 0, 32)],
+)  # fmt: skip
+def test_counts_that_time_nothing_are_one_sentence(tmp_path, capsys, flag, value, least):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag, str(value), "--json", str(tmp_path / "b.json")])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error == f"error: {flag} {value} must be at least {least}."
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_results_are_named_by_every_setting_and_never_overwritten(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    quick = ["--only", "infer", "--image-size", "32", "--batch-size", "2", "--warmup", "0", "--num-workers", "0"]
+    bench.main([*quick, "--steps", "1"])
+    bench.main([*quick, "--steps", "2"])
+    written = sorted((tmp_path / "bench_results").glob("*.json"))
+    assert len(written) == 2  # the run of 2 steps used to replace the run of 1
+    assert sorted(json.loads(path.read_text())["settings"]["steps"] for path in written) == [1, 2]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*quick, "--steps", "1"])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    bench.main([*quick, "--steps", "1", "--overwrite"])
+    assert len(list((tmp_path / "bench_results").glob("*.json"))) == 2

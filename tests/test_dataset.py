@@ -201,6 +201,40 @@ def test_impossible_ages_are_refused_with_the_line(tmp_path, age):
         read_melanoma_table(data, "train", use_meta=True, require_target=True)
 
 
+def test_sex_spellings_and_site_cases_are_one_value_and_others_are_named(tmp_path):
+    """sex M/F (any case) is male/female, not unknown for every row; a site matches in any case; anything else is
+    listed by `unrecognised`, for the readers of new metadata to refuse or name."""
+    train = _frame(
+        tmp_path, [["a", "p1", "M", 60, "Torso"], ["b", "p2", "f", 30, "head/neck"], ["c", "p3", "male", 40, "torso"]]
+    )
+    encoder = MetaEncoder(["sex", "site"]).fit(train)
+    assert encoder.sites == ["Torso", "head/neck"]  # one column for Torso and torso
+    new = _frame(
+        tmp_path,
+        [["d", "p4", "Female", 50, "TORSO"], ["e", "p5", "1", 50, "banana"], ["f", "p6", None, 50, None],
+         ["g", "p7", "1", 50, "Head/Neck"]],
+    )  # fmt: skip
+    encoded = encoder.transform(new)
+    assert encoded[:, 0].tolist() == [0.0, -1.0, -1.0, -1.0]
+    assert encoded[:, 1:].tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 1, 0]]
+    assert encoder.transform(train)[:, 0].tolist() == [1.0, 0.0, 1.0]
+    found = [(column, value, rows.tolist()) for column, value, rows in encoder.unrecognised(new)]
+    assert found == [
+        ("sex", "1", [False, True, False, True]),
+        ("anatom_site_general_challenge", "banana", [False, True, False, False]),
+    ]
+
+
+def test_a_training_csv_with_an_unknown_sex_or_a_blank_target_is_refused_with_the_line(tmp_path):
+    header = "image_name,age_approx,sex,anatom_site_general_challenge,target"
+    data = _layout(tmp_path, f"{header}\na,40,M,,0\nb,50,0,,1\n")
+    with pytest.raises(UserError, match=r"line 3 has sex '0': sex must be male or female \(M/F"):
+        read_melanoma_table(data, "train", use_meta=True, require_target=True)
+    data = _layout(tmp_path, f"{header}\na,40,M,,0\nb,50,F,,\n")
+    with pytest.raises(UserError, match=r"line 3 has no target: targets must be 0 or 1"):
+        read_melanoma_table(data, "train", use_meta=True, require_target=True)
+
+
 def test_meta_encoder_treats_impossible_ages_as_missing(tmp_path):
     frame = _frame(tmp_path, [["a", "p1", "male", 40, "torso"], ["b", "p2", "female", 60, "torso"]])
     encoder = MetaEncoder(["age"]).fit(frame)

@@ -25,3 +25,23 @@ def test_demo_check_passes_when_every_model_learns(monkeypatch, tmp_path):
     table = pd.DataFrame({"head": ["hair_dense", "ruler_mark"], "auc": [0.99, 0.98]})
     monkeypatch.setattr(demo.multi_classification, "main", lambda argv: {"table": table})
     assert demo.main(["--out-dir", str(tmp_path)])["melanoma_auc"] == {"image_only": 0.9, "with_meta": 0.9}
+
+
+def test_demo_refuses_a_folder_that_holds_other_files(monkeypatch, tmp_path, capsys):
+    made = []
+    monkeypatch.setattr(demo, "make_synthetic_dataset", lambda *args, **kwargs: made.append(kwargs))
+    monkeypatch.setattr(demo.train, "main", lambda argv: {"mean_auc": 0.9})
+    table = pd.DataFrame({"head": ["hair_dense"], "auc": [0.99]})
+    monkeypatch.setattr(demo.multi_classification, "main", lambda argv: {"table": table})
+    (tmp_path / "melanoma_external_256").mkdir()
+    (tmp_path / "melanoma_external_256" / "test.csv").write_text("image_name\nISIC_1\n")
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--out-dir", str(tmp_path), "--overwrite"])
+    assert stop.value.code == 2 and "not empty" in capsys.readouterr().err and not made
+    # its own earlier folder: replaced only with --overwrite
+    demo.main(["--out-dir", str(tmp_path / "demo")])
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--out-dir", str(tmp_path / "demo")])
+    assert stop.value.code == 2 and "pass --overwrite" in capsys.readouterr().err and len(made) == 1
+    demo.main(["--out-dir", str(tmp_path / "demo"), "--overwrite"])
+    assert len(made) == 2 and made[-1]["overwrite"] is True

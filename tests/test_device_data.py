@@ -26,6 +26,7 @@ from dataset import (
     train_transforms,
     valid_transforms,
 )
+from image_files import read_image
 from utils import UserError
 
 CPU = torch.device("cpu")
@@ -376,6 +377,22 @@ def test_bad_files_are_named(tmp_path):
         dd.ByteDataset([str(tmp_path / "missing.jpg")])[0]
     with pytest.raises(UserError, match="unknown augmentation strength 'strong'"):
         _pipeline("strong")(_batch([good]))
+
+
+def test_a_16_bit_png_reads_as_on_the_cpu_path_also_in_a_mixed_batch(tmp_path):
+    """torchvision decodes a 16-bit PNG to 0..65535, OpenCV (the CPU path) to its high byte: the device path used to
+    give other pixels (other predictions), and a batch mixing it with 8-bit files could not be stacked."""
+    deep = (_lesion(64).astype(np.uint16) * 257 + np.random.default_rng(0).integers(0, 257, (64, 64, 3))).astype(
+        np.uint16
+    )
+    png = _write(tmp_path / "deep.png", deep)
+    good = _write(tmp_path / "good.jpg", _lesion(64, 1))
+    images = dd.decode_images(_batch([png, good])["data"], CPU)
+    assert images[0].dtype == torch.uint8
+    assert np.array_equal(images[0].permute(1, 2, 0).numpy(), read_image(png))
+    batch = _pipeline("none")(_batch([png, good]))["image"]
+    expected = torch.from_numpy(valid_transforms(64)(image=read_image(png))["image"]).permute(2, 0, 1)
+    torch.testing.assert_close(batch[0], expected, atol=1e-5, rtol=0)
 
 
 def test_data_path_flag():

@@ -145,7 +145,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_dir, tmp_pa
 
 def test_checkpoint_of_the_other_script_is_refused(synthetic_dir, tmp_path):
     train.main(seed_command(synthetic_dir, tmp_path))
-    with pytest.raises(UserError, match="written by train.py, not multi_classification.py"):
+    with pytest.raises(UserError, match="by train.py, not multi_classification.py: pass a checkpoint that multi_"):
         load_checkpoint(tmp_path / "weights" / "run_best.pth", "artifact")
     truncated = tmp_path / "weights" / "cut.pth"
     truncated.write_bytes((tmp_path / "weights" / "run_best.pth").read_bytes()[:1000])
@@ -267,3 +267,12 @@ def test_a_batch_larger_than_each_process_share_still_trains(synthetic_dir, tmp_
     mp.spawn(train_on_rank, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     record = json.loads((tmp_path / "logs" / "metrics_run.jsonl").read_text().splitlines()[0])
     assert math.isfinite(record["train_loss"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"), [(",", "names no feature"), ("age,age", "repeats age"), ("age,height", "names 'height'")]
+)
+def test_meta_features_without_a_usable_list_are_one_sentence(synthetic_dir, tmp_path, capsys, spec, fragment):
+    argv = seed_command(synthetic_dir, tmp_path, "--use-meta", "--meta-features", spec)
+    fails_with(capsys, argv, f"--meta-features {spec!r} {fragment}", "sex,age,site,n_images,image_size")
+    assert not (tmp_path / "weights").exists()

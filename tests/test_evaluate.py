@@ -38,7 +38,7 @@ def test_report_from_out_of_fold_predictions_with_cams(run, synthetic_dir, tmp_p
     report = tmp_path / "report"
     metrics = evaluate.main([
         "--oof", str(run["oof"]), "--out-dir", str(report), "--cam", "2", "--model-path", str(run["checkpoint"]),
-        "--data-dir", str(synthetic_dir), "--n-bootstrap", "200",
+        "--data-dir", str(synthetic_dir), "--n-bootstrap", "200", "--allow-missing-meta",
     ])  # fmt: skip
     oof = pd.read_csv(run["oof"])
     written = json.loads((report / "metrics.json").read_text())
@@ -237,3 +237,41 @@ def test_leftover_temp_files_of_a_killed_report_are_removed(run, tmp_path):
     other.write_text("not evaluate.py's")
     evaluate.main(["--oof", str(run["oof"]), "--out-dir", str(report), "--n-bootstrap", "20", "--overwrite"])
     assert not cam_leftover.exists() and other.exists()
+
+
+def evaluate_fails(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*map(str, argv), "--n-bootstrap", "20"])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1 and "Traceback" not in error, error
+    for fragment in fragments:
+        assert fragment in error, error
+
+
+def test_repeated_rows_blank_labels_and_rank_scores_are_refused(tmp_path, capsys):
+    """A repeated melanoma row used to count twice (average precision 0.46 became 0.63 here); a blank target was
+    reported as 'nan'; the ranks of predict.py --rank-average are no probabilities."""
+    names = [f"img{i}" for i in range(8)]
+    targets, probs = [1, 0, 0, 1, 0, 0, 1, 0], [0.2, 0.9, 0.8, 0.7, 0.1, 0.3, 0.4, 0.6]
+    oof = pd.DataFrame({"image_name": names, "target": targets, "prob": probs})
+    oof.to_csv(tmp_path / "oof.csv", index=False)
+    repeated = pd.concat([oof, oof.iloc[[3]]])
+    repeated.to_csv(tmp_path / "repeated.csv", index=False)
+    evaluate_fails(capsys, ["--pred", tmp_path / "repeated.csv", "--out-dir", tmp_path / "r"], "lists image img3 twice")
+
+    pd.DataFrame({"image_name": names, "target": probs}).to_csv(tmp_path / "scores.csv", index=False)
+    repeated[["image_name", "target"]].to_csv(tmp_path / "labels.csv", index=False)
+    command = ["--pred", tmp_path / "scores.csv", "--labels", tmp_path / "labels.csv", "--out-dir", tmp_path / "r"]
+    evaluate_fails(capsys, command, "labels.csv lists image img3 twice")
+
+    blank = oof.astype({"target": object})
+    blank.loc[5, "target"] = None
+    blank.to_csv(tmp_path / "blank.csv", index=False)
+    evaluate_fails(
+        capsys, ["--pred", tmp_path / "blank.csv", "--out-dir", tmp_path / "r"], "has no target for image img5"
+    )
+
+    pd.DataFrame({"image_name": names, "rank_score": probs}).to_csv(tmp_path / "ranks.csv", index=False)
+    command = ["--pred", tmp_path / "ranks.csv", "--labels", tmp_path / "oof.csv", "--out-dir", tmp_path / "r"]
+    evaluate_fails(capsys, command, "holds rank scores (predict.py --rank-average), not probabilities")
+    assert not (tmp_path / "r").exists()

@@ -89,6 +89,14 @@ def test_reads_a_header_form_with_blanks_and_names_without_extension(tmp_path):
     np.testing.assert_array_equal(labels, [[1, np.nan, 0], [np.nan, 0, 1]])
 
 
+def test_a_headerless_file_may_start_with_a_row_of_blank_labels(tmp_path):
+    write_images(tmp_path, ["a.jpg", "b.jpg"])
+    (tmp_path / "ann.csv").write_text("a.jpg,,,,,,\nb.jpg,0,0,1,0,1,1\n")
+    frame, heads, labels = read_artifact_annotations(tmp_path / "ann.csv", tmp_path)
+    assert heads == list(DEFAULT_ARTIFACT_HEADS) and frame["image_name"].tolist() == ["a.jpg", "b.jpg"]
+    assert np.isnan(labels[0]).all() and labels[1].tolist() == [0, 0, 1, 0, 1, 1]
+
+
 def test_prob_columns_are_ignored_only_beside_their_head(tmp_path):
     write_images(tmp_path, ["a.jpg"])
     (tmp_path / "ann.csv").write_text("image_name,hair,hair_prob,ink_prob\na.jpg,1,0.93,0\n")
@@ -119,6 +127,7 @@ def test_reads_the_shared_isic2018_bias_file():
         ("image_name,hair\na,1\nb,0\na.jpg,0\n", "line 4 repeats image a.jpg of line 2"),
         ("image_name,hair,hair\na,1,0\n", "names head hair twice"),
         ("image_name,hair\n,1\n", "line 2 has no image name"),
+        ("a.jpg,,,,,,\nb.jpg,1,0\n", "line 2 has 3 values"),  # the blank first row is a row, not a header
     ],
 )
 def test_bad_annotation_files_are_one_clear_error(tmp_path, content, message):
@@ -268,7 +277,54 @@ def test_val_scores_only_the_held_out_images_of_the_training_file(trained, synth
     written = pd.read_csv(trained.parent / "detector_metrics.csv")
     assert written["head"].tolist() == list(DEFAULT_ARTIFACT_HEADS)
     assert set(written.columns) >= {"auc", "ap", "f1", "precision", "recall", "acc", "support"}
-    assert mc.main([*argv, "--all"])["n_images"] == 36
+    assert written["thresholds_in_sample"].all()  # the stored thresholds were fitted on these very images
+    assert mc.main([*argv, "--all", "--overwrite"])["n_images"] == 36
+
+
+def val_fails(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        mc.main(argv)
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1 and "Traceback" not in error, error
+    for fragment in fragments:
+        assert fragment in error, error
+
+
+def test_val_decides_held_out_rows_by_the_stored_names_whatever_the_bytes(trained, synthetic, tmp_path, capsys):
+    """A CRLF copy of the training file was scored as if unseen (29 of its 36 rows training images); now the
+    checkpoint's own lists decide, and the thresholds fitted on the val images are marked in-sample."""
+    lines = (synthetic / "gans_biases.csv").read_text().splitlines()
+    (tmp_path / "crlf.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    argv = ["--img_path", str(synthetic / "train" / "train"), "--mode", "val", "--model_path", str(trained)]
+    argv += ["--num_workers", "0", "--save_path", str(tmp_path / "m.csv"), "--ann_path"]
+    scored = mc.main([*argv, str(tmp_path / "crlf.csv")])
+    assert scored["n_images"] == 7 and "holds 29 images" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "m.csv")["thresholds_in_sample"].all()
+    # the metrics file follows the no-overwrite rule, the default one beside the model too
+    val_fails(capsys, [*argv, str(tmp_path / "crlf.csv")], "m.csv already exists", "--overwrite")
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(trained.read_bytes())
+    (tmp_path / "copy_metrics.csv").write_text("earlier\n")
+    default = [*argv[:3], "--model_path", str(copy), "--num_workers", "0", "--ann_path", str(tmp_path / "crlf.csv")]
+    val_fails(capsys, default, "copy_metrics.csv already exists")
+    assert (tmp_path / "copy_metrics.csv").read_text() == "earlier\n"
+    # one threshold of the user's own: nothing fitted on these images
+    mc.main([*argv, str(tmp_path / "crlf.csv"), "--threshold", "0.5", "--overwrite"])
+    assert not pd.read_csv(tmp_path / "m.csv")["thresholds_in_sample"].any()
+    # a file of training images only, extensions dropped: nothing held out to score unless --all
+    checkpoint = load_checkpoint(trained, "artifact")
+    trained_on = pd.DataFrame({"image_name": [Path(name).stem for name in checkpoint["train_images"]], "hair_dense": 0})
+    trained_on.to_csv(tmp_path / "seen.csv", index=False)
+    val_fails(capsys, [*argv, str(tmp_path / "seen.csv"), "--overwrite"], "trained on every image", "--all")
+    every = mc.main([*argv, str(tmp_path / "seen.csv"), "--overwrite", "--all"])
+    assert every["n_images"] == 29 and "optimistic" in capsys.readouterr().out
+    assert not pd.read_csv(tmp_path / "m.csv")["thresholds_in_sample"].any()  # no val image among them
+
+
+def test_a_folder_for_an_output_file_is_refused(trained, synthetic, tmp_path, capsys):
+    argv = ["--img_path", str(synthetic / "test" / "test"), "--mode", "test", "--num_workers", "0"]
+    val_fails(capsys, [*argv, "--model_path", str(trained), "--save_path", str(tmp_path)], "--save_path", "is a folder")
+    val_fails(capsys, [*argv, "--model_path", str(tmp_path)], f"--model_path {tmp_path} is a folder")
 
 
 def test_test_mode_writes_one_row_per_image_and_reads_back(trained, synthetic, tmp_path):

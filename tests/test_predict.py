@@ -53,7 +53,8 @@ def run_predict(tmp_path, *args):
 
 def test_submission_has_exactly_the_test_images_with_tta8_and_ensemble(synthetic_dir, checkpoints, tmp_path):
     test_names = pd.read_csv(synthetic_dir / "test.csv")["image_name"].tolist()
-    command = ["--data-dir", synthetic_dir, "--n-tta", 8, "--model-path"]
+    # test.csv holds sites (head/neck) that the meta model's training fold did not: encoded as missing, with a notice
+    command = ["--data-dir", synthetic_dir, "--n-tta", 8, "--allow-missing-meta", "--model-path"]
     singles = []
     for name in ("plain", "meta"):
         result = run_predict(tmp_path / name, *command, checkpoints[name])
@@ -67,8 +68,19 @@ def test_submission_has_exactly_the_test_images_with_tta8_and_ensemble(synthetic
     np.testing.assert_allclose(ensemble["target"], (singles[0] + singles[1]) / 2, rtol=1e-6)
     ranked = run_predict(tmp_path / "rank", *command, checkpoints["plain"], checkpoints["meta"], "--rank-average")
     expected = (singles[0].rank(pct=True) + singles[1].rank(pct=True)) / 2
-    np.testing.assert_allclose(ranked["target"], expected)
-    assert ranked["target"].min() > 0 and ranked["target"].max() <= 1
+    assert list(ranked.columns) == ["image_name", "rank_score"]  # ranks are never written as probabilities
+    np.testing.assert_allclose(ranked["rank_score"], expected)
+    assert ranked["rank_score"].min() > 0 and ranked["rank_score"].max() <= 1
+
+
+def test_rank_average_of_a_single_model_is_refused(synthetic_dir, checkpoints, tmp_path, capsys):
+    out = tmp_path / "ranks.csv"
+    command = ["--data-dir", str(synthetic_dir), "--model-path", str(checkpoints["plain"]), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([*command, "--rank-average"])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1
+    assert "--rank-average ensembles two or more models" in error and not out.exists()
 
 
 def test_combine_mean_and_rank():
@@ -86,7 +98,7 @@ def test_folder_of_images_with_metadata_from_csv_and_flags(synthetic_dir, checkp
     expected = sorted(path.stem for path in folder.glob("*.jpg"))
     from_csv = run_predict(
         tmp_path / "csv", "--images", folder, "--meta-csv", synthetic_dir / "test.csv", "--model-path",
-        checkpoints["meta"],
+        checkpoints["meta"], "--allow-missing-meta",
     )  # fmt: skip
     assert from_csv["image_name"].tolist() == expected
     assert list(from_csv.columns) == ["image_name", "filepath", "target"]
@@ -232,7 +244,16 @@ def test_prediction_reproduces_the_validation_scores(synthetic_dir, checkpoints,
         assert checkpoint["fusion"] == ("late" if name == "meta" else "concat")
         assert (checkpoint["meta_model"] is not None) is (name == "meta")
     oof = pd.read_csv(checkpoints[name].parent.parent / "logs" / f"oof_{name}.csv")
-    command = ["--data-dir", synthetic_dir, "--split", "train", "--model-path", checkpoints[name]]
+    # fold 0 holds sites its training folds did not (head/neck, palms/soles): validation encoded them as missing
+    command = [
+        "--data-dir",
+        synthetic_dir,
+        "--split",
+        "train",
+        "--allow-missing-meta",
+        "--model-path",
+        checkpoints[name],
+    ]
     result = run_predict(tmp_path, *command)
     assert sorted(result["image_name"]) == sorted(oof["image_name"])  # the held-out images, no training image
     assert (result["n_models"] == 1).all()
@@ -243,7 +264,7 @@ def test_prediction_reproduces_the_validation_scores(synthetic_dir, checkpoints,
 def test_train_split_scores_each_image_only_with_models_that_held_it_out(synthetic_dir, checkpoints, tmp_path, capsys):
     """plain and meta validated on fold 0, fold1 on fold 1: a fold-0 image gets the mean of plain and meta, a
     fold-1 image fold1's score alone, and the fold-2 images, which every model trained on, are dropped."""
-    command = ["--data-dir", synthetic_dir, "--split", "train", "--model-path"]
+    command = ["--data-dir", synthetic_dir, "--split", "train", "--allow-missing-meta", "--model-path"]
     singles = {
         name: run_predict(tmp_path / name, *command, checkpoints[name]).set_index("image_name")["target"]
         for name in ("plain", "meta", "fold1")
@@ -302,3 +323,86 @@ def test_leftover_temp_files_of_the_output_are_removed(synthetic_dir, checkpoint
     other.write_text("someone else's")
     result = run_predict(tmp_path, "--data-dir", synthetic_dir, "--model-path", checkpoints["plain"])
     assert len(result) == 12 and not leftover.exists() and other.exists()
+
+
+def one_image_with_metadata(synthetic_dir, tmp_path, **columns):
+    """The first test image, and a --meta-csv for it with the given columns."""
+    name = pd.read_csv(synthetic_dir / "test.csv")["image_name"][0]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    meta_csv = tmp_path / "meta.csv"
+    pd.DataFrame({"image_name": [name], **{key: [value] for key, value in columns.items()}}).to_csv(
+        meta_csv, index=False
+    )
+    return synthetic_dir / "test" / "test" / f"{name}.jpg", meta_csv
+
+
+def predict_or_fail(capsys, argv):
+    """predict.main's result and its stdout, or None and the one-line error of a refusal."""
+    try:
+        result = predict.main([*map(str, argv), "--num-workers", "0"])
+    except SystemExit as exit_info:
+        error = capsys.readouterr().err.strip()
+        assert exit_info.code == 2 and len(error.splitlines()) == 1 and "Traceback" not in error, error
+        return None, error
+    return result, capsys.readouterr().out
+
+
+def test_sites_match_in_any_case_and_an_unknown_site_is_never_a_silent_guess(
+    synthetic_dir, checkpoints, tmp_path, capsys
+):
+    """--site Torso is the site torso; --site banana used to score as if no site were given, without a word."""
+    image, _ = one_image_with_metadata(synthetic_dir, tmp_path)
+    base = ["--images", image, "--sex", "male", "--age", 70, "--model-path", checkpoints["meta"]]
+    scores = {}
+    for name, extra in {
+        "torso": ["--site", "torso"],
+        "Torso": ["--site", " Torso"],
+        "missing": ["--allow-missing-meta"],
+        "banana": ["--site", "banana", "--allow-missing-meta"],
+    }.items():
+        result, out = predict_or_fail(capsys, [*base, *extra, "--out", tmp_path / f"{name}.csv"])
+        scores[name] = result["target"].iloc[0]
+        if name == "banana":
+            assert "notice: --site 'banana' is not a value" in out and "encoded as missing" in out
+            assert "torso" in out.split("it knows")[1]
+    assert scores["Torso"] == scores["torso"] and scores["banana"] == scores["missing"]
+    assert scores["torso"] != scores["missing"]
+    _, error = predict_or_fail(capsys, [*base, "--site", "banana", "--out", tmp_path / "refused.csv"])
+    assert "--site 'banana' is not a value" in error and "torso" in error and "--allow-missing-meta" in error
+    assert not (tmp_path / "refused.csv").exists()
+
+
+def test_sex_spellings_map_to_male_and_female_and_numbers_are_refused(synthetic_dir, checkpoints, tmp_path, capsys):
+    """M/F in any case are male/female; 1 and 0 mean opposite things in different data sets and are refused
+    (they used to be encoded as unknown for every row)."""
+    scores = {}
+    for sex in ("male", "M", "m", "Male", "female", "F", ""):
+        image, meta_csv = one_image_with_metadata(
+            synthetic_dir, tmp_path / f"s{sex}", sex=sex, age_approx=70, anatom_site_general_challenge="torso"
+        )
+        result, _ = predict_or_fail(
+            capsys, ["--images", image, "--meta-csv", meta_csv, "--model-path", checkpoints["meta"], "--out",
+                     tmp_path / f"s{sex}" / "p.csv"],
+        )  # fmt: skip
+        scores[sex] = result["target"].iloc[0]
+    assert scores["male"] == scores["M"] == scores["m"] == scores["Male"]
+    assert scores["female"] == scores["F"] and len({scores["male"], scores["female"], scores[""]}) == 3
+    flagged, _ = predict_or_fail(
+        capsys, ["--images", image, "--sex", "F", "--age", 70, "--site", "torso", "--model-path", checkpoints["meta"],
+                 "--out", tmp_path / "flag.csv"],
+    )  # fmt: skip
+    assert flagged["target"].iloc[0] == scores["female"]
+    image, meta_csv = one_image_with_metadata(
+        synthetic_dir, tmp_path, sex=1, age_approx=70, anatom_site_general_challenge="torso"
+    )
+    _, error = predict_or_fail(
+        capsys, ["--images", image, "--meta-csv", meta_csv, "--model-path", checkpoints["meta"], "--out",
+                 tmp_path / "one.csv"],
+    )  # fmt: skip
+    assert f"{meta_csv} gives sex '1'" in error and "male, female" in error and "--allow-missing-meta" in error
+
+
+def test_a_folder_as_the_output_file_is_refused_before_any_work(synthetic_dir, checkpoints, tmp_path, capsys):
+    command = ["--data-dir", synthetic_dir, "--model-path", checkpoints["plain"], "--out", tmp_path, "--overwrite"]
+    _, error = predict_or_fail(capsys, command)
+    assert f"--out {tmp_path} is a folder" in error

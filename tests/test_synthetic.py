@@ -3,11 +3,14 @@ into the skin makes the detector's check fail for reasons that have nothing to d
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
+import synthetic
 import synthetic_image
 from artifacts import DEFAULT_ARTIFACT_HEADS, draw_other
 from synthetic_image import render_image
+from utils import UserError
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
@@ -41,3 +44,34 @@ def test_thin_artifacts_survive_the_resize_to_64_px(head):
         small_without = cv2.resize(without, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32)
         darker = luminance(small_without) - luminance(small_with)
         assert (darker > 25).sum() >= 20, f"{head} (seed {seed}) fades out at 64 px"
+
+
+def test_a_folder_with_anyone_elses_files_is_never_written_into(tmp_path, capsys):
+    """The README's own data path, melanoma_external_256, holds the Kaggle files: a real test.csv was replaced, and
+    a new train.csv shadowed train_concat.csv."""
+    real = tmp_path / "melanoma_external_256"
+    real.mkdir()
+    (real / "train_concat.csv").write_text("image_name,target\nISIC_1,0\n")
+    for argv in ([str(real)], [str(real), "--overwrite"]):
+        with pytest.raises(SystemExit) as exit_info:
+            synthetic.main([*argv, "--n-train", "8", "--n-test", "2", "--image-size", "32"])
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(error.splitlines()) == 1 and "not empty" in error, error
+    assert [path.name for path in real.iterdir()] == ["train_concat.csv"]
+
+
+def test_an_earlier_synthetic_data_set_is_replaced_only_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "data"
+    first = synthetic.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, seed=0)
+    earlier = sorted(path.relative_to(out) for path in out.rglob("*.jpg"))
+    with pytest.raises(UserError, match="pass --overwrite"):
+        synthetic.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, seed=1)
+    assert sorted(path.relative_to(out) for path in out.rglob("*.jpg")) == earlier
+    synthetic.make_synthetic_dataset(first, n_train=6, n_test=2, image_size=32, seed=1, overwrite=True)
+    now = sorted(path.relative_to(out) for path in out.rglob("*.jpg"))
+    assert len(now) == 8 and not set(now) & set(earlier)  # the earlier images are gone, not mixed in
+    assert len(pd.read_csv(out / "train.csv")) == 6
+    (out / "train" / "train" / "mine.jpg").write_bytes(b"a user's file")
+    with pytest.raises(UserError, match="did not write, e.g. .*mine.jpg"):
+        synthetic.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, overwrite=True)
+    assert len(list(out.rglob("*.jpg"))) == 9
