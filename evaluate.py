@@ -100,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data-dir", help="Kaggle-layout folder: the images for --cam, patient ids and --by metadata from train.csv"
     )
-    parser.add_argument("--meta-csv", help="CSV of image_name and metadata for --by and patient ids (not train.csv)")
+    parser.add_argument(
+        "--meta-csv", help="CSV of image_name and metadata for --by and patient ids, in place of --data-dir's train.csv"
+    )
     parser.add_argument(
         "--by",
         metavar="COLUMNS",
