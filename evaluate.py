@@ -1,4 +1,4 @@
-"""Evaluate melanoma predictions against labels: a report folder of metrics, plots and Grad-CAM overlays.
+"""Evaluate melanoma predictions against labels: a report folder of metrics, plots, Grad-CAM overlays and one HTML page.
 
     python evaluate.py --pred logs/oof_r1.csv --out-dir reports/r1
     python evaluate.py --pred submission.csv --labels data/train.csv --out-dir reports/sub --threshold 0.3
@@ -6,29 +6,41 @@
         --model-path weights/r1_best.pth --data-dir ./melanoma_external_256/
     python evaluate.py --pred test_pred.csv --labels test_labels.csv --threshold-from logs/oof_r1.csv \
         --out-dir reports/test    # the 90 %-sensitivity threshold fitted on other rows than those reported
+    python evaluate.py --pred logs/oof_r1.csv --out-dir reports/r1 --by sex,age,site \
+        --data-dir ./melanoma_external_256/ --audit audit_r1.csv --model-path weights/r1_fold0_best.pth
 
 --pred (alias --oof) takes the out-of-fold CSV of train.py (image_name, fold, target, prob) or any CSV with
 image_name and a probability: `prob` beside a 0/1 `target`, or a predict.py output whose `target` is the score,
 then with the 0/1 labels from --labels CSV (image_name, target). --threshold-from takes a CSV of either kind, e.g.
-the OOF file of the run, to fit thresholds on other rows than the reported ones. The report folder gets:
+the OOF file of the run, to fit thresholds on other rows than the reported ones. --by scores subgroups of the
+metadata CSV (--meta-csv, else --data-dir's train.csv, joined on image_name): sex, age (bands <30, 30-44, 45-59,
+60-74, 75+ of age_approx), site (anatom_site_general_challenge) or any of its columns, a missing value (or an image
+the CSV does not list) being the group `unknown`. The report folder gets:
 
+    report.html           everything below on one self-contained page (figures embedded, no script, no external
+                          link: opens offline in any browser), with the data summary (images, melanoma, patients,
+                          folds), the --by and --audit tables and, with --model-path, the checkpoint's settings
     metrics.json          ROC AUC with a bootstrap 95 % interval (resampling patients where patient ids exist:
-                          a patient_id column of --pred or --labels, else of --data-dir's train.csv; a row without
+                          a patient_id column of --pred or --labels, else of the metadata CSV; a row without
                           one is a patient of its own; else images), partial AUC above 80 % TPR (0.02 is chance,
                           0.2 perfect), average precision, balanced accuracy, sensitivity and specificity at
                           --threshold and at the threshold that keeps 90 % sensitivity (threshold_fitted_on says on
                           which rows: in-sample, optimistic, unless --threshold-from), the confusion matrix, and
-                          calibration: Brier score, expected calibration error over 10 equal-width bins, the bins
+                          calibration: Brier score, expected calibration error over 10 equal-width bins, the bins;
+                          `data` (the counts), `subgroups` with --by: per group its images, melanomas, sensitivity
+                          and specificity at --threshold, and the AUC with the same bootstrap interval, null with a
+                          note where the group has fewer than 5 melanomas or 5 benign images; `run` (--model-path)
     roc.png, pr.png       ROC and precision-recall curves
     confusion_matrix.png  counts at --threshold
     reliability.png       reliability diagram: fraction of melanoma against mean P(melanoma) per bin, and counts
     training_curves.png   loss and AUC per epoch from train.py's metrics_<run>.jsonl (--metrics-log, found
                           beside an oof_<run>.csv by itself)
+    subgroups.png         with --by: each group's AUC and interval against that of all images
     cam/                  with --cam N: Grad-CAM of the last conv block for the N most confident correct and the
                           N most wrong images (needs --model-path and --data-dir, where the images are)
 
-The numbers come from report_metrics.py, the figures from report_plots.py, the Grad-CAM maps (captum's
-LayerGradCam) from cam.py.
+The numbers come from report_metrics.py and report_subgroups.py, the figures from report_plots.py, the page from
+report_html.py, the Grad-CAM maps (captum's LayerGradCam) from cam.py.
 """
 
 from __future__ import annotations
@@ -36,20 +48,35 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from audit import COLUMNS as AUDIT_COLUMNS
 from cam import CAM_GROUPS, select_cam_images, write_cams
+from checkpoints import load_checkpoint
 from inference import load_melanoma_model, require_metadata
 from predict import add_runtime_args, prepare_runtime
-from report_metrics import IN_SAMPLE, compute_metrics, json_ready
-from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_training_curves
+from report_html import build_report
+from report_metrics import IN_SAMPLE, compute_metrics, data_summary, json_ready
+from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_subgroups, plot_training_curves
+from report_subgroups import Grouping, group_rows, parse_by, subgroup_report
 from tables import read_csv, read_melanoma_table
 from utils import UserError, ensure_writable_dir, exit_on_user_error, temp_files_of, write_text_atomic
 
-REPORT_FILES = ("metrics.json", "roc.png", "pr.png", "confusion_matrix.png", "reliability.png", "training_curves.png")
+REPORT_FILES = (
+    "metrics.json",
+    "roc.png",
+    "pr.png",
+    "confusion_matrix.png",
+    "reliability.png",
+    "training_curves.png",
+    "subgroups.png",
+    "report.html",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,8 +94,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--metrics-log", nargs="+", help="train.py metrics_<run>.jsonl file(s) for the curves")
     parser.add_argument("--cam", type=int, default=0, metavar="N", help="Grad-CAM overlays of N+N images")
-    parser.add_argument("--model-path", help="with --cam: the checkpoint that made the predictions")
-    parser.add_argument("--data-dir", help="Kaggle-layout folder: the images for --cam, patient ids from its train.csv")
+    parser.add_argument(
+        "--model-path", help="the checkpoint that made the predictions: its configuration, and the model for --cam"
+    )
+    parser.add_argument(
+        "--data-dir", help="Kaggle-layout folder: the images for --cam, patient ids and --by metadata from train.csv"
+    )
+    parser.add_argument(
+        "--meta-csv", help="CSV of image_name and metadata for --by and patient ids, in place of --data-dir's train.csv"
+    )
+    parser.add_argument(
+        "--by",
+        metavar="COLUMNS",
+        help="comma list of subgroups to score: sex, age (bands), site, or any column of the metadata CSV",
+    )
+    parser.add_argument("--audit", metavar="CSV", help="audit.py's table (its --out) for the report's audit section")
     parser.add_argument("--split", default="train", choices=("train", "test"), help="with --cam: image folder")
     parser.add_argument(
         "--allow-missing-meta",
@@ -87,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_predictions(pred_path: Path, labels_path: Path | None, flag: str = "--pred") -> pd.DataFrame:
-    """image_name, target (0/1), prob and, where the CSVs have one, patient_id, from an OOF CSV or from scores
+    """image_name, target (0/1), prob and, where the CSVs have them, patient_id and fold, from an OOF CSV or scores
     joined with a labels CSV. `flag` names the option that gave pred_path, for the error messages."""
     if not pred_path.is_file():
         raise UserError(f"predictions file {pred_path} does not exist: check {flag}.")
@@ -101,8 +141,9 @@ def read_predictions(pred_path: Path, labels_path: Path | None, flag: str = "--p
             "P(melanoma), predict.py without --rank-average."
         )
     patient = ["patient_id"] if "patient_id" in pred.columns else []
+    fold = ["fold"] if "fold" in pred.columns else []  # train.py's OOF file: the data summary counts per fold
     if "prob" in pred.columns and "target" in pred.columns:  # labels of its own: --labels is for the others
-        frame = pred[["image_name", "target", "prob", *patient]]
+        frame = pred[["image_name", "target", "prob", *patient, *fold]]
         label_source = pred_path
     else:
         score = "prob" if "prob" in pred.columns else "target"
@@ -118,7 +159,7 @@ def read_predictions(pred_path: Path, labels_path: Path | None, flag: str = "--p
         if not {"image_name", "target"} <= set(labels.columns):
             raise UserError(f"{labels_path} lacks image_name or target: the labels need both columns.")
         refuse_repeated_images(labels, labels_path)
-        frame = pred[["image_name", score, *patient]].rename(columns={score: "prob"})
+        frame = pred[["image_name", score, *patient, *fold]].rename(columns={score: "prob"})
         label_patient = ["patient_id"] if "patient_id" in labels.columns and not patient else []
         frame = frame.merge(labels[["image_name", "target", *label_patient]], on="image_name", how="left")
         unlabelled = frame["target"].isna()
@@ -155,16 +196,31 @@ def refuse_repeated_images(table: pd.DataFrame, path: Path) -> None:
         raise UserError(f"{path} lists image {repeated.iloc[0]} twice: keep one row per image.")
 
 
-def attach_patients(frame: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
-    """Adds patient_id from the data folder's train.csv, when it has one, for the patient bootstrap; an image it
-    does not list gets none (a patient of its own)."""
-    path = data_dir / "train.csv"
-    if not path.is_file():
-        return frame
+def metadata_path(args: argparse.Namespace) -> Path | None:
+    """The metadata CSV (image_name, patient_id, sex, age_approx, ...): --meta-csv, else --data-dir's train.csv."""
+    if args.meta_csv:
+        path = Path(args.meta_csv)
+        if not path.is_file():
+            raise UserError(f"metadata file {path} does not exist: check --meta-csv.")
+        return path
+    if args.data_dir and (Path(args.data_dir) / "train.csv").is_file():
+        return Path(args.data_dir) / "train.csv"
+    return None
+
+
+def read_metadata(path: Path) -> pd.DataFrame:
     table = read_csv(path)
-    if "patient_id" not in table.columns:
+    if "image_name" not in table.columns:
+        raise UserError(f"{path} lacks the column image_name: the metadata is joined to the predictions on it.")
+    return table
+
+
+def attach_patients(frame: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
+    """Adds patient_id from the metadata CSV, when it has one, for the patient bootstrap; an image it does not list
+    gets none (a patient of its own)."""
+    if "patient_id" not in meta.columns:
         return frame
-    return frame.merge(table[["image_name", "patient_id"]].drop_duplicates("image_name"), on="image_name", how="left")
+    return frame.merge(meta[["image_name", "patient_id"]].drop_duplicates("image_name"), on="image_name", how="left")
 
 
 def find_metrics_logs(pred_path: Path) -> list[Path]:
@@ -214,68 +270,173 @@ def check_report_dir(out_dir: Path, overwrite: bool) -> None:
     ensure_writable_dir(out_dir, "report folder (--out-dir)")
 
 
+def read_audit(path: Path) -> pd.DataFrame:
+    """audit.py's table (its --out CSV), for the report's audit section."""
+    if not path.is_file():
+        raise UserError(f"audit table {path} does not exist: check --audit (audit.py writes it with --out).")
+    table = read_csv(path)
+    missing = [column for column in AUDIT_COLUMNS if column not in table.columns]
+    if missing:
+        raise UserError(f"{path} lacks the column {missing[0]}: pass the CSV that audit.py --out wrote.")
+    return table[list(AUDIT_COLUMNS)]
+
+
+def read_run(model_path: Path) -> dict:
+    """What the report's configuration section shows of the checkpoint: its fold, epoch and model, and the
+    training flags it was saved with."""
+    checkpoint = load_checkpoint(model_path, "melanoma")
+    shown = ("fold", "n_folds", "epoch", "model", "fusion", "image_size", "meta_feature_names")
+    return {
+        "checkpoint": str(model_path),
+        **{key: checkpoint.get(key) for key in shown},
+        "checkpoint_valid_auc": (checkpoint.get("metrics") or {}).get("auc"),
+        "config": checkpoint.get("config") or {},
+    }
+
+
+@dataclass
+class Inputs:
+    """Everything the report is made of, read and checked before anything is written."""
+
+    frame: pd.DataFrame  # the reported rows: image_name, target, prob, patient_id and fold where known
+    fit: pd.DataFrame | None  # --threshold-from's rows
+    fitted_on: str
+    history: pd.DataFrame | None  # the training log
+    grouping: Grouping | None  # --by
+    audit: pd.DataFrame | None
+    run: dict | None  # the checkpoint's configuration (--model-path)
+
+
+def read_inputs(args: argparse.Namespace) -> Inputs:
+    pred_path = Path(args.pred)
+    labels_path = Path(args.labels) if args.labels else None
+    frame = read_predictions(pred_path, labels_path)
+    meta_path = metadata_path(args)
+    meta = read_metadata(meta_path) if meta_path else None
+    if "patient_id" not in frame.columns and meta is not None:
+        frame = attach_patients(frame, meta)
+    fit, fitted_on = None, IN_SAMPLE
+    if args.threshold_from:
+        fit = read_predictions(Path(args.threshold_from), labels_path, "--threshold-from")
+        fitted_on = args.threshold_from
+        shared = np.intersect1d(fit["image_name"], frame["image_name"])
+        if shared.size:
+            raise UserError(
+                f"{args.threshold_from} and {pred_path} share {shared.size} image(s), first {shared[0]}: fit the "
+                "threshold on other images than the reported ones."
+            )
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold {args.threshold} is outside 0..1: it applies to P(melanoma).")
+    log_paths = [Path(p) for p in args.metrics_log] if args.metrics_log else find_metrics_logs(pred_path)
+    grouping = None
+    if args.by and parse_by(args.by):
+        if meta is None:
+            where = f"{args.data_dir} has no train.csv" if args.data_dir else "no metadata CSV was given"
+            raise UserError(f"--by needs the images' metadata and {where}: pass --data-dir or --meta-csv.")
+        grouping = group_rows(frame, meta, parse_by(args.by), meta_path)
+    return Inputs(
+        frame=frame,
+        fit=fit,
+        fitted_on=fitted_on,
+        history=read_metrics_logs(log_paths) if log_paths else None,
+        grouping=grouping,
+        audit=read_audit(Path(args.audit)) if args.audit else None,
+        run=read_run(Path(args.model_path)) if args.model_path else None,
+    )
+
+
+def compute_report(args: argparse.Namespace, inputs: Inputs) -> dict:
+    """metrics.json: the headline metrics, the data summary, and the subgroups and run where asked."""
+    metrics = compute_metrics(inputs.frame, args.threshold, args.n_bootstrap, args.seed, inputs.fit, inputs.fitted_on)
+    metrics = {"predictions": str(args.pred), **metrics, "data": data_summary(inputs.frame)}
+    if inputs.grouping is not None:
+        metrics["subgroups"] = subgroup_report(
+            inputs.frame, inputs.grouping, args.threshold, args.n_bootstrap, args.seed
+        )
+    if inputs.run is not None:
+        metrics["run"] = inputs.run
+    if args.audit:
+        metrics["audit_source"] = args.audit
+    return metrics
+
+
+def write_figures(inputs: Inputs, metrics: dict, threshold: float, out_dir: Path) -> list[str]:
+    frame = inputs.frame
+    plot_roc(frame, metrics, out_dir / "roc.png")
+    plot_pr(frame, metrics, out_dir / "pr.png")
+    plot_confusion(metrics["at_threshold"]["confusion_matrix"], threshold, out_dir / "confusion_matrix.png")
+    plot_reliability(metrics["calibration"], out_dir / "reliability.png")
+    written = ["roc.png", "pr.png", "confusion_matrix.png", "reliability.png"]
+    optional = {
+        "training_curves.png": inputs.history is not None and not inputs.history.empty,
+        "subgroups.png": "subgroups" in metrics,
+    }
+    for name, drawn in optional.items():
+        if not drawn:  # an earlier report's (--overwrite) would read as this one's
+            (out_dir / name).unlink(missing_ok=True)
+    if optional["training_curves.png"]:
+        plot_training_curves(inputs.history, out_dir / "training_curves.png")
+    if optional["subgroups.png"]:
+        plot_subgroups(metrics["subgroups"], metrics["roc_auc"], out_dir / "subgroups.png")
+    return written + [name for name, drawn in optional.items() if drawn]
+
+
+def write_cam_overlays(args: argparse.Namespace, frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    device, _ = prepare_runtime(args)
+    loaded = load_melanoma_model(args.model_path, device)
+    table = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
+    require_metadata(table, [loaded], args.allow_missing_meta, source=f"the {args.split} CSV of {args.data_dir}")
+    chosen = select_cam_images(frame, args.threshold, args.cam)
+    return write_cams(loaded, chosen, table, out_dir / "cam", device)
+
+
+def print_summary(metrics: dict, out_dir: Path, written: list[str]) -> None:
+    low, high = metrics["roc_auc_ci95"]
+    at, at90, calibrated = metrics["at_threshold"], metrics["at_90_sensitivity"], metrics["calibration"]
+    lines = [
+        f"{metrics['n_images']} images ({metrics['n_melanoma']} melanoma): ROC AUC {metrics['roc_auc']:.4f} "
+        f"(95% CI {low:.4f}-{high:.4f} over {metrics['n_bootstrap_units']} "
+        f"{metrics['bootstrap_unit']}s), partial AUC above 80% TPR {metrics['pauc_above_80_tpr']:.4f}, average "
+        f"precision {metrics['average_precision']:.4f}",
+        f"  calibration: Brier {calibrated['brier']:.4f}, ECE {calibrated['ece']:.4f} ({calibrated['n_bins']} bins)",
+        f"  at threshold {at['threshold']:.3f}: sensitivity {at['sensitivity']:.4f}, specificity "
+        f"{at['specificity']:.4f}, balanced accuracy {at['balanced_acc']:.4f}",
+        f"  at 90% sensitivity, threshold {at90['threshold']:.4f} fitted on {at90['threshold_fitted_on']}: "
+        f"sensitivity {at90['sensitivity']:.4f}, specificity {at90['specificity']:.4f}",
+    ]
+    for name, entry in metrics.get("subgroups", {}).get("by", {}).items():
+        for group in entry["groups"]:
+            if group["auc"] is None:
+                auc = group["auc_note"]
+            else:
+                low, high = group["auc_ci95"]
+                auc = f"AUC {group['auc']:.3f} ({low:.3f}-{high:.3f})"
+            lines.append(
+                f"  {name} {group['group']}: {group['images']} images, {group['melanoma']} melanoma, {auc}, "
+                f"sensitivity {group['sensitivity']:.3f}, specificity {group['specificity']:.3f}"
+            )
+    lines.append(f"wrote {out_dir}: {', '.join(written)}")
+    print("\n".join(lines), flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
+        inputs = read_inputs(args)
         out_dir = Path(args.out_dir)
-        pred_path = Path(args.pred)
-        labels_path = Path(args.labels) if args.labels else None
-        frame = read_predictions(pred_path, labels_path)
-        if "patient_id" not in frame.columns and args.data_dir:
-            frame = attach_patients(frame, Path(args.data_dir))
-        fit, fitted_on = None, IN_SAMPLE
-        if args.threshold_from:
-            fit = read_predictions(Path(args.threshold_from), labels_path, "--threshold-from")
-            fitted_on = args.threshold_from
-            shared = np.intersect1d(fit["image_name"], frame["image_name"])
-            if shared.size:
-                raise UserError(
-                    f"{args.threshold_from} and {pred_path} share {shared.size} image(s), first {shared[0]}: fit the "
-                    "threshold on other images than the reported ones."
-                )
-        if not 0.0 <= args.threshold <= 1.0:
-            raise UserError(f"--threshold {args.threshold} is outside 0..1: it applies to P(melanoma).")
-        log_paths = [Path(p) for p in args.metrics_log] if args.metrics_log else find_metrics_logs(pred_path)
-        history = read_metrics_logs(log_paths) if log_paths else None
         check_report_dir(out_dir, args.overwrite)
-
-        metrics = compute_metrics(frame, args.threshold, args.n_bootstrap, args.seed, fit, fitted_on)
-        metrics = {"predictions": str(pred_path), **metrics}
+        metrics = compute_report(args, inputs)
         write_text_atomic(out_dir / "metrics.json", json.dumps(json_ready(metrics), indent=2) + "\n")
-        plot_roc(frame, metrics, out_dir / "roc.png")
-        plot_pr(frame, metrics, out_dir / "pr.png")
-        plot_confusion(metrics["at_threshold"]["confusion_matrix"], args.threshold, out_dir / "confusion_matrix.png")
-        plot_reliability(metrics["calibration"], out_dir / "reliability.png")
-        written = ["metrics.json", "roc.png", "pr.png", "confusion_matrix.png", "reliability.png"]
-        if history is not None and not history.empty:
-            plot_training_curves(history, out_dir / "training_curves.png")
-            written.append("training_curves.png")
-        if args.cam > 0:
-            device, _ = prepare_runtime(args)
-            loaded = load_melanoma_model(args.model_path, device)
-            table = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
-            source = f"the {args.split} CSV of {args.data_dir}"
-            require_metadata(table, [loaded], args.allow_missing_meta, source)
-            chosen = select_cam_images(frame, args.threshold, args.cam)
-            cams = write_cams(loaded, chosen, table, out_dir / "cam", device)
+        written = ["metrics.json", *write_figures(inputs, metrics, args.threshold, out_dir)]
+        cams = write_cam_overlays(args, inputs.frame, out_dir) if args.cam > 0 else []
+        if cams:
             written.append(f"cam/ ({len(cams)} overlays)")
-
-        low, high = metrics["roc_auc_ci95"]
-        at, at90, calibrated = metrics["at_threshold"], metrics["at_90_sensitivity"], metrics["calibration"]
-        print(
-            f"{metrics['n_images']} images ({metrics['n_melanoma']} melanoma): ROC AUC {metrics['roc_auc']:.4f} "
-            f"(95% CI {low:.4f}-{high:.4f} over {metrics['n_bootstrap_units']} {metrics['bootstrap_unit']}s), "
-            f"partial AUC above 80% TPR {metrics['pauc_above_80_tpr']:.4f}, average precision "
-            f"{metrics['average_precision']:.4f}\n"
-            f"  calibration: Brier {calibrated['brier']:.4f}, ECE {calibrated['ece']:.4f} ({calibrated['n_bins']} "
-            "bins)\n"
-            f"  at threshold {at['threshold']:.3f}: sensitivity {at['sensitivity']:.4f}, specificity "
-            f"{at['specificity']:.4f}, balanced accuracy {at['balanced_acc']:.4f}\n"
-            f"  at 90% sensitivity, threshold {at90['threshold']:.4f} fitted on {at90['threshold_fitted_on']}: "
-            f"sensitivity {at90['sensitivity']:.4f}, specificity {at90['specificity']:.4f}\n"
-            f"wrote {out_dir}: {', '.join(written)}",
-            flush=True,
+        command = sys.argv[1:] if argv is None else argv
+        write_text_atomic(
+            out_dir / "report.html", build_report(metrics, out_dir, inputs.history, cams, inputs.audit, command)
         )
+        written.append("report.html")
+        print_summary(metrics, out_dir, written)
         return metrics
 
 

@@ -104,6 +104,14 @@ def confusion(targets: np.ndarray, probs: np.ndarray, threshold: float) -> dict[
     }
 
 
+def bootstrap_groups(frame: pd.DataFrame) -> np.ndarray | None:
+    """The patient of each row for bootstrap_auc where the frame has patient ids (a row without one is a patient
+    of its own), else None: the images are resampled."""
+    if "patient_id" in frame.columns and frame["patient_id"].notna().any():
+        return patient_groups(frame)
+    return None
+
+
 def compute_metrics(
     frame: pd.DataFrame,
     threshold: float,
@@ -119,8 +127,8 @@ def compute_metrics(
     fit = frame if fit is None else fit
     sens_threshold = threshold_for_sensitivity(fit["target"].to_numpy(), fit["prob"].to_numpy(), TARGET_SENSITIVITY)
     at_sensitivity = binary_metrics(targets, probs, sens_threshold)
-    by_patient = "patient_id" in frame.columns and frame["patient_id"].notna().any()
-    groups = patient_groups(frame) if by_patient else None
+    groups = bootstrap_groups(frame)
+    by_patient = groups is not None
     return {
         "n_images": len(frame),
         "n_melanoma": int(targets.sum()),
@@ -144,6 +152,30 @@ def compute_metrics(
             "confusion_matrix": confusion(targets, probs, sens_threshold),
         },
     }
+
+
+def data_summary(frame: pd.DataFrame) -> dict:
+    """What the report was computed on: images, melanomas, patients (where ids exist) and, for out-of-fold
+    predictions (a fold column), each fold's images, melanomas and AUC."""
+    summary = {
+        "images": len(frame),
+        "melanoma": int(frame["target"].sum()),
+        "benign": int((frame["target"] == 0).sum()),
+    }
+    if "patient_id" in frame.columns:
+        summary["patients"] = int(frame["patient_id"].nunique())
+        summary["images_without_patient_id"] = int(frame["patient_id"].isna().sum())
+    if "fold" in frame.columns:
+        summary["folds"] = [
+            {
+                "fold": fold if isinstance(fold, str) else int(fold),
+                "images": len(rows),
+                "melanoma": int(rows["target"].sum()),
+                "auc": binary_metrics(rows["target"].to_numpy(), rows["prob"].to_numpy())["auc"],
+            }
+            for fold, rows in frame.groupby("fold", sort=True)
+        ]
+    return summary
 
 
 def json_ready(value: object) -> object:

@@ -1,5 +1,5 @@
 """The figures of an evaluation report (evaluate.py): ROC and precision-recall curves, the confusion matrix, the
-reliability diagram and the training curves, each written atomically as a PNG."""
+reliability diagram, the training curves and the AUC per subgroup, each written atomically as a PNG."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def plot_roc(frame: pd.DataFrame, metrics: dict, path: Path) -> None:
         label = f"threshold {point['threshold']:.3f} ({what})"
         axis.plot(1 - point["specificity"], point["sensitivity"], marker, label=label)
     axis.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title="ROC curve", xlim=(0, 1), ylim=(0, 1))
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the plot: never over a point
     save_figure(figure, path)
 
 
@@ -67,7 +67,7 @@ def plot_reliability(calibrated: dict, path: Path) -> None:
     width = 1 / calibrated["n_bins"]
     counts.bar(bins["mean_predicted"], bins["images"], width=width * 0.8)
     counts.set(xlabel="mean P(melanoma) of the bin", ylabel="images")
-    counts.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    counts.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=3, integer=True))  # a short panel
     save_figure(figure, path)
 
 
@@ -97,4 +97,33 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     loss_axis.legend(fontsize=8)
     auc_axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def plot_subgroups(subgroups: dict, overall_auc: float, path: Path) -> None:
+    """Forest plot: each group's AUC and 95 % interval, one row per group under its --by name, against the
+    overall AUC; a group too small for an AUC is named with its counts instead of a point."""
+    rows = [(name, group) for name, entry in subgroups["by"].items() for group in entry["groups"]]
+    lows = [group["auc_ci95"][0] for _, group in rows if group["auc"] is not None]
+    lows = [low for low in lows if np.isfinite(low)]  # no interval without resamples (--n-bootstrap 0)
+    left = min([0.4, *(low - 0.02 for low in lows)])
+    figure, axis = plt.subplots(figsize=(7, 0.9 + 0.32 * len(rows)))
+    for position, (name, group) in enumerate(rows):
+        if position and name != rows[position - 1][0]:  # a line between the --by names
+            axis.axhline(position - 0.5, color="#d0d7de", lw=0.8)
+        if group["auc"] is None:
+            counts = f"too few ({group['melanoma']} melanoma, {group['benign']} benign)"
+            axis.text(left + 0.01, position, counts, va="center", fontsize=8, color="grey")
+            continue
+        low, high = group["auc_ci95"]
+        axis.plot(group["auc"], position, "o", color="C0")
+        if np.isfinite([low, high]).all():
+            axis.hlines(position, low, high, color="C0")
+    axis.axvline(overall_auc, color="C1", lw=1, label=f"all images {overall_auc:.3f}")
+    axis.axvline(0.5, color="grey", ls="--", lw=1, label="chance")
+    labels = [f"{name}: {group['group']} ({group['images']})" for name, group in rows]
+    axis.set_yticks(range(len(rows)), labels, fontsize=8)
+    axis.set_ylim(len(rows) - 0.5, -0.5)  # first group on top
+    axis.set(xlabel="ROC AUC (95% CI)", title="AUC per subgroup (images in brackets)", xlim=(left, 1.0))
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the plot: never over a point
     save_figure(figure, path)

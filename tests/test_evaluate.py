@@ -66,6 +66,13 @@ def test_report_from_out_of_fold_predictions_with_cams(run, synthetic_dir, tmp_p
     assert {path.name.split("_")[0] for path in cams} <= {"confident", "wrong"}
     for path in cams:
         assert_png(path)
+    # report.html embeds every figure and overlay, and shows the checkpoint's configuration
+    page = (report / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 5 + len(cams)
+    for cam in cams:
+        assert f'alt="{cam.stem}"' in page
+    assert "<td>enet_type</td><td><code>efficientnet-b0</code></td>" in page
+    assert f"<td>checkpoint</td><td><code>{run['checkpoint']}</code></td>" in page
 
 
 def test_scores_joined_with_a_labels_file(run, synthetic_dir, tmp_path, capsys):
