@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,10 @@ def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bo
         return
     if overwrite:
         for path in existing:
-            path.unlink(missing_ok=True)
+            if path.is_dir():  # a run's TensorBoard folder
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         return
     raise UserError(
         f"{existing[0]} already exists from an earlier run: pass --resume to continue it, --overwrite to replace "
