@@ -38,11 +38,11 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
         torch.save(checkpoint, handle)
 
 
-def load_checkpoint(path: str | Path, expected_kind: str) -> dict:
+def load_checkpoint(path: str | Path, expected_kind: str | None) -> dict:
     """Loads with weights_only=True (a checkpoint can never run code) and checks it belongs to this script.
 
-    expected_kind is 'melanoma' (train.py / predict.py) or 'artifact' (multi_classification.py; 'bias' is read
-    the same way).
+    expected_kind is 'melanoma' (train.py / predict.py), 'artifact' (multi_classification.py; 'bias' is read
+    the same way), or None for either (export.py).
     """
     path, expected_kind = Path(path), kind_of(expected_kind)
     if not path.is_file():
@@ -62,7 +62,11 @@ def load_checkpoint(path: str | Path, expected_kind: str) -> dict:
             "use a file written by train.py or multi_classification.py."
         )
     kind = kind_of(checkpoint.get("kind"))
-    if kind != expected_kind:
+    if expected_kind is None and kind not in WRITERS:
+        raise UserError(
+            f"checkpoint {path} was written by another tool: pass a checkpoint of train.py or multi_classification.py."
+        )
+    if expected_kind is not None and kind != expected_kind:
         writer = WRITERS.get(kind, "another tool")
         raise UserError(
             f"checkpoint {path} was written by {writer}, not {READERS[expected_kind]}: pass a {expected_kind} model."

@@ -13,7 +13,9 @@ their mean rank). Any images (files or folders) to a CSV image_name,filepath,tar
     python predict.py --images photos/ --meta-csv photos.csv --model-path weights/r1 weights/r2 --out probs.csv
     python predict.py --images lesion.jpg --sex male --age 55 --site torso --model-path weights/meta_best.pth
 
-`target` is always P(melanoma) in [0, 1] (with --rank-average a rank score in (0, 1]).
+`target` is always P(melanoma) in [0, 1] (with --rank-average a rank score in (0, 1]). A model exported by
+export.py scores the same way, with onnxruntime (--model-path weights/r1_best.onnx, the JSON beside it): the
+same submission within the export's parity tolerance, a check of the exported file on your own images.
 
 --split train scores the data folder's train.csv honestly: each image only with the models that held it out
 (its name is in the checkpoint's val_images, so the model never trained on it), e.g. every image with the one
@@ -38,10 +40,9 @@ from inference import (
     expand_model_paths,
     frame_from_images,
     held_out_images,
-    load_melanoma_model,
-    predict_probabilities,
     require_metadata,
 )
+from onnx_model import load_scoring_model, score_images
 from tables import AGE_RULE, MAX_AGE, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
@@ -75,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-path",
         nargs="+",
         required=True,
-        help="checkpoint(s) from train.py, or <model-dir>/<save-name> of a run (all its folds)",
+        help="checkpoint(s) from train.py, <model-dir>/<save-name> of a run (all its folds), or .onnx files from "
+        "export.py (with the JSON beside each)",
     )
     parser.add_argument("--which", default="best", choices=("best", "final", "last"), help="checkpoint of a run")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
         device, amp_dtype = prepare_runtime(args)
         paths = expand_model_paths(args.model_path, args.which)
-        models = [load_melanoma_model(path, device, args.channels_last) for path in paths]
+        models = [load_scoring_model(path, device, args.channels_last) for path in paths]
 
         if args.data_dir:
             frame = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
@@ -182,13 +184,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             flush=True,
         )
         # every model that reads lesion features reads the same ones: compute them once
-        lesion = lesion_features(list(frame["filepath"])) if any(m.feature_scaler for m in models) else None
+        lesion = lesion_features(list(frame["filepath"])) if any(m.uses_lesion_features for m in models) else None
         probabilities = []
         for index, loaded in enumerate(models):
             rows = held_out[index] if held_out is not None else np.ones(len(frame), dtype=bool)
             probs = np.full(len(frame), np.nan)  # NaN: not scored by this model, left out of the row's mean
             if rows.any():
-                probs[rows] = predict_probabilities(
+                probs[rows] = score_images(
                     loaded,
                     frame[rows].reset_index(drop=True),
                     device,
