@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,11 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
         torch.save(checkpoint, handle)
 
 
-def load_checkpoint(path: str | Path, expected_kind: str) -> dict:
+def load_checkpoint(path: str | Path, expected_kind: str | None) -> dict:
     """Loads with weights_only=True (a checkpoint can never run code) and checks it belongs to this script.
 
-    expected_kind is 'melanoma' (train.py / predict.py) or 'artifact' (multi_classification.py; 'bias' is read
-    the same way).
+    expected_kind is 'melanoma' (train.py / predict.py), 'artifact' (multi_classification.py; 'bias' is read
+    the same way), or None for either (export.py).
     """
     path, expected_kind = Path(path), kind_of(expected_kind)
     if not path.is_file():
@@ -61,7 +62,11 @@ def load_checkpoint(path: str | Path, expected_kind: str) -> dict:
             "use a file written by train.py or multi_classification.py."
         )
     kind = kind_of(checkpoint.get("kind"))
-    if kind != expected_kind:
+    if expected_kind is None and kind not in WRITERS:
+        raise UserError(
+            f"checkpoint {path} was written by another tool: pass a checkpoint of train.py or multi_classification.py."
+        )
+    if expected_kind is not None and kind != expected_kind:
         writer = WRITERS.get(kind, "another tool")
         raise UserError(
             f"checkpoint {path} was written by {writer}, not {READERS[expected_kind]}: pass a checkpoint that "
@@ -151,7 +156,10 @@ def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bo
         return
     if overwrite:
         for path in existing:
-            path.unlink(missing_ok=True)
+            if path.is_dir():  # a run's TensorBoard folder
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         return
     raise UserError(
         f"{existing[0]} already exists from an earlier run: pass --resume to continue it, --overwrite to replace "

@@ -12,6 +12,7 @@ from device_data import DATA_PATHS
 from image_files import MIN_IMAGE_SIZE
 from models import ENET_TYPES, is_lite
 from tables import META_FEATURES
+from tensorboard_log import check_tensorboard_request
 from utils import UserError, add_device_flags, default_num_workers, to_plain
 
 # Every default of both trainers, and the one place to change them. "any" holds those that do not depend on where
@@ -157,6 +158,13 @@ def add_training_flags(parser: argparse.ArgumentParser, trainer: str) -> None:
         f"({default_note(trainer, 'ema_decay')})",
     )
     add_compile_flag(parser)
+    add(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write every epoch's metrics and learning rate as TensorBoard scalars, beside the run's logs in "
+        "tb/<run> (default: on where the tensorboard package is installed)",
+    )
     add("--resume", action="store_true", help="continue an interrupted run from its _last.pth checkpoint")
     add("--overwrite", action="store_true", help="replace the outputs of an earlier run")
     add_device_flags(parser, underscore_aliases=True)
@@ -301,6 +309,7 @@ class RunConfig:
     precision: str
     channels_last: bool
     progress: bool | None
+    tensorboard: bool | None  # None: on where the tensorboard package is installed
     resume: bool
     overwrite: bool
 
@@ -323,6 +332,7 @@ class RunConfig:
                 (self.bn_refresh_batches >= 0, f"--bn-refresh-batches {self.bn_refresh_batches} must be 0 or more."),
             ]
         )
+        check_tensorboard_request(self.tensorboard)
 
     def record(self) -> dict:
         """The run's settings as plain values, for its checkpoints: all but how this start treats earlier files."""

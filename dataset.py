@@ -108,6 +108,12 @@ def valid_transforms(
     return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean=tuple(mean), std=tuple(std))])
 
 
+def exported_input_transforms(image_size: int) -> A.Compose:
+    """valid_transforms without the normalisation (the same resize): the uint8 image an exported model (export.py)
+    takes, which normalises inside its graph."""
+    return A.Compose([A.Resize(image_size, image_size)])
+
+
 def artifact_train_transforms(
     image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> A.Compose:

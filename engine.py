@@ -2,7 +2,7 @@
 epoch, what its checkpoints add); the engine does the rest: device placement, channels_last,
 DistributedDataParallel and --compile, the loaders, Adam with one warm-up epoch then cosine, the weight average,
 resume, the epoch loop with the BatchNorm refresh, gathering the validation predictions over processes, the
-best/last/final checkpoints and the history file."""
+best/last/final checkpoints, the history file and its TensorBoard view."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from loops import (
     refresh_batchnorm,
     train_one_epoch,
 )
+from tensorboard_log import TensorBoardLog
 from utils import (
     make_grad_scaler,
     resolve_precision,
@@ -98,8 +99,8 @@ class Task:
     loss_fn: LossFn
     score: Callable[[Epoch], Scored]
     checkpoint: dict  # what every checkpoint of the run holds: the model's configuration, its input encoding
-    # "best", "last" and "history" (.jsonl or .csv); "final" and "log" where wanted, and the path of any
-    # Scored.best frame that is to be written as CSV
+    # "best", "last" and "history" (.jsonl or .csv); "final", "log" and "tensorboard" (a folder) where wanted, and
+    # the path of any Scored.best frame that is to be written as CSV
     paths: dict[str, Path]
     score_name: str = "auc"
     log_line: Callable[[dict], str] | None = None  # the log file's line for a history record
@@ -300,37 +301,42 @@ def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_d
                 flush=True,
             )
 
-    for epoch in range(progress.epoch + 1, config.n_epochs + 1):
-        started = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            task.loss_fn,
-            device,
-            amp_dtype,
-            scaler,
-            scheduler,
-            channels_last=config.channels_last,
-            epoch=epoch,
-            progress=config.progress and world.is_main,
-            world=world,
-            update_average=update_average,
-        )
-        logits, targets = validate(eval_net, train_loader, valid_loader, config, world, device, amp_dtype)
-        valid_loss = float(task.loss_fn(logits, targets))
-        seconds = round(time.time() - started, 2)
-        scored = task.score(Epoch(epoch, lr, train_loss, valid_loss, logits, targets, seconds))
-        improved = progress.update(epoch, scored)
-        if not world.is_main:
-            continue
-        saved = {**checkpoint, "epoch": epoch, **scored.checkpoint, "state_dict": eval_net.state_dict()}
-        resumable = training_state(optimizer, scheduler, scaler)
-        if average is not None:
-            resumable["training_weights"] = net.state_dict()
-        save_epoch(task, scored, improved, progress, saved, resumable)
-        if epoch == config.n_epochs and "final" in task.paths:
-            save_checkpoint(task.paths["final"], saved)
+    tensorboard = TensorBoardLog(task.paths.get("tensorboard") if world.is_main else None, config.tensorboard)
+    try:
+        for epoch in range(progress.epoch + 1, config.n_epochs + 1):
+            started = time.time()
+            train_loader.sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                task.loss_fn,
+                device,
+                amp_dtype,
+                scaler,
+                scheduler,
+                channels_last=config.channels_last,
+                epoch=epoch,
+                progress=config.progress and world.is_main,
+                world=world,
+                update_average=update_average,
+            )
+            logits, targets = validate(eval_net, train_loader, valid_loader, config, world, device, amp_dtype)
+            valid_loss = float(task.loss_fn(logits, targets))
+            seconds = round(time.time() - started, 2)
+            scored = task.score(Epoch(epoch, lr, train_loss, valid_loss, logits, targets, seconds))
+            improved = progress.update(epoch, scored)
+            if not world.is_main:
+                continue
+            saved = {**checkpoint, "epoch": epoch, **scored.checkpoint, "state_dict": eval_net.state_dict()}
+            resumable = training_state(optimizer, scheduler, scaler)
+            if average is not None:
+                resumable["training_weights"] = net.state_dict()
+            save_epoch(task, scored, improved, progress, saved, resumable)
+            tensorboard.write(progress.history)
+            if epoch == config.n_epochs and "final" in task.paths:
+                save_checkpoint(task.paths["final"], saved)
+    finally:
+        tensorboard.close()
     return Fitted(eval_net, progress)

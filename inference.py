@@ -48,9 +48,18 @@ class LoadedModel:
 
     @property
     def meta_columns(self) -> list[str]:
-        if self.encoder is None:
-            return []
-        return [META_COLUMNS[feature] for feature in self.encoder.features if feature in META_COLUMNS]
+        return meta_columns(self.encoder)
+
+    @property
+    def uses_lesion_features(self) -> bool:
+        return self.feature_scaler is not None
+
+
+def meta_columns(encoder: MetaEncoder | None) -> list[str]:
+    """The CSV columns a model's metadata encoding reads (none without metadata)."""
+    if encoder is None:
+        return []
+    return [META_COLUMNS[feature] for feature in encoder.features if feature in META_COLUMNS]
 
 
 def load_melanoma_model(path: str | Path, device: torch.device, channels_last: bool = False) -> LoadedModel:
@@ -137,6 +146,11 @@ def dihedral(images: torch.Tensor, index: int) -> torch.Tensor:
     return images
 
 
+def check_n_tta(n_tta: int) -> None:
+    if not 1 <= n_tta <= MAX_TTA:
+        raise UserError(f"--n-tta {n_tta} is outside 1..{MAX_TTA}: the square has {MAX_TTA} symmetries.")
+
+
 class TTAModel(nn.Module):
     """Scores every image under the first `n_tta` dihedral transforms in ONE forward pass of n_tta x batch images,
     and returns logits whose probability is the mean of the per-transform probabilities. Because the output
@@ -144,8 +158,7 @@ class TTAModel(nn.Module):
 
     def __init__(self, model: nn.Module, n_tta: int) -> None:
         super().__init__()
-        if not 1 <= n_tta <= MAX_TTA:
-            raise UserError(f"--n-tta {n_tta} is outside 1..{MAX_TTA}: the square has {MAX_TTA} symmetries.")
+        check_n_tta(n_tta)
         self.model, self.n_tta = model, n_tta
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,7 +173,7 @@ class TTAModel(nn.Module):
         with torch.autocast(image.device.type, enabled=False):
             logits = logits.double().view(self.n_tta, batch, -1)
             if logits.shape[-1] == 1:
-                return torch.logit(torch.sigmoid(logits).mean(0)).float()
+                return mean_probability_logit(logits).float()
             return torch.softmax(logits, dim=-1).mean(0).log().float()
 
 
@@ -168,6 +181,12 @@ def encode_metadata(loaded: LoadedModel, frame: pd.DataFrame) -> np.ndarray | No
     """The model's metadata encoding of the rows of `frame` (None for an image-only model). Images per patient are
     counted over `frame`: encode every scored row at once, then pass slices of it (`meta=`) to score subsets."""
     return None if loaded.encoder is None else loaded.encoder.transform(frame)
+
+
+def mean_probability_logit(log_odds: torch.Tensor) -> torch.Tensor:
+    """The log-odds of the mean probability over the first axis (the TTA views), computed in float64 so that the
+    logit of the mean stays exact."""
+    return torch.logit(torch.sigmoid(log_odds.double()).mean(0))
 
 
 def make_dataset(

@@ -139,6 +139,7 @@ def output_paths(model_path: str | Path) -> dict[str, Path]:
         "history": model.with_name(f"{model.stem}_history.csv"),
         "metrics": model.with_name(f"{model.stem}_metrics.csv"),
         "annotations": model.with_name(f"{model.stem}_annotations.csv"),
+        "tensorboard": model.parent / "tb" / model.stem,
     }
 
 
@@ -235,7 +236,7 @@ def run_train(
     paths = output_paths(config.model_path)
     if world.is_main:
         ensure_writable_dir(paths["model"].parent, "model folder (--model_path)")
-        outputs = [paths["model"], paths["last"], paths["history"]]
+        outputs = [paths["model"], paths["last"], paths["history"], paths["tensorboard"]]
         claim_outputs(outputs, paths["last"], config.resume, config.overwrite, "choose another --model_path")
     if world.distributed:
         dist.barrier()
@@ -283,7 +284,12 @@ def run_train(
             "train_images": frame["image_name"].iloc[train_index].tolist(),
             "val_images": frame["image_name"].iloc[val_index].tolist(),
         },
-        paths={"best": paths["model"], "last": paths["last"], "history": paths["history"]},
+        paths={
+            "best": paths["model"],
+            "last": paths["last"],
+            "history": paths["history"],
+            "tensorboard": paths["tensorboard"],
+        },
         score_name="mean val auc",
         resume_keys=RESUME_KEYS,
         resume_flags=RESUME_FLAGS,

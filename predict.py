@@ -15,7 +15,9 @@ their mean rank). Any images (files or folders) to a CSV image_name,filepath,tar
 
 `target` is always P(melanoma) in [0, 1]. --rank-average (two or more models) writes the column `rank_score`
 instead: each model's ranks scaled to (0, 1], averaged; it orders images but is no probability (rename the column
-to target for a Kaggle submission).
+to target for a Kaggle submission). A model exported by export.py scores the same way, with onnxruntime
+(--model-path weights/r1_best.onnx, the JSON beside it): the same submission within the export's parity
+tolerance, a check of the exported file on your own images.
 
 --split train scores the data folder's train.csv honestly: each image only with the models that held it out
 (its name is in the checkpoint's val_images, so the model never trained on it), e.g. every image with the one
@@ -41,10 +43,9 @@ from inference import (
     expand_model_paths,
     frame_from_images,
     held_out_images,
-    load_melanoma_model,
-    predict_probabilities,
     require_metadata,
 )
+from onnx_model import load_scoring_model, score_images
 from tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
@@ -79,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-path",
         nargs="+",
         required=True,
-        help="checkpoint(s) from train.py, or <model-dir>/<save-name> of a run (all its folds)",
+        help="checkpoint(s) from train.py, <model-dir>/<save-name> of a run (all its folds), or .onnx files from "
+        "export.py (with the JSON beside each)",
     )
     parser.add_argument("--which", default="best", choices=("best", "final", "last"), help="checkpoint of a run")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 f"--rank-average ensembles two or more models, --model-path gives {len(paths)}: leave it out to "
                 "write the model's P(melanoma)."
             )
-        models = [load_melanoma_model(path, device, args.channels_last) for path in paths]
+        models = [load_scoring_model(path, device, args.channels_last) for path in paths]
 
         if args.data_dir:
             frame = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
@@ -211,14 +213,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             flush=True,
         )
         # every model that reads lesion features reads the same ones: compute them once
-        lesion = lesion_features(list(frame["filepath"])) if any(m.feature_scaler for m in models) else None
+        lesion = lesion_features(list(frame["filepath"])) if any(m.uses_lesion_features for m in models) else None
         probabilities = []
         for index, loaded in enumerate(models):
             rows = held_out[index] if held_out is not None else np.ones(len(frame), dtype=bool)
             probs = np.full(len(frame), np.nan)  # NaN: not scored by this model, left out of the row's mean
             if rows.any():
-                meta = encode_metadata(loaded, frame)  # over every row: a patient's images are counted in full
-                probs[rows] = predict_probabilities(
+                # over every row: a patient's images are counted in full (an exported model encodes its own)
+                meta = encode_metadata(loaded, frame) if isinstance(loaded, LoadedModel) else None
+                probs[rows] = score_images(
                     loaded,
                     frame[rows].reset_index(drop=True),
                     device,

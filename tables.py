@@ -240,6 +240,20 @@ class MetaEncoder:
     def n_features(self) -> int:
         return len(self.feature_names)
 
+    def describe(self) -> dict[str, str]:
+        """How each column of `transform`'s output is computed, by column name (what an exported model's user
+        needs to build the vector without this code)."""
+        rules = {
+            "sex": "1 for male, 0 for female, -1 when missing (column sex, case-insensitive)",
+            "age": f"age_approx / 90; a missing or impossible age becomes {self.age_fill:g} / 90 (the training median)",
+            "n_images": "log(1 + the number of images of the patient among the images scored together; an image "
+            "without patient_id counts as its own patient)",
+            "image_size": "log(the image file's size in bytes)",
+            "site_missing": f"1 when {SITE_COLUMN} is missing or not one of the training sites above, else 0",
+        }
+        rules |= {f"site_{site}": f"1 when {SITE_COLUMN} is {site!r}, else 0" for site in self.sites}
+        return {name: rules[name] for name in self.feature_names}
+
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         if not self.fitted:
             raise RuntimeError("MetaEncoder.transform called before fit")

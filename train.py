@@ -71,6 +71,7 @@ def run_paths(config: MelanomaConfig, run_name: str) -> dict[str, Path]:
         "log": log_dir / f"log_{run_name}.txt",
         "history": log_dir / f"metrics_{run_name}.jsonl",
         "oof": log_dir / f"oof_{run_name}.csv",
+        "tensorboard": log_dir / "tb" / run_name,
     }
 
 

@@ -1,0 +1,422 @@
+"""Export a melanoma checkpoint (train.py) or an artifact detector (multi_classification.py) to ONNX and/or
+TorchScript, with a JSON beside it that says how to feed it, and check that the exported file scores like the
+checkpoint.
+
+    python export.py --model-path weights/lite0_128_fold0_best.pth          # weights/lite0_128_fold0_best.onnx + .json
+    python export.py --model-path weights/artifacts.pth --format both --out exported/artifacts
+    python export.py --model-path weights/lite0_128_fold0_best.pth --check-only   # check files exported earlier
+
+The graph takes uint8 RGB images, NCHW, at the model's size (the normalisation is inside it), any batch size, and
+for a --use-meta model the encoded metadata (and a model trained with lesion features their raw values); under
+late fusion the metadata's logistic regression is inside the graph too, so its `probability` output is the
+P(melanoma) that predict.py writes. The JSON holds the input size, the normalisation, the input and output names,
+the metadata encoding (feature order and rules), and for the detector its heads and thresholds.
+
+Before it finishes, the script scores a few synthetic images with the checkpoint (PyTorch) and with each exported
+file (onnxruntime on the CPU, TorchScript), fed as the JSON says, and stops with exit code 2 when any probability
+differs by more than --tolerance (the files just written are then removed). `predict.py --model-path X.onnx`
+scores your own images with the exported file. Details: docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import multi_classification
+from checkpoints import kind_of, load_checkpoint
+from inference import LoadedModel, load_melanoma_model
+from inference import predict_probabilities as checkpoint_probabilities
+from models import model_from_checkpoint
+from onnx_model import (
+    ARTIFACT_OUTPUTS,
+    FORMAT_SUFFIXES,
+    IMAGE_INPUT,
+    LESION_INPUT,
+    MELANOMA_OUTPUTS,
+    META_INPUT,
+    SPEC_FORMAT,
+    export_base,
+    exported_probabilities,
+    load_exported_model,
+    spec_path,
+)
+from synthetic import make_synthetic_dataset
+from tables import read_melanoma_table
+from utils import UserError, atomic_path, ensure_writable_dir, exit_on_user_error, write_text_atomic
+
+FORMATS = ("onnx", "torchscript", "both")
+DEFAULT_TOLERANCE = 1e-4  # absolute, on probabilities
+N_CHECK = 7  # check images, scored in batches of CHECK_BATCH: 3, 3 and 1, so the dynamic batch size is exercised
+CHECK_BATCH = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", required=True, help="a checkpoint of train.py or multi_classification.py")
+    parser.add_argument(
+        "--out",
+        help="the exported files' path without suffix: <out>.onnx, <out>.torchscript.pt, <out>.json (default: the "
+        "checkpoint's path without .pth)",
+    )
+    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx (default), torchscript or both")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest absolute difference in probability allowed between the checkpoint and an exported file "
+        f"(default {DEFAULT_TOLERANCE:g})",
+    )
+    parser.add_argument("--check-only", action="store_true", help="export nothing: check the files at --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace files exported earlier")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- what the exported graph computes
+
+
+class Normalise(nn.Module):
+    """uint8 (or 0-255 float) RGB NCHW to the network's input: (x / 255 - mean) / std per channel."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.float() - self.mean) / self.std
+
+
+class MelanomaGraph(nn.Module):
+    """A train.py model as predict.py scores one view: the normalisation, the lesion features' scaling, the network
+    and, under late fusion, the metadata logistic regression's log-odds added to the network's. Returns
+    MELANOMA_OUTPUTS: P(melanoma), the network's log-odds and the metadata's (zero without late fusion)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.normalise = Normalise(loaded.mean, loaded.std)
+        self.net = loaded.model
+        self.out_dim = loaded.model.fc.out_features
+        self.meta_in_network = loaded.encoder is not None and loaded.meta_model is None
+        self.lesion = loaded.feature_scaler is not None
+        if self.lesion:
+            scaler = loaded.feature_scaler
+            # a scaler stored before the unmeasurable flag (no fill): the flag column is dropped, the mean fills
+            self.drop_flag = scaler.fill is None
+            fill = scaler.mean if scaler.fill is None else scaler.fill
+            for name, values in (("lesion_mean", scaler.mean), ("lesion_std", scaler.std), ("lesion_fill", fill)):
+                self.register_buffer(name, torch.tensor(np.asarray(values), dtype=torch.float32))
+        self.late = loaded.meta_model is not None
+        if self.late:
+            regression = loaded.meta_model
+            self.register_buffer("meta_mean", torch.tensor(regression.mean, dtype=torch.float32))
+            self.register_buffer("meta_scale", torch.tensor(regression.scale, dtype=torch.float32))
+            self.register_buffer("meta_coef", torch.tensor(regression.coef, dtype=torch.float32))
+            self.meta_offset = regression.intercept - regression.prior_logit
+
+    def scaled_lesion(self, features: torch.Tensor) -> torch.Tensor:
+        """features.FeatureScaler.transform."""
+        if self.drop_flag:
+            features = features[:, :-1]
+        features = torch.where(torch.isfinite(features), features, self.lesion_fill)
+        return ((features - self.lesion_mean) / self.lesion_std).clamp(-6.0, 6.0)
+
+    def forward(
+        self, image: torch.Tensor, meta: torch.Tensor | None = None, lesion_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        side = []
+        if self.meta_in_network:
+            side.append(meta)
+        if self.lesion:
+            side.append(self.scaled_lesion(lesion_features))
+        logits = self.net(self.normalise(image), torch.cat(side, dim=1) if side else None)
+        network = logits[:, 0] if self.out_dim == 1 else logits[:, 1] - logits[:, 0]  # models.melanoma_logit
+        if self.late:  # models.MetadataLogit.evidence
+            metadata = ((meta - self.meta_mean) / self.meta_scale) @ self.meta_coef + self.meta_offset
+        else:
+            metadata = torch.zeros_like(network)
+        return torch.sigmoid(network + metadata), network, metadata
+
+
+class ArtifactGraph(nn.Module):
+    """A detector as multi_classification.py scores it: ARTIFACT_OUTPUTS, the per-head probabilities and logits."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.normalise, self.net = Normalise(mean, std), model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(self.normalise(image))
+        return torch.sigmoid(logits), logits
+
+
+# --------------------------------------------------------------------------- the JSON
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def image_spec(size: int, mean: list[float], std: list[float]) -> dict:
+    return {
+        "dtype": "uint8",
+        "shape": ["batch", 3, size, size],
+        "height": size,
+        "width": size,
+        "layout": "NCHW, RGB channel order, values 0-255",
+        "preprocessing": f"decode the image as RGB and resize it to {size} x {size} (bilinear, OpenCV INTER_LINEAR; "
+        "no crop, the aspect ratio is not kept); do not scale or normalise: the graph does",
+        "normalisation_in_graph": {"formula": "(image / 255 - mean) / std, per channel", "mean": mean, "std": std},
+    }
+
+
+def melanoma_spec(loaded: LoadedModel, checkpoint: dict) -> dict:
+    inputs = {IMAGE_INPUT: image_spec(loaded.image_size, loaded.mean, loaded.std)}
+    if loaded.encoder is not None:
+        late = loaded.meta_model is not None
+        inputs[META_INPUT] = {
+            "dtype": "float32",
+            "shape": ["batch", loaded.encoder.n_features],
+            "used_by": "the metadata logistic regression, whose log-odds the graph adds to the network's (late fusion)"
+            if late
+            else "the network's metadata branch (concat fusion)",
+            "feature_names": loaded.encoder.feature_names,
+            "encoding": loaded.encoder.describe(),
+            "encoder": loaded.encoder.state_dict(),  # tables.MetaEncoder.from_state_dict rebuilds it
+        }
+    if loaded.feature_scaler is not None:
+        width = loaded.feature_scaler.n_features + (1 if loaded.feature_scaler.fill is None else 0)
+        inputs[LESION_INPUT] = {
+            "dtype": "float32",
+            "shape": ["batch", width],
+            "computed_by": "features.lesion_features([image file paths]) of this project, unscaled: the graph "
+            "standardises and clips them with the training fold's statistics",
+        }
+    meanings = {
+        "probability": "P(melanoma) in [0, 1]: what predict.py writes as target for one view (with --n-tta, "
+        "predict.py averages the network's probability over the views before adding the metadata's log-odds)",
+        "network_log_odds": "the image network's log-odds of melanoma (with the metadata inside it under concat "
+        "fusion)",
+        "metadata_log_odds": "what late fusion's metadata logistic regression adds to the log-odds (its logit minus "
+        "the training prevalence's); 0 without late fusion",
+    }
+    return {
+        "kind": "melanoma",
+        "fusion": checkpoint.get("fusion") if loaded.encoder is not None else None,
+        "inputs": inputs,
+        "outputs": [{"name": name, "shape": ["batch"], "meaning": meanings[name]} for name in MELANOMA_OUTPUTS],
+        "fold": checkpoint.get("fold"),
+        "n_folds": checkpoint.get("n_folds"),
+        "validation_images": checkpoint.get("val_images"),
+    }
+
+
+def artifact_spec(checkpoint: dict) -> dict:
+    heads = list(checkpoint["heads"])
+    return {
+        "kind": "artifact",
+        "heads": heads,
+        "thresholds": dict(zip(heads, map(float, checkpoint["thresholds"]), strict=True)),
+        "threshold_rule": checkpoint.get("threshold_rule", "max F1 on the val split")
+        + "; a head is present when its probability >= its threshold",
+        "inputs": {IMAGE_INPUT: image_spec(int(checkpoint["image_size"]), checkpoint["mean"], checkpoint["std"])},
+        "outputs": [
+            {
+                "name": "probabilities",
+                "shape": ["batch", len(heads)],
+                "meaning": "sigmoid per head, columns in the order of heads",
+            },
+            {"name": "logits", "shape": ["batch", len(heads)], "meaning": "the heads' logits"},
+        ],  # fmt: skip
+        "validation_images": checkpoint.get("val_images"),
+    }
+
+
+# --------------------------------------------------------------------------- export
+
+
+def build_graph(checkpoint: dict, path: Path) -> tuple[nn.Module, dict]:
+    """The module to export and the JSON's model-specific part."""
+    if kind_of(checkpoint["kind"]) == "artifact":
+        model = model_from_checkpoint(checkpoint, path)
+        return ArtifactGraph(model, checkpoint["mean"], checkpoint["std"]).eval(), artifact_spec(checkpoint)
+    loaded = load_melanoma_model(path, torch.device("cpu"))
+    return MelanomaGraph(loaded).eval(), melanoma_spec(loaded, checkpoint)
+
+
+def example_inputs(spec: dict) -> dict[str, torch.Tensor]:
+    """Random inputs of the graph's shapes, batch 2 (one image would be a special case for the tracer)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = {}
+    for name, entry in spec["inputs"].items():
+        shape = [2, *entry["shape"][1:]]
+        if entry["dtype"] == "uint8":
+            inputs[name] = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        else:
+            inputs[name] = torch.rand(shape, generator=generator)
+    return inputs
+
+
+def export_onnx(graph: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], path: Path) -> None:
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # every input shares the batch dimension, which the exporter reports as a warning; its progress lines
+        # (stdout) say nothing a user acts on
+        warnings.filterwarnings("ignore", "# The axis name")
+        program = torch.onnx.export(
+            graph,
+            (inputs[IMAGE_INPUT],),
+            kwargs={name: value for name, value in inputs.items() if name != IMAGE_INPUT},
+            output_names=output_names,
+            dynamic_shapes={name: {0: batch} for name in inputs},
+            dynamo=True,
+        )
+    with atomic_path(path) as tmp:
+        program.save(str(tmp), external_data=False)  # one self-contained file
+
+
+def export_torchscript(graph: nn.Module, inputs: dict[str, torch.Tensor], path: Path) -> None:
+    with warnings.catch_warnings(), atomic_path(path) as tmp:
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit is deprecated; users still ask for it
+        torch.jit.save(torch.jit.trace(graph, example_kwarg_inputs=inputs), str(tmp))
+
+
+# --------------------------------------------------------------------------- the parity check
+
+
+def checkpoint_scores(model_path: Path, kind: str, frame: pd.DataFrame) -> np.ndarray:
+    """The probabilities the checkpoint gives `frame`'s images, computed as predict.py (melanoma) or
+    multi_classification.py --mode test (detector) computes them, on the CPU in fp32."""
+    cpu = torch.device("cpu")
+    if kind == "melanoma":
+        loaded = load_melanoma_model(model_path, cpu)
+        return checkpoint_probabilities(loaded, frame, cpu, None, batch_size=len(frame))
+    argv = ["--img_path", str(Path(frame["filepath"][0]).parent), "--mode", "test", "--model_path", str(model_path)]
+    config = multi_classification.parse_args([*argv, "--device", "cpu", "--precision", "fp32", "--num_workers", "0"])
+    model, checkpoint = multi_classification.load_model(config, cpu)
+    return multi_classification.predict_probs(model, list(frame["filepath"]), checkpoint, config, cpu, None)
+
+
+def parity_check(model_path: Path, kind: str, files: list[Path], tolerance: float) -> dict[str, float]:
+    """The largest absolute difference in probability between the checkpoint and each exported file on N_CHECK
+    synthetic images (with synthetic metadata: some of it missing); a UserError when one exceeds `tolerance`."""
+    differences = {}
+    with tempfile.TemporaryDirectory(prefix="export-check-") as folder:
+        data = make_synthetic_dataset(folder, n_train=0, n_test=N_CHECK, image_size=256, seed=0)
+        frame = read_melanoma_table(data, "test", use_meta=False, require_target=False)
+        reference = checkpoint_scores(model_path, kind, frame)
+        for path in files:
+            scores = exported_probabilities(load_exported_model(path), frame, batch_size=CHECK_BATCH)
+            differences[path.name] = float(np.max(np.abs(scores - reference)))
+    for name, difference in differences.items():
+        if not difference <= tolerance:  # NaN fails too
+            raise UserError(
+                f"the exported {name} disagrees with {model_path}: probabilities differ by up to {difference:.3g} "
+                f"on {N_CHECK} check images, above the tolerance {tolerance:g}; do not use it (export it again, "
+                "and report it if it persists)."
+            )
+    return differences
+
+
+# --------------------------------------------------------------------------- main
+
+
+def output_files(base: Path, fmt: str) -> dict[str, Path]:
+    """format -> the exported file's path."""
+    formats = ["onnx", "torchscript"] if fmt == "both" else [fmt]
+    return {name: base.with_name(base.name + FORMAT_SUFFIXES[name]) for name in formats}
+
+
+def listed_files(spec_file: Path) -> list[Path]:
+    """The exported files a JSON lists, beside it."""
+    try:
+        listed = json.loads(spec_file.read_text()).get("files", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{spec_file} is not an export.py JSON: export the model again.") from None
+    return [spec_file.with_name(name) for name in listed.values()]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with exit_on_user_error():
+        model_path = Path(args.model_path)
+        checkpoint = load_checkpoint(model_path, None)
+        kind = kind_of(checkpoint["kind"])
+        base = export_base(Path(args.out) if args.out else model_path.with_suffix(""))
+        spec_file = spec_path(base)
+        if not args.tolerance >= 0:
+            raise UserError(f"--tolerance {args.tolerance} must be 0 or more, e.g. {DEFAULT_TOLERANCE:g}.")
+        if args.check_only:
+            if not spec_file.is_file():
+                raise UserError(f"{spec_file} does not exist: export the model first (drop --check-only) or fix --out.")
+            files = listed_files(spec_file)
+            missing = [path for path in files if not path.is_file()]
+            if missing:
+                raise UserError(f"{missing[0]} does not exist: export the model again or fix --out.")
+            differences = parity_check(model_path, kind, files, args.tolerance)
+            print(f"parity check passed: {format_differences(differences)} (tolerance {args.tolerance:g})")
+            return {"files": files, "spec": spec_file, "differences": differences}
+
+        formats = output_files(base, args.format)
+        files = list(formats.values())
+        existing = [path for path in [*files, spec_file] if path.exists()]
+        if existing and not args.overwrite:
+            raise UserError(f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out.")
+        ensure_writable_dir(base.parent, "folder of --out")
+        graph, spec = build_graph(checkpoint, model_path)
+        inputs = example_inputs(spec)
+        output_names = list(ARTIFACT_OUTPUTS if kind == "artifact" else MELANOMA_OUTPUTS)
+        spec = {
+            "format": SPEC_FORMAT,
+            **spec,
+            "checkpoint": str(model_path),
+            "checkpoint_sha256": file_sha256(model_path),
+            "enet_type": checkpoint["model"]["enet_type"],
+            "epoch": checkpoint.get("epoch"),
+            "files": {name: path.name for name, path in formats.items()},
+            "batch": "dynamic: the first axis of every input and output",
+        }
+        print(f"exporting {model_path} ({kind}, {spec['enet_type']}) to {', '.join(map(str, files))}", flush=True)
+        try:
+            if "onnx" in formats:
+                export_onnx(graph, inputs, output_names, formats["onnx"])
+            if "torchscript" in formats:
+                export_torchscript(graph, inputs, formats["torchscript"])
+            write_text_atomic(spec_file, json.dumps(spec, indent=2) + "\n")
+            differences = parity_check(model_path, kind, files, args.tolerance)
+        except BaseException:
+            for path in [*files, spec_file]:  # never leave an unchecked export where predict.py would take it
+                path.unlink(missing_ok=True)
+            raise
+        spec["parity"] = {
+            "tolerance": args.tolerance,
+            "max_abs_difference": differences,
+            "check": f"{N_CHECK} synthetic images (synthetic.py, seed 0) with their metadata: the checkpoint in "
+            "PyTorch (fp32, CPU) against each file (onnxruntime on the CPU; TorchScript)",
+        }
+        write_text_atomic(spec_file, json.dumps(spec, indent=2) + "\n")
+        print(
+            f"wrote {', '.join(map(str, files))} and {spec_file}; parity check passed: "
+            f"{format_differences(differences)} (tolerance {args.tolerance:g})",
+            flush=True,
+        )
+        return {"files": files, "spec": spec_file, "differences": differences}
+
+
+def format_differences(differences: dict[str, float]) -> str:
+    return ", ".join(f"{name} max |difference| {value:.2g}" for name, value in differences.items())
+
+
+if __name__ == "__main__":
+    main()
