@@ -42,8 +42,7 @@ import numpy as np
 import pandas as pd
 
 from cam import CAM_GROUPS, select_cam_images, write_cams
-from inference import load_melanoma_model, require_metadata
-from predict import add_runtime_args, prepare_runtime
+from inference import add_runtime_args, load_melanoma_model, prepare_runtime, require_metadata
 from report_metrics import IN_SAMPLE, compute_metrics, json_ready
 from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_training_curves
 from tables import read_csv, read_melanoma_table

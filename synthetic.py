@@ -21,10 +21,11 @@ Both the metadata and the image carry signal about the target, neither perfectly
 Artifacts (hair in three kinds, dermoscope black frame, ruler strip, ink marks and stickers; artifacts.py) are
 drawn independently of the target, except the ruler, which is mildly more common on malignant images.
 
-With odd_one_out (`--odd-one-out`) the images of one patient share a skin and a benign mole (synthetic_image's
-PatientStyle), and a patient with several images has at most one melanoma, which looks unlike its siblings: the
-"ugly duckling" that patient_context.py's features look for. The melanoma share is then lower than
-malignant_fraction (a high-risk patient has one melanoma rather than mostly melanomas).
+With odd_one_out (`--odd-one-out`) the images of one patient share a skin, a benign mole (synthetic_image's
+PatientStyle) and the artifacts (one skin, one dermoscope), and a patient with several images has at most one
+melanoma, which looks unlike its siblings: the "ugly duckling" that patient_context.py's features look for. The
+melanoma share is then lower than malignant_fraction (a high-risk patient has one melanoma rather than mostly
+melanomas).
 
 Everything is deterministic for a given seed (numpy Generators only, no global random state).
 """
@@ -160,6 +161,16 @@ def _one_melanoma_per_patient(rng: np.random.Generator, target: np.ndarray, owne
     return target
 
 
+def _shared_by_patient(rng: np.random.Generator, flags: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """The artifacts of one of a patient's images on all of them: one skin (hair) and one dermoscope (frame, ruler,
+    marks) per patient, so that its images differ in the lesion rather than in what lies around it."""
+    flags = flags.copy()
+    for patient in np.unique(owner):
+        rows = np.flatnonzero(owner == patient)
+        flags[rows] = flags[int(rng.choice(rows))]
+    return flags
+
+
 def _artifact_flags(rng: np.random.Generator, target: np.ndarray, rate: float, force: bool) -> np.ndarray:
     """0/1 matrix (rows, len(DEFAULT_ARTIFACT_HEADS)); at most one hair type per row; ruler mildly tied to target."""
     n = len(target)
@@ -277,6 +288,9 @@ def make_synthetic_dataset(
     test_looks = test_target ^ (rng.random(n_test) < _LOOK_FLIP_RATE)
     train_flags = _artifact_flags(rng, train_target, artifact_rate, force=True)
     test_flags = _artifact_flags(rng, test_target, artifact_rate, force=False)
+    if odd_one_out:
+        train_flags = _shared_by_patient(rng, train_flags, train_owner)
+        test_flags = _shared_by_patient(rng, test_flags, test_owner)
 
     train.to_csv(out / "train.csv", index=False, columns=list(TRAIN_COLUMNS))
     test.to_csv(out / "test.csv", index=False, columns=list(TRAIN_COLUMNS[:-1]))
