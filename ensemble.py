@@ -48,6 +48,7 @@ from metrics import safe_auc
 from patient_context import describe_context, has_patient_context
 from stacking import (
     METHODS,
+    UNFITTED,
     StackInputs,
     StackOptions,
     fit_combiner,
@@ -282,12 +283,17 @@ def score_with_combiner(args: argparse.Namespace) -> pd.DataFrame:
 # --------------------------------------------------------------------------- fitting
 
 
-def report(runs: list[Run], inputs: StackInputs, target: np.ndarray, folds: np.ndarray, oof: np.ndarray, name: str):
+def report(
+    runs: list[Run], inputs: StackInputs, target: np.ndarray, folds: np.ndarray, oof: np.ndarray, method: str
+) -> None:
+    """The ensemble's out-of-fold AUC beside each run's, pooled and per fold."""
+
     def per_fold(scores: np.ndarray) -> str:
         return ", ".join(f"{safe_auc(target[folds == k], scores[folds == k]):.4f}" for k in np.unique(folds))
 
-    print("nested out-of-fold AUC (each fold scored by a combiner fitted on the other folds):", flush=True)
-    print(f"  {name}: {safe_auc(target, oof):.4f} (folds {per_fold(oof)})", flush=True)
+    how = "nothing fitted" if method in UNFITTED else "each fold scored by a combiner fitted on the other folds only"
+    print(f"nested out-of-fold AUC ({how}):", flush=True)
+    print(f"  ensemble ({method}): {safe_auc(target, oof):.4f} (folds {per_fold(oof)})", flush=True)
     for index, run in enumerate(runs):
         probs = inputs.probs[:, index]
         print(f"  {run.prefix} alone: {safe_auc(target, probs):.4f} (folds {per_fold(probs)})", flush=True)
@@ -319,7 +325,7 @@ def fit_ensemble(args: argparse.Namespace) -> dict:
     print(f"{len(target)} out-of-fold images ({int(target.sum())} melanoma), {len(np.unique(folds))} folds", flush=True)
 
     oof = nested_oof(args.method, inputs, target, folds, options)
-    report(runs, inputs, target, folds, oof, f"ensemble ({args.method})")
+    report(runs, inputs, target, folds, oof, args.method)
     write_csv_atomic(inputs.frame[["image_name", "fold"]].assign(target=target, prob=oof), oof_out)
     state = fit_combiner(args.method, inputs, target, options)
     if args.method == "weights":

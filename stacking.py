@@ -94,7 +94,7 @@ def fit_weights(logits: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, flo
 
 
 def stack_params(n_rows: int, seed: int) -> dict:
-    """Stumps of depth 2 with a few dozen images a leaf, column and row subsampling and a strong L2 penalty: the
+    """Trees of depth 2 with a few dozen images a leaf, column and row subsampling and a strong L2 penalty: the
     real sample has 1600 rows (317 melanoma), so the second stage must stay far simpler than the first."""
     return {
         "objective": "binary",
