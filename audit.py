@@ -41,17 +41,20 @@ from dataset import valid_transforms
 from features import lesion_features
 from inference import (
     LoadedModel,
+    add_runtime_args,
     attach_metadata,
+    check_output,
     encode_metadata,
     frame_from_images,
     held_out_images,
     image_name,
     load_melanoma_model,
     predict_probabilities,
+    prediction_options,
+    prepare_runtime,
     require_metadata,
 )
 from metrics import binary_metrics
-from predict import add_runtime_args, check_output, prediction_options, prepare_runtime
 from tables import read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
 

@@ -58,8 +58,7 @@ import pandas as pd
 from audit import COLUMNS as AUDIT_COLUMNS
 from cam import CAM_GROUPS, select_cam_images, write_cams
 from checkpoints import load_checkpoint
-from inference import load_melanoma_model, require_metadata
-from predict import add_runtime_args, prepare_runtime
+from inference import add_runtime_args, load_melanoma_model, prepare_runtime, require_metadata
 from report_html import build_report
 from report_metrics import IN_SAMPLE, compute_metrics, data_summary, json_ready
 from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_subgroups, plot_training_curves

@@ -1,9 +1,10 @@
-"""Inference shared by predict.py, evaluate.py and audit.py: a melanoma model rebuilt from its checkpoint with
-its own input encoding, test-time augmentation over the eight symmetries of the square, image tables with
-metadata from a CSV or from flags, and ensembling."""
+"""Inference shared by predict.py, evaluate.py, audit.py and ensemble.py: a melanoma model rebuilt from its
+checkpoint with its own input encoding, test-time augmentation over the eight symmetries of the square, image
+tables with metadata from a CSV or from flags, ensembling, and the runtime flags of the scripts that score."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,17 @@ from image_files import IMAGE_EXTENSIONS, list_images
 from loops import make_loader, predict_logits
 from models import MetadataLogit, melanoma_probability, model_from_checkpoint
 from tables import AGE_RULE, SITE_COLUMN, MetaEncoder, implausible_ages, read_csv
-from utils import UserError
+from utils import (
+    UserError,
+    add_device_flags,
+    default_num_workers,
+    ensure_writable_dir,
+    refuse_folder,
+    resolve_precision,
+    select_device,
+    set_visible_devices,
+    temp_files_of,
+)
 
 MAX_TTA = 8
 # the CSV column each metadata feature is encoded from (n_images falls back to one image per patient)
@@ -355,3 +366,47 @@ def require_metadata(
             if not allow_missing:
                 raise UserError(f"{unknown}: use one of those, or pass --allow-missing-meta to encode it as missing.")
             print(f"notice: {unknown}: encoded as missing.", flush=True)
+
+
+# --------------------------------------------------------------------------- runtime flags
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Device, precision and loading flags shared by predict.py, evaluate.py, audit.py and ensemble.py."""
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass, TTA views included")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=default_num_workers(),
+        help="data-loading processes (default: cores / 2)",
+    )
+    add_device_flags(parser)
+
+
+def prediction_options(args: argparse.Namespace) -> dict:
+    """The runtime flags as predict_probabilities' keyword arguments (predict.py's, audit.py's, ensemble.py's)."""
+    return {
+        "n_tta": args.n_tta,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "channels_last": args.channels_last,
+        "progress": args.progress,
+    }
+
+
+def prepare_runtime(args: argparse.Namespace):
+    """Device and autocast dtype from the shared flags."""
+    set_visible_devices(args.CUDA_VISIBLE_DEVICES)
+    device = select_device(args.device)
+    return device, resolve_precision(args.precision, device)
+
+
+def check_output(path: Path, overwrite: bool, alternative: str = "choose another --out") -> None:
+    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work. Deletes
+    the temporary files that a killed earlier write of `path` left beside it: they are never a finished result."""
+    refuse_folder(path, "--out", "predictions.csv")
+    for leftover in temp_files_of(path):
+        leftover.unlink(missing_ok=True)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists: pass --overwrite to replace it, or {alternative}.")
+    ensure_writable_dir(path.parent, "output folder")

@@ -37,41 +37,25 @@ from features import lesion_features
 from inference import (
     MAX_TTA,
     LoadedModel,
+    add_runtime_args,
     attach_metadata,
+    check_output,
     combine,
     encode_metadata,
     expand_model_paths,
     frame_from_images,
     held_out_images,
+    prediction_options,
+    prepare_runtime,
     require_metadata,
 )
 from onnx_model import load_scoring_model, score_images
 from tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
-    add_device_flags,
-    default_num_workers,
-    ensure_writable_dir,
     exit_on_user_error,
-    refuse_folder,
-    resolve_precision,
-    select_device,
-    set_visible_devices,
-    temp_files_of,
     write_csv_atomic,
 )
-
-
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """Device, precision and loading flags shared by predict.py, evaluate.py and audit.py."""
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass, TTA views included")
-    parser.add_argument(
-        "--num-workers",
-        type=int,
-        default=default_num_workers(),
-        help="data-loading processes (default: cores / 2)",
-    )
-    add_device_flags(parser)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,35 +112,6 @@ def sex_flag(text: str) -> str:
             f"{text!r} is not a sex: use male or female (M/F also do), or leave --sex out when it is not known"
         )
     return sex
-
-
-def prediction_options(args: argparse.Namespace) -> dict:
-    """The runtime flags as predict_probabilities' keyword arguments (predict.py's and audit.py's calls)."""
-    return {
-        "n_tta": args.n_tta,
-        "batch_size": args.batch_size,
-        "num_workers": args.num_workers,
-        "channels_last": args.channels_last,
-        "progress": args.progress,
-    }
-
-
-def prepare_runtime(args: argparse.Namespace):
-    """Device and autocast dtype from the shared flags."""
-    set_visible_devices(args.CUDA_VISIBLE_DEVICES)
-    device = select_device(args.device)
-    return device, resolve_precision(args.precision, device)
-
-
-def check_output(path: Path, overwrite: bool) -> None:
-    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work. Deletes
-    the temporary files that a killed earlier write of `path` left beside it: they are never a finished result."""
-    refuse_folder(path, "--out", "predictions.csv")
-    for leftover in temp_files_of(path):
-        leftover.unlink(missing_ok=True)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists: pass --overwrite to replace it, or choose another --out.")
-    ensure_writable_dir(path.parent, "output folder")
 
 
 def held_out_rows(frame: pd.DataFrame, models: list[LoadedModel], source: str) -> tuple[pd.DataFrame, np.ndarray]:

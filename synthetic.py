@@ -26,6 +26,12 @@ Both the metadata and the image carry signal about the target, neither perfectly
 Artifacts (hair in three kinds, dermoscope black frame, ruler strip, ink marks and stickers; artifacts.py) are
 drawn independently of the target, except the ruler, which is mildly more common on malignant images.
 
+With odd_one_out (`--odd-one-out`) the images of one patient share a skin, a benign mole (synthetic_image's
+PatientStyle) and the artifacts (one skin, one dermoscope), and a patient with several images has at most one
+melanoma, which looks unlike its siblings: the "ugly duckling" that patient_context.py's features look for. The
+melanoma share is then lower than malignant_fraction (a high-risk patient has one melanoma rather than mostly
+melanomas).
+
 Everything is deterministic for a given seed (numpy Generators only, no global random state).
 """
 
@@ -42,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from artifacts import DEFAULT_ARTIFACT_HEADS
-from synthetic_image import render_image
+from synthetic_image import PatientStyle, draw_style, render_image
 from tables import SITE_COLUMN
 from utils import UserError, exit_on_user_error
 
@@ -103,11 +109,12 @@ def _force_both(rng: np.random.Generator, target: np.ndarray, risky: np.ndarray,
 
 def _make_metadata(
     rng: np.random.Generator, n_rows: int, n_patients: int, malignant_fraction: float, patient_offset: int
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Metadata rows (without image_name) and the latent high-risk flag per row."""
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Metadata rows (without image_name), the latent high-risk flag per row and each row's patient (also where
+    its patient_id is left blank)."""
     if n_rows == 0:
         empty = pd.DataFrame({c: pd.Series(dtype=object) for c in TRAIN_COLUMNS[1:]})
-        return empty, np.zeros(0, dtype=bool)
+        return empty, np.zeros(0, dtype=bool), np.zeros(0, dtype=int)
     sizes = _patient_sizes(rng, n_rows, n_patients)
     n_pat = len(sizes)
     # Latent risk group: high-risk patients give malignant images with probability q_high, others q_low,
@@ -148,7 +155,28 @@ def _make_metadata(
             "target": target,
         }
     )
-    return frame, high
+    return frame, high, owner
+
+
+def _one_melanoma_per_patient(rng: np.random.Generator, target: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """A patient with several images and any melanoma drawn keeps one melanoma, on a random one of its images."""
+    target = target.copy()
+    for patient in np.unique(owner):
+        rows = np.flatnonzero(owner == patient)
+        if len(rows) > 1 and target[rows].any():
+            target[rows] = 0
+            target[int(rng.choice(rows))] = 1
+    return target
+
+
+def _shared_by_patient(rng: np.random.Generator, flags: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """The artifacts of one of a patient's images on all of them: one skin (hair) and one dermoscope (frame, ruler,
+    marks) per patient, so that its images differ in the lesion rather than in what lies around it."""
+    flags = flags.copy()
+    for patient in np.unique(owner):
+        rows = np.flatnonzero(owner == patient)
+        flags[rows] = flags[int(rng.choice(rows))]
+    return flags
 
 
 def _artifact_flags(rng: np.random.Generator, target: np.ndarray, rate: float, force: bool) -> np.ndarray:
@@ -193,11 +221,13 @@ def _write_images(
     flags: np.ndarray,
     image_size: int,
     seed_seq: np.random.SeedSequence,
+    styles: Sequence[PatientStyle | None] | None = None,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     params = [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY]
-    for name, look, row, child in zip(names, looks, flags, seed_seq.spawn(len(names)), strict=True):
-        rgb = render_image(np.random.default_rng(child), image_size, bool(look), row)
+    styles = styles if styles is not None else [None] * len(names)
+    for name, look, row, child, style in zip(names, looks, flags, seed_seq.spawn(len(names)), styles, strict=True):
+        rgb = render_image(np.random.default_rng(child), image_size, bool(look), row, style)
         if not cv2.imwrite(str(folder / f"{name}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
             raise OSError(f"could not write {folder / f'{name}.jpg'}")
 
@@ -247,6 +277,7 @@ def make_synthetic_dataset(
     artifact_rate: float = 0.3,
     n_patients: int | None = None,
     overwrite: bool = False,
+    odd_one_out: bool = False,
 ) -> Path:
     """Writes a synthetic data set in the Kaggle melanoma-external-malignant-256 layout.
 
@@ -258,6 +289,8 @@ def make_synthetic_dataset(
     be new or empty, or hold an earlier synthetic data set and `overwrite` be set (claim_folder).
     The train split always holds both classes (at least min(3, n_train // 2) of each) and, from
     len(DEFAULT_ARTIFACT_HEADS) images on, at least one positive per artifact head. Deterministic for a given seed.
+    odd_one_out: patients whose images share a look, with at most one melanoma each (the module's docstring); the
+    default draws exactly the data set it drew before the option existed.
     """
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be >= 0")
@@ -285,8 +318,11 @@ def make_synthetic_dataset(
     train_names = np.sort(names[:n_train])
     test_names = np.sort(names[n_train:])
 
-    train, train_high = _make_metadata(rng, n_train, n_train_patients, malignant_fraction, 0)
-    test, _ = _make_metadata(rng, n_test, n_test_patients, malignant_fraction, n_train_patients)
+    train, train_high, train_owner = _make_metadata(rng, n_train, n_train_patients, malignant_fraction, 0)
+    test, _, test_owner = _make_metadata(rng, n_test, n_test_patients, malignant_fraction, n_train_patients)
+    if odd_one_out:  # only here: the default data set stays the one drawn before this option
+        for frame, owner in ((train, train_owner), (test, test_owner)):
+            frame["target"] = _one_melanoma_per_patient(rng, frame["target"].to_numpy(dtype=int), owner)
     if n_train:
         train["target"] = _force_both(rng, train["target"].to_numpy(), train_high, min(3, n_train // 2))
     train.insert(0, "image_name", train_names)
@@ -298,6 +334,9 @@ def make_synthetic_dataset(
     test_looks = test_target ^ (rng.random(n_test) < _LOOK_FLIP_RATE)
     train_flags = _artifact_flags(rng, train_target, artifact_rate, force=True)
     test_flags = _artifact_flags(rng, test_target, artifact_rate, force=False)
+    if odd_one_out:
+        train_flags = _shared_by_patient(rng, train_flags, train_owner)
+        test_flags = _shared_by_patient(rng, test_flags, test_owner)
 
     files = ["train.csv", "test.csv", "gans_biases.csv"]
     files += [f"train/train/{name}.jpg" for name in train_names] + [f"test/test/{name}.jpg" for name in test_names]
@@ -312,8 +351,15 @@ def make_synthetic_dataset(
             for name, row in zip(train_names, train_flags, strict=True)
         )
 
-    _write_images(out / "train" / "train", list(train_names), train_looks, train_flags, image_size, train_seq)
-    _write_images(out / "test" / "test", list(test_names), test_looks, test_flags, image_size, test_seq)
+    train_styles = test_styles = None
+    if odd_one_out:
+        styles = [draw_style(rng) for _ in range(n_train_patients + n_test_patients)]
+        train_styles = [styles[patient] for patient in train_owner]
+        test_styles = [styles[n_train_patients + patient] for patient in test_owner]
+    _write_images(
+        out / "train" / "train", list(train_names), train_looks, train_flags, image_size, train_seq, train_styles
+    )
+    _write_images(out / "test" / "test", list(test_names), test_looks, test_flags, image_size, test_seq, test_styles)
     return out
 
 
@@ -323,7 +369,7 @@ def make_synthetic_dataset(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parses the command line: OUT_DIR [--n-train N] [--n-test N] [--image-size PX] [--seed S]."""
+    """Parses the command line: OUT_DIR [--n-train N] [--n-test N] [--image-size PX] [--seed S] [--odd-one-out]."""
     parser = argparse.ArgumentParser(description=(__doc__ or "Synthetic dermoscopy data.").splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder for the CSVs and images")
     parser.add_argument("--n-train", type=int, metavar="N", default=400, help="train images (400)")
@@ -331,6 +377,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, metavar="PX", default=256, help="image side (256)")
     parser.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic data set in OUT_DIR")
+    parser.add_argument(
+        "--odd-one-out", action="store_true", help="patients whose lesions look alike, but for one melanoma"
+    )
     args = parser.parse_args(argv)
     if args.n_train < 0 or args.n_test < 0:
         parser.error("--n-train and --n-test must be >= 0")
@@ -353,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size=args.image_size,
             seed=args.seed,
             overwrite=args.overwrite,
+            odd_one_out=args.odd_one_out,
         )
     print(
         f"wrote {args.n_train} train + {args.n_test} test images ({args.image_size} px) to {out} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -20,6 +21,21 @@ from artifacts import (
     draw_ruler,
     fill_polygon,
 )
+
+
+@dataclass(frozen=True)
+class PatientStyle:
+    """What the lesions of one patient share (synthetic.py's odd-one-out patients): the skin, and the brown and
+    size of the benign moles, so that a patient's melanoma is the lesion unlike the others rather than merely
+    unlike the average mole of the data set."""
+
+    skin: float  # 0 light .. 1 tan
+    brown: float  # benign colour, 0 light tan .. 1 medium brown
+    radius: float  # benign radius as a fraction of the image side
+
+
+def draw_style(rng: np.random.Generator) -> PatientStyle:
+    return PatientStyle(float(rng.beta(2.0, 2.5)), float(rng.uniform(0.0, 1.0)), float(rng.uniform(0.09, 0.16)))
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int = 1) -> np.ndarray:
@@ -37,11 +53,11 @@ def _soft_mask(mask: np.ndarray, sigma: float) -> np.ndarray:
     return alpha
 
 
-def _skin(rng: np.random.Generator, size: int) -> np.ndarray:
+def _skin(rng: np.random.Generator, size: int, style: PatientStyle | None = None) -> np.ndarray:
     """Skin-coloured background with tone variation, blotches, texture and illumination fall-off."""
     light = np.array([238.0, 204.0, 184.0], dtype=np.float32)
     tan = np.array([186.0, 134.0, 104.0], dtype=np.float32)
-    tone = light + (tan - light) * float(rng.beta(2.0, 2.5))
+    tone = light + (tan - light) * (float(rng.beta(2.0, 2.5)) if style is None else style.skin)
     tone = tone + rng.normal(0.0, 6.0, 3).astype(np.float32)
     image = np.empty((size, size, 3), dtype=np.float32)
     image[:] = tone
@@ -84,11 +100,18 @@ def _lesion_outline(rng: np.random.Generator, radius: float, irregular: bool) ->
     return np.stack([c * x - s * y, s * x + c * y], axis=1)
 
 
-def _draw_lesion(rng: np.random.Generator, image: np.ndarray, malignant_look: bool) -> None:
-    """Draws a benign-looking (small, regular, one brown) or malignant-looking lesion in place."""
+def _benign_radius(rng: np.random.Generator, style: PatientStyle | None) -> float:
+    return rng.uniform(0.08, 0.17) if style is None else style.radius * rng.uniform(0.92, 1.08)
+
+
+def _draw_lesion(
+    rng: np.random.Generator, image: np.ndarray, malignant_look: bool, style: PatientStyle | None = None
+) -> None:
+    """Draws a benign-looking (small, regular, one brown) or malignant-looking lesion in place; a `style` fixes
+    the benign size and brown up to a little jitter."""
     size = image.shape[0]
     centre = size / 2.0 + np.clip(rng.normal(0.0, 0.06 * size, 2), -0.13 * size, 0.13 * size)
-    radius = (rng.uniform(0.15, 0.28) if malignant_look else rng.uniform(0.08, 0.17)) * size
+    radius = (rng.uniform(0.15, 0.28) if malignant_look else _benign_radius(rng, style)) * size
     outline = _lesion_outline(rng, radius, irregular=malignant_look) + centre
     mask = fill_polygon(outline, size)
     edge = radius * (rng.uniform(0.015, 0.045) if malignant_look else rng.uniform(0.025, 0.05))
@@ -99,7 +122,8 @@ def _draw_lesion(rng: np.random.Generator, image: np.ndarray, malignant_look: bo
         base = np.array([112.0, 70.0, 48.0]) * rng.uniform(0.88, 1.06) + rng.normal(0.0, 4.0, 3)
     else:  # one brown, from light tan to medium brown
         light, dark = np.array([172.0, 120.0, 86.0]), np.array([124.0, 80.0, 54.0])
-        base = light + (dark - light) * rng.uniform(0.0, 1.0) + rng.normal(0.0, 4.0, 3)
+        mix = rng.uniform(0.0, 1.0) if style is None else np.clip(style.brown + rng.normal(0.0, 0.04), 0.0, 1.0)
+        base = light + (dark - light) * mix + rng.normal(0.0, 4.0, 3)
     colour = np.empty_like(image)
     colour[:] = base.astype(np.float32)
     colour *= 1.0 + mottling * (0.10 if malignant_look else 0.035)
@@ -135,18 +159,23 @@ def _draw_lesion(rng: np.random.Generator, image: np.ndarray, malignant_look: bo
 
 
 def render_image(
-    rng: np.random.Generator, image_size: int, malignant_look: bool, artifacts: Sequence[int]
+    rng: np.random.Generator,
+    image_size: int,
+    malignant_look: bool,
+    artifacts: Sequence[int],
+    style: PatientStyle | None = None,
 ) -> np.ndarray:
     """Renders one synthetic dermoscopy image as an RGB uint8 array of shape (image_size, image_size, 3).
 
-    `artifacts` holds 0/1 flags in the order of DEFAULT_ARTIFACT_HEADS; at most one hair flag may be set.
+    `artifacts` holds 0/1 flags in the order of DEFAULT_ARTIFACT_HEADS; at most one hair flag may be set. `style`:
+    the skin and benign mole that this image shares with the patient's other images (None: drawn for this image).
     """
     flags = dict(zip(DEFAULT_ARTIFACT_HEADS, (int(v) for v in artifacts), strict=True))
     hair = [kind for kind in HAIR_KINDS if flags[kind]]
     if len(hair) > 1:
         raise ValueError(f"at most one hair type per image, got {hair}")
-    image = _skin(rng, image_size)
-    _draw_lesion(rng, image, malignant_look)
+    image = _skin(rng, image_size, style)
+    _draw_lesion(rng, image, malignant_look, style)
     if hair:
         draw_hair(rng, image, hair[0])
     if flags["black_frame"]:
