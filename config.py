@@ -189,7 +189,12 @@ def add_melanoma_flags(parser: argparse.ArgumentParser) -> None:
         "on the same folds (and their out-of-fold predictions can be averaged)",
     )
     add("--n-folds", type=int, default=5)
-    add("--fold", default="0", help="validation fold: an index, a comma list, or 'all'")
+    add(
+        "--fold",
+        default="0",
+        help="validation fold: an index, a comma list, 'all', or 'none' to refit on every row for --n-epochs (no "
+        "validation, no best epoch: pass the epoch count cross-validation chose)",
+    )
     add(
         "--augment",
         choices=AUGMENTATIONS,
@@ -359,6 +364,11 @@ class MelanomaConfig(RunConfig):
         return cls(**values)
 
     @property
+    def refit(self) -> bool:
+        """--fold none: trained on every row, nothing validated."""
+        return not self.folds
+
+    @property
     def late_fusion(self) -> bool:
         """The metadata goes to a logistic regression beside the network, not into it."""
         return self.use_meta and self.fusion == "late"
@@ -403,12 +413,15 @@ class ArtifactConfig(RunConfig):
 
 
 def parse_folds(spec: str, n_folds: int) -> tuple[int, ...]:
+    """The validation folds; none (a refit on every row) is the empty tuple."""
     if spec == "all":
         return tuple(range(n_folds))
+    if spec == "none":
+        return ()
     try:
         folds = tuple(int(part) for part in spec.split(","))
     except ValueError:
-        raise UserError(f"--fold {spec!r} is not a fold index: use e.g. 0, 0,1,2 or all.") from None
+        raise UserError(f"--fold {spec!r} is not a fold index: use e.g. 0, 0,1,2, all or none.") from None
     bad = [fold for fold in folds if not 0 <= fold < n_folds]
     if bad:
         raise UserError(f"--fold {bad[0]} is outside 0..{n_folds - 1}: pick a fold below --n-folds {n_folds}.")
