@@ -159,9 +159,7 @@ class FoldInputs:
     evidence: np.ndarray | None  # what it adds to each validation row's log-odds
 
 
-def fold_inputs(
-    config: MelanomaConfig, frame: pd.DataFrame, fold: int | None, lesion: np.ndarray | None
-) -> FoldInputs:
+def fold_inputs(config: MelanomaConfig, frame: pd.DataFrame, fold: int | None, lesion: np.ndarray | None) -> FoldInputs:
     """The rows of validation fold `fold` and of the others; fold None (a refit) trains on every row and
     validates on none."""
     in_fold = np.zeros(len(frame), dtype=bool) if fold is None else (frame["fold"] == fold).to_numpy()
@@ -388,7 +386,8 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
             else f"{config.n_folds} patient-grouped folds, validating on fold(s) {folds}"
         )
         print(
-            f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {split}; {config.enet_type} at {config.image_size} px on {device}, "
+            f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {split}; {config.enet_type} at "
+            f"{config.image_size} px on {device}, "
             f"precision {precision_name(amp_dtype)}, data path {resolve_data_path(config.data_path, device)}"
             f"{', metadata branch' if config.use_meta else ''}"
             f"{', lesion features' if config.lesion_features else ''}",
