@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from dataset import AUGMENTATIONS
 from device_data import DATA_PATHS
 from image_files import MIN_IMAGE_SIZE
+from inference import MAX_TTA
 from models import ENET_TYPES, is_lite
 from tables import META_FEATURES
 from utils import UserError, add_device_flags, default_num_workers, to_plain
@@ -232,7 +233,14 @@ def add_artifact_flags(parser: argparse.ArgumentParser) -> None:
     add("--img_path", "--img-path", dest="img_path", required=True, help="folder of the images")
     add("--ann_path", "--ann-path", dest="ann_path", help="annotation file (train and val modes)")
     add("--mode", required=True, choices=("train", "val", "test"))
-    add("--model_path", "--model-path", dest="model_path", required=True, help="written by train, read by val/test")
+    add(
+        "--model_path",
+        "--model-path",
+        dest="model_paths",
+        nargs="+",
+        required=True,
+        help="written by train (one file), read by val/test (several: their per-head probabilities are averaged)",
+    )
     add(
         "--save_path",
         "--save-path",
@@ -244,6 +252,14 @@ def add_artifact_flags(parser: argparse.ArgumentParser) -> None:
     add("--ratio", type=float, default=0.8, help="share of the annotated images used for training")
     add("--threshold", type=float, help="one cut-off for every head, instead of the model's own")
     add("--all", action="store_true", help="val: score every row, also the training images")
+    add(
+        "--n-tta",
+        "--n_tta",
+        dest="n_tta",
+        type=int,
+        default=1,
+        help=f"val/test: dihedral test-time augmentations, 1..{MAX_TTA}, each head's probability averaged",
+    )
 
 
 def add_compile_flag(parser: argparse.ArgumentParser) -> None:
@@ -381,11 +397,12 @@ class ArtifactConfig(RunConfig):
     img_path: str
     ann_path: str | None
     mode: str
-    model_path: str
+    model_paths: tuple[str, ...]  # one in train mode; val and test average several
     save_path: str | None
     ratio: float
     threshold: float | None
     all: bool
+    n_tta: int
 
     def __post_init__(self) -> None:
         if self.mode in ("train", "val") and self.ann_path is None:
@@ -393,6 +410,19 @@ class ArtifactConfig(RunConfig):
         super().__post_init__()
         refuse(
             [
+                (
+                    self.mode != "train" or len(self.model_paths) == 1,
+                    f"--mode train writes one model, but {len(self.model_paths)} --model_path values were given: "
+                    "give one (val and test take several).",
+                ),
+                (
+                    self.mode != "train" or self.n_tta == 1,
+                    "--n-tta applies to --mode val and test: leave it out of --mode train.",
+                ),
+                (
+                    1 <= self.n_tta <= MAX_TTA,
+                    f"--n-tta {self.n_tta} is outside 1..{MAX_TTA}: the square has {MAX_TTA} symmetries.",
+                ),
                 (
                     0 < self.ratio < 1,
                     f"--ratio {self.ratio} must lie between 0 and 1 (e.g. 0.8: 80 % train, 20 % val).",
@@ -404,9 +434,15 @@ class ArtifactConfig(RunConfig):
             ]
         )
 
+    @property
+    def model_path(self) -> str:
+        """The model train mode writes, and the first of those val and test read."""
+        return self.model_paths[0]
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ArtifactConfig:
         values = resolve(args, "artifact")
+        values["model_paths"] = tuple(values["model_paths"])
         if args.mode != "train":  # scoring uses the size the model was trained at
             values["image_size"] = args.image_size
         return cls(**values)

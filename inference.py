@@ -157,13 +157,15 @@ def dihedral(images: torch.Tensor, index: int) -> torch.Tensor:
 class TTAModel(nn.Module):
     """Scores every image under the first `n_tta` dihedral transforms in ONE forward pass of n_tta x batch images,
     and returns logits whose probability is the mean of the per-transform probabilities. Because the output
-    is still a logit, utils.predict_logits and train.melanoma_probability work on it unchanged."""
+    is still a logit, utils.predict_logits and train.melanoma_probability work on it unchanged. A single output is
+    a sigmoid logit and several are one softmax, unless `independent_heads` says that every output is a sigmoid
+    logit of its own (the artifact detector's heads): then each head's probability is averaged."""
 
-    def __init__(self, model: nn.Module, n_tta: int) -> None:
+    def __init__(self, model: nn.Module, n_tta: int, independent_heads: bool = False) -> None:
         super().__init__()
         if not 1 <= n_tta <= MAX_TTA:
             raise UserError(f"--n-tta {n_tta} is outside 1..{MAX_TTA}: the square has {MAX_TTA} symmetries.")
-        self.model, self.n_tta = model, n_tta
+        self.model, self.n_tta, self.independent_heads = model, n_tta, independent_heads
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         if self.n_tta == 1:
@@ -176,7 +178,7 @@ class TTAModel(nn.Module):
         # average in probability space, in float64 so that the logit of the mean stays exact
         with torch.autocast(image.device.type, enabled=False):
             logits = logits.double().view(self.n_tta, batch, -1)
-            if logits.shape[-1] == 1:
+            if logits.shape[-1] == 1 or self.independent_heads:
                 return torch.logit(torch.sigmoid(logits).mean(0)).float()
             return torch.softmax(logits, dim=-1).mean(0).log().float()
 
