@@ -14,8 +14,9 @@ AUCs, and recipes are compared on their files' averaged predictions (the mean pr
 given alone is a recipe of one, named after the file.
 
 DeLong's interval and test treat images as independent; the bootstrap interval of a difference resamples
-patients (all images of a patient together: patient_id of the files or --labels, else of --data-dir's
-train.csv; a row without one is a patient of its own), so it also holds when patients have many images.
+patients (all images of a patient together: a patient_id column of the files, or of --labels for files that take
+their labels from it, else of --data-dir's train.csv; a row without one is a patient of its own), so it also
+holds when patients have many images.
 """
 
 from __future__ import annotations
@@ -53,12 +54,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         action="append",
         default=[],
-        metavar="NAME FILE",
-        help="a recipe's name and its prediction files (e.g. one per seed); give it once per recipe",
+        metavar=("NAME", "FILE"),
+        help="a recipe's name and its prediction files (e.g. one per seed); once per recipe, after any plain "
+        "FILE (it takes every value up to the next flag)",
     )
     parser.add_argument("--labels", help="CSV with image_name and 0/1 target, for files without a prob column")
     parser.add_argument("--data-dir", help="Kaggle-layout folder whose train.csv holds the patient ids")
-    parser.add_argument("--n-bootstrap", type=int, default=2000, help="patient resamples for the difference intervals")
+    parser.add_argument(
+        "--n-bootstrap",
+        type=int,
+        default=1000,
+        help="resamples (of patients where known) for the difference intervals (default 1000)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--out", help="JSON file of every number printed")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

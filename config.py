@@ -238,6 +238,7 @@ def add_artifact_flags(parser: argparse.ArgumentParser) -> None:
         "--model-path",
         dest="model_paths",
         nargs="+",
+        metavar="MODEL_PATH",
         required=True,
         help="written by train (one file), read by val/test (several: their per-head probabilities are averaged)",
     )
