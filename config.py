@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from dataset import AUGMENTATIONS
 from device_data import DATA_PATHS
 from image_files import MIN_IMAGE_SIZE
+from inference import MAX_TTA
 from models import ENET_TYPES, is_lite
 from tables import META_FEATURES
 from tensorboard_log import check_tensorboard_request
@@ -197,7 +198,12 @@ def add_melanoma_flags(parser: argparse.ArgumentParser) -> None:
         "on the same folds (and their out-of-fold predictions can be averaged)",
     )
     add("--n-folds", type=int, default=5)
-    add("--fold", default="0", help="validation fold: an index, a comma list, or 'all'")
+    add(
+        "--fold",
+        default="0",
+        help="validation fold: an index, a comma list, 'all', or 'none' to refit on every row for --n-epochs (no "
+        "validation, no best epoch: pass the epoch count cross-validation chose)",
+    )
     add(
         "--augment",
         choices=AUGMENTATIONS,
@@ -235,7 +241,15 @@ def add_artifact_flags(parser: argparse.ArgumentParser) -> None:
     add("--img_path", "--img-path", dest="img_path", required=True, help="folder of the images")
     add("--ann_path", "--ann-path", dest="ann_path", help="annotation file (train and val modes)")
     add("--mode", required=True, choices=("train", "val", "test"))
-    add("--model_path", "--model-path", dest="model_path", required=True, help="written by train, read by val/test")
+    add(
+        "--model_path",
+        "--model-path",
+        dest="model_paths",
+        nargs="+",
+        metavar="MODEL_PATH",
+        required=True,
+        help="written by train (one file), read by val/test (several: their per-head probabilities are averaged)",
+    )
     add(
         "--save_path",
         "--save-path",
@@ -247,6 +261,14 @@ def add_artifact_flags(parser: argparse.ArgumentParser) -> None:
     add("--ratio", type=float, default=0.8, help="share of the annotated images used for training")
     add("--threshold", type=float, help="one cut-off for every head, instead of the model's own")
     add("--all", action="store_true", help="val: score every row, also the training images")
+    add(
+        "--n-tta",
+        "--n_tta",
+        dest="n_tta",
+        type=int,
+        default=1,
+        help=f"val/test: dihedral test-time augmentations, 1..{MAX_TTA}, each head's probability averaged",
+    )
 
 
 def add_compile_flag(parser: argparse.ArgumentParser) -> None:
@@ -369,6 +391,11 @@ class MelanomaConfig(RunConfig):
         return cls(**values)
 
     @property
+    def refit(self) -> bool:
+        """--fold none: trained on every row, nothing validated."""
+        return not self.folds
+
+    @property
     def late_fusion(self) -> bool:
         """The metadata goes to a logistic regression beside the network, not into it."""
         return self.use_meta and self.fusion == "late"
@@ -381,11 +408,12 @@ class ArtifactConfig(RunConfig):
     img_path: str
     ann_path: str | None
     mode: str
-    model_path: str
+    model_paths: tuple[str, ...]  # one in train mode; val and test average several
     save_path: str | None
     ratio: float
     threshold: float | None
     all: bool
+    n_tta: int
 
     def __post_init__(self) -> None:
         if self.mode in ("train", "val") and self.ann_path is None:
@@ -393,6 +421,19 @@ class ArtifactConfig(RunConfig):
         super().__post_init__()
         refuse(
             [
+                (
+                    self.mode != "train" or len(self.model_paths) == 1,
+                    f"--mode train writes one model, but {len(self.model_paths)} --model_path values were given: "
+                    "give one (val and test take several).",
+                ),
+                (
+                    self.mode != "train" or self.n_tta == 1,
+                    "--n-tta applies to --mode val and test: leave it out of --mode train.",
+                ),
+                (
+                    1 <= self.n_tta <= MAX_TTA,
+                    f"--n-tta {self.n_tta} is outside 1..{MAX_TTA}: the square has {MAX_TTA} symmetries.",
+                ),
                 (
                     0 < self.ratio < 1,
                     f"--ratio {self.ratio} must lie between 0 and 1 (e.g. 0.8: 80 % train, 20 % val).",
@@ -404,21 +445,30 @@ class ArtifactConfig(RunConfig):
             ]
         )
 
+    @property
+    def model_path(self) -> str:
+        """The model train mode writes, and the first of those val and test read."""
+        return self.model_paths[0]
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ArtifactConfig:
         values = resolve(args, "artifact")
+        values["model_paths"] = tuple(values["model_paths"])
         if args.mode != "train":  # scoring uses the size the model was trained at
             values["image_size"] = args.image_size
         return cls(**values)
 
 
 def parse_folds(spec: str, n_folds: int) -> tuple[int, ...]:
+    """The validation folds; none (a refit on every row) is the empty tuple."""
     if spec == "all":
         return tuple(range(n_folds))
+    if spec == "none":
+        return ()
     try:
         folds = tuple(int(part) for part in spec.split(","))
     except ValueError:
-        raise UserError(f"--fold {spec!r} is not a fold index: use e.g. 0, 0,1,2 or all.") from None
+        raise UserError(f"--fold {spec!r} is not a fold index: use e.g. 0, 0,1,2, all or none.") from None
     bad = [fold for fold in folds if not 0 <= fold < n_folds]
     if bad:
         raise UserError(f"--fold {bad[0]} is outside 0..{n_folds - 1}: pick a fold below --n-folds {n_folds}.")

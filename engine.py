@@ -2,7 +2,9 @@
 epoch, what its checkpoints add); the engine does the rest: device placement, channels_last,
 DistributedDataParallel and --compile, the loaders, Adam with one warm-up epoch then cosine, the weight average,
 resume, the epoch loop with the BatchNorm refresh, gathering the validation predictions over processes, the
-best/last/final checkpoints, the history file and its TensorBoard view."""
+best/last/final checkpoints, the history file and its TensorBoard view. A task without validation images (a
+refit on every row) trains the same way and writes no best checkpoint: with nothing held out there is no best
+epoch."""
 
 from __future__ import annotations
 
@@ -68,9 +70,9 @@ class Epoch:
     number: int
     lr: float  # at the epoch's first step
     train_loss: float
-    valid_loss: float
-    logits: torch.Tensor  # every validation item's, gathered over processes, in data set order
-    targets: torch.Tensor
+    valid_loss: float  # NaN without validation images
+    logits: torch.Tensor | None  # every validation item's, gathered over processes, in data set order; None
+    targets: torch.Tensor | None  # without validation images
     seconds: float
 
 
@@ -93,14 +95,14 @@ class Task:
     name: str  # the run, in messages
     net: nn.Module  # built and seeded, on the CPU
     train_images: Images
-    valid_images: Images
+    valid_images: Images | None  # None: a refit on every row, nothing validated
     preparation: Preparation  # of the training images; the validation images are prepared without augmentation
     shuffle_seed: int
     loss_fn: LossFn
     score: Callable[[Epoch], Scored]
     checkpoint: dict  # what every checkpoint of the run holds: the model's configuration, its input encoding
-    # "best", "last" and "history" (.jsonl or .csv); "final", "log" and "tensorboard" (a folder) where wanted, and
-    # the path of any Scored.best frame that is to be written as CSV
+    # "last" and "history" (.jsonl or .csv); "best" where there are validation images; "final", "log" and
+    # "tensorboard" (a folder) where wanted, and the path of any Scored.best frame that is to be written as CSV
     paths: dict[str, Path]
     score_name: str = "auc"
     log_line: Callable[[dict], str] | None = None  # the log file's line for a history record
@@ -187,9 +189,9 @@ def make_warmup_cosine(
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
-def make_loaders(task: Task, config: RunConfig, world: World, device: torch.device) -> tuple[Loader, Loader]:
-    """Shuffled training batches, each process its share, and the validation items in order; each process
-    decodes its own share, on the side --data-path says."""
+def make_loaders(task: Task, config: RunConfig, world: World, device: torch.device) -> tuple[Loader, Loader | None]:
+    """Shuffled training batches, each process its share, and the validation items in order (None without
+    validation images); each process decodes its own share, on the side --data-path says."""
     n_train = len(task.train_images.filepaths)
     train_sampler = EpochSampler(n_train, True, task.shuffle_seed, world.rank, world.size)
     batch_size = batch_for_share(config.batch_size, n_train, world, "--batch-size")
@@ -199,6 +201,8 @@ def make_loaders(task: Task, config: RunConfig, world: World, device: torch.devi
     train_loader = image_loader(
         task.train_images, task.preparation, train_sampler, batch_size, drop_last=drop_last, **common
     )
+    if task.valid_images is None:
+        return train_loader, None
     valid_sampler = EpochSampler(len(task.valid_images.filepaths), False, 0, world.rank, world.size)
     no_augmentation = dataclasses.replace(task.preparation, strength="none")
     valid_loader = image_loader(task.valid_images, no_augmentation, valid_sampler, config.batch_size, **common)
@@ -208,16 +212,19 @@ def make_loaders(task: Task, config: RunConfig, world: World, device: torch.devi
 def validate(
     net: nn.Module,
     train_loader: Loader,
-    valid_loader: Loader,
+    valid_loader: Loader | None,
     config: RunConfig,
     world: World,
     device: torch.device,
     amp_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits and targets of every validation item, from all processes, after re-estimating BatchNorm."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The logits and targets of every validation item, from all processes, after re-estimating BatchNorm; without
+    a validation loader only the BatchNorm statistics are brought up to date (the saved network needs them)."""
     if config.bn_refresh_batches:
         refresh_batchnorm(net, train_loader, device, amp_dtype, config.channels_last, config.bn_refresh_batches)
     average_buffers_over_world(net, world)
+    if valid_loader is None:
+        return None, None
     logits, targets = predict_logits(net, valid_loader, device, amp_dtype, config.channels_last, config.progress)
     return gather_over_world(logits, targets, len(valid_loader.dataset), world, device)
 
@@ -240,7 +247,7 @@ def save_epoch(
     """The main process's output after an epoch: its message, the checkpoints, the history and the best frames."""
     paths = task.paths
     print(scored.message, flush=True)
-    if improved:
+    if improved and "best" in paths:
         save_checkpoint(paths["best"], checkpoint)
         print(f"  best {task.score_name} {scored.score:.4f}: saved {paths['best']}", flush=True)
     save_checkpoint(paths["last"], {**checkpoint, **resumable, **progress.state()})
@@ -323,7 +330,7 @@ def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_d
                 update_average=update_average,
             )
             logits, targets = validate(eval_net, train_loader, valid_loader, config, world, device, amp_dtype)
-            valid_loss = float(task.loss_fn(logits, targets))
+            valid_loss = math.nan if logits is None else float(task.loss_fn(logits, targets))
             seconds = round(time.time() - started, 2)
             scored = task.score(Epoch(epoch, lr, train_loss, valid_loss, logits, targets, seconds))
             improved = progress.update(epoch, scored)

@@ -53,7 +53,7 @@ class LoadedModel:
     mean: list[float]
     std: list[float]
     encoder: MetaEncoder | None
-    info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, val_images, args, epoch, metrics
+    info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, val_images, refit, config, epoch, ...
     feature_scaler: FeatureScaler | None = None  # lesion features (train.py --lesion-features), else None
     meta_model: MetadataLogit | None = None  # --fusion late: the metadata's logistic regression, else None
 
@@ -84,7 +84,9 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     encoder = MetaEncoder.from_state_dict(checkpoint["meta_encoder"]) if checkpoint["use_meta"] else None
-    info = {key: checkpoint.get(key) for key in ("fold", "n_folds", "val_images", "config", "epoch", "metrics")}
+    info = {
+        key: checkpoint.get(key) for key in ("fold", "n_folds", "val_images", "refit", "config", "epoch", "metrics")
+    }
     scaler_state = checkpoint.get("lesion_features")
     feature_scaler = FeatureScaler.from_state_dict(scaler_state) if scaler_state else None
     meta_state = checkpoint.get("meta_model")
@@ -106,6 +108,11 @@ def held_out_images(loaded: LoadedModel, fix: str) -> set[str]:
     """The names of the images `loaded` validated on, so never trained on, as train.py stored them: fold
     membership is read, never rebuilt (a rebuilt split would follow today's code and flags, not the run's)."""
     names = loaded.info.get("val_images")
+    if loaded.info.get("refit"):
+        raise UserError(
+            f"checkpoint {loaded.path} is a refit on every training image (train.py --fold none): it held out none, "
+            f"so nothing it scores there is unseen; use a cross-validated fold checkpoint, or {fix}."
+        )
     if names is None:
         raise UserError(
             f"checkpoint {loaded.path} does not list its validation images (an older train.py wrote it): retrain "
@@ -114,9 +121,15 @@ def held_out_images(loaded: LoadedModel, fix: str) -> set[str]:
     return set(names)
 
 
+def is_refit(path: Path) -> bool:
+    """Whether a melanoma checkpoint was trained on every row (train.py --fold none)."""
+    return bool(load_checkpoint(path, "melanoma").get("refit"))
+
+
 def expand_model_paths(specs: Sequence[str], which: str = "best") -> list[Path]:
     """Each spec is a checkpoint file, or a run given as <model-dir>/<save-name>: that run's
-    <save-name>_<which>.pth, or the checkpoints of all its folds, <save-name>_fold<k>_<which>.pth."""
+    <save-name>_<which>.pth, or the checkpoints of all its folds, <save-name>_fold<k>_<which>.pth. A refit
+    (train.py --fold none) has no best epoch: for which="best" its <save-name>_final.pth is taken, with a notice."""
     paths: list[Path] = []
     for spec in specs:
         path = Path(spec)
@@ -130,10 +143,14 @@ def expand_model_paths(specs: Sequence[str], which: str = "best") -> list[Path]:
             if (match := pattern.fullmatch(candidate.name))
         )
         single = path.parent / f"{path.name}_{which}.pth"
+        final = path.parent / f"{path.name}_final.pth"
         if folds:
             paths += [candidate for _, candidate in folds]
         elif single.is_file():
             paths.append(single)
+        elif which == "best" and final.is_file() and is_refit(final):
+            print(f"notice: {path} is a refit (train.py --fold none), which has no best epoch: using {final}.")
+            paths.append(final)
         else:
             raise UserError(
                 f"no checkpoint {path}, nor {single.name} or {path.name}_fold<k>_{which}.pth beside it: pass a .pth "
@@ -165,12 +182,14 @@ def check_n_tta(n_tta: int) -> None:
 class TTAModel(nn.Module):
     """Scores every image under the first `n_tta` dihedral transforms in ONE forward pass of n_tta x batch images,
     and returns logits whose probability is the mean of the per-transform probabilities. Because the output
-    is still a logit, utils.predict_logits and train.melanoma_probability work on it unchanged."""
+    is still a logit, utils.predict_logits and train.melanoma_probability work on it unchanged. A single output is
+    a sigmoid logit and several are one softmax, unless `independent_heads` says that every output is a sigmoid
+    logit of its own (the artifact detector's heads): then each head's probability is averaged."""
 
-    def __init__(self, model: nn.Module, n_tta: int) -> None:
+    def __init__(self, model: nn.Module, n_tta: int, independent_heads: bool = False) -> None:
         super().__init__()
         check_n_tta(n_tta)
-        self.model, self.n_tta = model, n_tta
+        self.model, self.n_tta, self.independent_heads = model, n_tta, independent_heads
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         if self.n_tta == 1:
@@ -183,7 +202,7 @@ class TTAModel(nn.Module):
         # average in probability space, in float64 so that the logit of the mean stays exact
         with torch.autocast(image.device.type, enabled=False):
             logits = logits.double().view(self.n_tta, batch, -1)
-            if logits.shape[-1] == 1:
+            if logits.shape[-1] == 1 or self.independent_heads:
                 return mean_probability_logit(logits).float()
             return torch.softmax(logits, dim=-1).mean(0).log().float()
 

@@ -4,6 +4,8 @@ artifact type.
     python multi_classification.py --img_path DIR --ann_path gans_biases.csv --mode train --model_path M.pth
     python multi_classification.py --img_path DIR --ann_path gans_biases.csv --mode val --model_path M.pth
     python multi_classification.py --img_path DIR --mode test --model_path M.pth --save_path annotations.csv
+    python multi_classification.py --img_path DIR --mode test --model_path M1.pth M2.pth --n-tta 8 \
+        --save_path annotations.csv
 
 The heads come from the annotation file: the original headerless form
 `image.jpg,hair_dense,hair_short,hair_medium,black_frame,ruler_mark,other`, or a CSV whose header names the heads
@@ -27,6 +29,10 @@ val    scores the images of --ann_path that the model did not train on, by name,
 test   labels every image in --img_path (jpg, jpeg, png, bmp; sorted by name) and writes --save_path (default
        <model>_annotations.csv): image_name,<head>,...,<head>_prob,... with 0/1 decisions at the stored thresholds
        (or --threshold) and the probabilities. The file reads back as --ann_path (the _prob columns are ignored).
+val and test take --n-tta 1..8 (each head's probability averaged over the dihedral views of the image) and
+several --model_path files with the same heads (each head's probability averaged over the models, the threshold
+the mean of theirs; --save_path is then required). val on a file some of them were trained on scores only the
+images that every one of those held out (their val splits differ with --seed).
 The training flags (--n-epochs, --batch-size, --init-lr, ...) are train.py's; --epochs, --batch and --lr still work.
 """
 
@@ -52,7 +58,7 @@ from device_data import resolve_data_path
 from distributed import World
 from engine import Epoch, Scored, Task, fit, training_world
 from image_files import list_images
-from inference import image_name
+from inference import TTAModel, image_name
 from loops import Images, Preparation, image_loader, predict_logits
 from metrics import choose_thresholds, format_table, mean_auc, metrics_table
 from models import ArtifactNet, input_normalization, model_from_checkpoint
@@ -151,38 +157,68 @@ def predict_probs(
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> np.ndarray:
-    """Sigmoid probabilities (images x heads) at the model's own image size and normalisation, in file order."""
+    """Sigmoid probabilities (images x heads) at the model's own image size and normalisation, in file order, each
+    head's averaged over --n-tta dihedral views; --batch counts the images of a forward pass, views included (as
+    predict.py's --batch-size)."""
     preparation = Preparation(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     sampler = EpochSampler(len(filepaths), shuffle=False, seed=0)
+    images_per_batch = max(1, config.batch_size // config.n_tta)
     loader = image_loader(
-        Images(filepaths), preparation, sampler, config.batch_size, config.num_workers, device, config.data_path
+        Images(filepaths), preparation, sampler, images_per_batch, config.num_workers, device, config.data_path
     )
+    tta_model = TTAModel(model, config.n_tta, independent_heads=True)
     logits, _ = predict_logits(
-        model, loader, device, amp_dtype, config.channels_last, config.progress, desc=config.mode
+        tta_model, loader, device, amp_dtype, config.channels_last, config.progress, desc=config.mode
     )
     return torch.sigmoid(logits).numpy()
 
 
-def load_model(config: ArtifactConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    checkpoint = load_checkpoint(config.model_path, "artifact")
-    model = model_from_checkpoint(checkpoint, config.model_path).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if config.image_size is not None and config.image_size != checkpoint["image_size"]:
-        print(
-            f"notice: {config.model_path} was trained at {checkpoint['image_size']} px; using that, not --image-size "
-            f"{config.image_size}.",
-            flush=True,
+def load_models(config: ArtifactConfig, device: torch.device) -> list[tuple[torch.nn.Module, dict]]:
+    """Every --model_path, each with its checkpoint; several must detect the same heads, in the same order."""
+    loaded = []
+    for path in config.model_paths:
+        checkpoint = load_checkpoint(path, "artifact")
+        model = model_from_checkpoint(checkpoint, path).to(device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if config.image_size is not None and config.image_size != checkpoint["image_size"]:
+            print(
+                f"notice: {path} was trained at {checkpoint['image_size']} px; using that, not --image-size "
+                f"{config.image_size}.",
+                flush=True,
+            )
+        first = loaded[0][1] if loaded else checkpoint
+        if checkpoint["heads"] != first["heads"]:
+            raise UserError(
+                f"{path} detects {', '.join(checkpoint['heads'])}, but {config.model_paths[0]} detects "
+                f"{', '.join(first['heads'])}: average only models trained on the same heads."
+            )
+        loaded.append((model, checkpoint))
+    if len(loaded) > 1 and config.save_path is None:
+        raise UserError(
+            "several --model_path files write no report beside one of them: name the output with --save_path."
         )
-    return model, checkpoint
+    return loaded
 
 
-def thresholds_for(checkpoint: dict, config: ArtifactConfig, heads: list[str]) -> list[float]:
-    """--threshold for every head, else the per-head cut-offs stored in the model."""
+def ensemble_probs(
+    models: list[tuple[torch.nn.Module, dict]],
+    filepaths: list[str],
+    config: ArtifactConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> np.ndarray:
+    """Each head's probability averaged over the models (each at its own image size and normalisation)."""
+    return np.mean([predict_probs(m, filepaths, c, config, device, amp_dtype) for m, c in models], axis=0)
+
+
+def thresholds_for(checkpoints: list[dict], config: ArtifactConfig, heads: list[str]) -> list[float]:
+    """--threshold for every head, else the per-head cut-offs stored in the model; for several models the mean of
+    theirs (each was chosen for that model's own probabilities, which the ensemble averages)."""
     if config.threshold is not None:
         return [config.threshold] * len(heads)
-    stored = dict(zip(checkpoint["heads"], checkpoint["thresholds"], strict=True))
-    return [stored[head] for head in heads]
+    stored = [dict(zip(c["heads"], c["thresholds"], strict=True)) for c in checkpoints]
+    return [float(np.mean([cut_offs[head] for cut_offs in stored])) for head in heads]
 
 
 def claim_report(path: Path, overwrite: bool) -> None:
@@ -308,24 +344,49 @@ def run_train(
 # --------------------------------------------------------------------------- val and test
 
 
+def describe_scoring(config: ArtifactConfig) -> str:
+    models = "1 model" if len(config.model_paths) == 1 else f"the mean of {len(config.model_paths)} models"
+    return f"{models}, {config.n_tta} TTA view(s)"
+
+
+def threshold_source(config: ArtifactConfig) -> str:
+    if config.threshold is not None:
+        return "--threshold"
+    if len(config.model_paths) == 1:
+        return "of the model (max F1 on its val split)"
+    return "the mean of the models' own (each max F1 on its val split)"
+
+
+def trained_on_file(checkpoint: dict, ann_path: str) -> bool:
+    """Whether a detector was trained on this annotation file: also after a label was fixed in it (same path) or
+    as a copy elsewhere (same bytes)."""
+    return checkpoint["ann_sha256"] == file_sha256(ann_path) or checkpoint["ann_path"] == str(Path(ann_path).resolve())
+
+
 def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    model, checkpoint = load_model(config, device)
+    models = load_models(config, device)
+    checkpoints = [checkpoint for _, checkpoint in models]
+    checkpoint = checkpoints[0]
+    model_heads = checkpoint["heads"]
     paths = output_paths(config.model_path)
     save_path = Path(config.save_path) if config.save_path else paths["metrics"]
     claim_report(save_path, config.overwrite)
     frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
-    common = [head for head in checkpoint["heads"] if head in heads]
+    common = [head for head in model_heads if head in heads]
     if not common:
         raise UserError(
             f"{config.ann_path} has the heads {', '.join(heads)}, but {config.model_path} detects "
-            f"{', '.join(checkpoint['heads'])}: evaluate with an annotation file of the model's heads."
+            f"{', '.join(model_heads)}: evaluate with an annotation file of the model's heads."
         )
-    skipped = [head for head in checkpoint["heads"] if head not in heads]
+    skipped = [head for head in model_heads if head not in heads]
     if skipped:
         print(f"notice: {config.ann_path} has no column for {', '.join(skipped)}; those heads are not scored.")
     labels = labels[:, [heads.index(head) for head in common]]
 
-    in_train, in_val = trained_images(checkpoint, frame)
+    # with several models an image is held out only if no model trained on it
+    memberships = [trained_images(c, frame) for c in checkpoints]
+    in_train = np.logical_or.reduce([trained for trained, _ in memberships])
+    in_val = np.logical_or.reduce([val for _, val in memberships])
     if in_train.any() and not config.all:
         if in_train.all():
             raise UserError(
@@ -347,9 +408,9 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
             flush=True,
         )
 
-    probs = predict_probs(model, frame["filepath"].tolist(), checkpoint, config, device, amp_dtype)
+    probs = ensemble_probs(models, frame["filepath"].tolist(), config, device, amp_dtype)
     probs = probs[:, [checkpoint["heads"].index(head) for head in common]]
-    table = metrics_table(common, labels, probs, thresholds_for(checkpoint, config, common))
+    table = metrics_table(common, labels, probs, thresholds_for(checkpoints, config, common))
     # the stored thresholds maximise F1 on the val split: scored there, the thresholded numbers flatter the model
     in_sample = config.threshold is None and bool(in_val.any())
     table["thresholds_in_sample"] = in_sample
@@ -365,7 +426,7 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
     else:
         source = "of the model (max F1 on its val split, none of these images)"
     print(
-        f"{len(frame)} images, mean auc {mean_auc(table):.4f}, thresholds {source}:\n"
+        f"{len(frame)} images, {describe_scoring(config)}, mean auc {mean_auc(table):.4f}, thresholds {source}:\n"
         f"{format_table(table)}\nwritten to {save_path}",
         flush=True,
     )
@@ -373,16 +434,17 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
 
 
 def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    model, checkpoint = load_model(config, device)
+    models = load_models(config, device)
+    checkpoints = [checkpoint for _, checkpoint in models]
     save_path = Path(config.save_path) if config.save_path else output_paths(config.model_path)["annotations"]
     claim_report(save_path, config.overwrite)
     files = list_images(config.img_path)
     ensure_writable_dir(save_path.parent, "folder of --save_path")
-    heads = checkpoint["heads"]
-    probs = predict_probs(model, [str(path) for path in files], checkpoint, config, device, amp_dtype)
+    heads = checkpoints[0]["heads"]
+    probs = ensemble_probs(models, [str(path) for path in files], config, device, amp_dtype)
     if len(probs) != len(files):
         raise AssertionError(f"{len(probs)} predictions for {len(files)} images")
-    thresholds = np.asarray(thresholds_for(checkpoint, config, heads))
+    thresholds = np.asarray(thresholds_for(checkpoints, config, heads))
     # decided on the probabilities as written, so that <head> == (<head>_prob >= threshold) holds in the file
     probs = np.round(probs.astype(np.float64), 6)
     out = pd.DataFrame({"image_name": [path.name for path in files]})
@@ -392,7 +454,11 @@ def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtyp
         out[f"{head}{PROB_SUFFIX}"] = probs[:, i]
     write_csv_atomic(out, save_path)
     counts = ", ".join(f"{head} {int(out[head].sum())}" for head in heads)
-    print(f"labelled {len(out)} images of {config.img_path} ({counts}): written to {save_path}", flush=True)
+    print(
+        f"labelled {len(out)} images of {config.img_path} ({counts}; {describe_scoring(config)}, thresholds "
+        f"{threshold_source(config)}): written to {save_path}",
+        flush=True,
+    )
     return {"n_images": len(out), "save_path": save_path, "annotations": out}
 
 

@@ -22,7 +22,8 @@ tolerance, a check of the exported file on your own images.
 --split train scores the data folder's train.csv honestly: each image only with the models that held it out
 (its name is in the checkpoint's val_images, so the model never trained on it), e.g. every image with the one
 fold model of a --fold all run that validated on it. Images that every model trained on are dropped (their
-count is printed); a column n_models says how many models scored each image.
+count is printed); a column n_models says how many models scored each image. A refit (train.py --fold none)
+trained on every image and is refused there; for test images its prefix takes its _final.pth.
 """
 
 from __future__ import annotations
@@ -67,7 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoint(s) from train.py, <model-dir>/<save-name> of a run (all its folds), or .onnx files from "
         "export.py (with the JSON beside each)",
     )
-    parser.add_argument("--which", default="best", choices=("best", "final", "last"), help="checkpoint of a run")
+    parser.add_argument(
+        "--which",
+        default="best",
+        choices=("best", "final", "last"),
+        help="checkpoint of a run (a refit, train.py --fold none, has no best: its final is taken)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-dir", help="Kaggle-layout folder: predicts <data-dir>/test.csv")
     source.add_argument("--images", nargs="+", help="image files and/or folders of images")

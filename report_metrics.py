@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -32,41 +33,60 @@ def partial_auc_above_tpr(targets: np.ndarray, probs: np.ndarray, min_tpr: float
     return float(min_area + (2 * standardised - 1) * (max_fpr - min_area))
 
 
-def bootstrap_auc(
-    targets: np.ndarray, probs: np.ndarray, n: int, seed: int, groups: np.ndarray | None = None
-) -> list[float]:
-    """Percentile 95 % interval of the ROC AUC over `n` resamples (with replacement) of the patients, `groups`
-    holding one patient label per row (all rows of a patient are drawn together), or of the images (None)."""
-    targets, probs = np.asarray(targets), np.asarray(probs)
-    codes = pd.factorize(np.arange(len(targets)) if groups is None else np.asarray(groups))[0]
-    n_groups = int(codes.max()) + 1
+def group_bootstrap(
+    statistic: Callable[[np.ndarray], float], n_rows: int, n: int, seed: int, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """statistic(weight) over `n` resamples (with replacement) of the patients, `groups` holding one patient label
+    per row (all rows of a patient are drawn together), or of the rows (None). `weight` says how often each row was
+    drawn: a patient drawn k times weighs k, its rows gathered k times without copying them. Resamples whose
+    statistic is NaN (e.g. an AUC of one class) are left out; empty when there is nothing to resample."""
+    codes = pd.factorize(np.arange(n_rows) if groups is None else np.asarray(groups))[0]
+    n_groups = int(codes.max()) + 1 if n_rows else 0
     if n < 1 or n_groups < 2:  # nothing to resample
-        return [math.nan, math.nan]
+        return np.array([])
 
-    def resampled_auc(drawn: np.ndarray) -> float:
-        # a patient drawn k times weighs k: the AUC of its rows gathered k times, without copying them
-        weight = np.bincount(drawn, minlength=n_groups)[codes]
-        if not (weight[targets == 1].any() and weight[targets == 0].any()):
-            return math.nan  # a resample of one class has no AUC
-        return float(roc_auc_score(targets, probs, sample_weight=weight))
+    def resampled(drawn: np.ndarray) -> float:
+        return statistic(np.bincount(drawn, minlength=n_groups)[codes])
 
     with warnings.catch_warnings():
-        # scipy's own interval turns NaN once a single resample has no AUC (tiny sets): the percentiles below
-        # are taken over the resamples that have one, as this interval always was
+        # scipy's own interval turns NaN once a single resample has no value (tiny sets): the percentiles are
+        # taken over the resamples that have one, as this interval always was
         warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
         result = scipy.stats.bootstrap(
             (np.arange(n_groups),),  # the patients are the sample: resampling them is the cluster bootstrap
-            resampled_auc,
+            resampled,
             n_resamples=n,
             vectorized=False,
             batch=100,  # bounds the (batch, patients) array of drawn indices
             method="percentile",
             rng=np.random.default_rng(seed),
         )
-    aucs = result.bootstrap_distribution[~np.isnan(result.bootstrap_distribution)]
-    if aucs.size == 0:
+    values = result.bootstrap_distribution
+    return values[~np.isnan(values)]
+
+
+def percentile_interval(values: np.ndarray) -> list[float]:
+    """The 95 % percentile interval of a bootstrap distribution; NaN for an empty one."""
+    if values.size == 0:
         return [math.nan, math.nan]
-    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def weighted_auc(targets: np.ndarray, scores: np.ndarray, weight: np.ndarray) -> float:
+    """ROC AUC with rows weighted (a resample's draw counts); NaN when the weighted rows hold one class."""
+    if not (weight[targets == 1].any() and weight[targets == 0].any()):
+        return math.nan
+    return float(roc_auc_score(targets, scores, sample_weight=weight))
+
+
+def bootstrap_auc(
+    targets: np.ndarray, probs: np.ndarray, n: int, seed: int, groups: np.ndarray | None = None
+) -> list[float]:
+    """Percentile 95 % interval of the ROC AUC over `n` resamples (with replacement) of the patients, `groups`
+    holding one patient label per row (all rows of a patient are drawn together), or of the images (None)."""
+    targets, probs = np.asarray(targets), np.asarray(probs)
+    aucs = group_bootstrap(lambda weight: weighted_auc(targets, probs, weight), len(targets), n, seed, groups)
+    return percentile_interval(aucs)
 
 
 def calibration(targets: np.ndarray, probs: np.ndarray, n_bins: int = CALIBRATION_BINS) -> dict:

@@ -2,6 +2,9 @@
 
     python train.py --save-name efficientnetb2_256_20ep --data-dir ./melanoma_external_256/ --image-size 256 \
         --n-epochs 20 --enet-type efficientnet-b2 --CUDA_VISIBLE_DEVICES 0 [--use-meta]
+
+--fold none refits on every row for --n-epochs (the count cross-validation chose): nothing is validated, so it
+writes <save-name>_final.pth and _last.pth but no _best.pth, no out-of-fold predictions and no baselines.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from utils import (
 )
 
 # what must match for --resume to continue a run (checkpoint keys, and settings with their flags)
-RESUME_KEYS = ("model", "use_meta", "fusion", "lesion_features", "image_size", "fold", "n_folds")
+# (fold first: a refit resumed as a fold run, or the other way round, then names its real difference)
+RESUME_KEYS = ("fold", "n_folds", "model", "use_meta", "fusion", "lesion_features", "image_size")
 RESUME_FLAGS = {
     key: "--" + key.replace("_", "-")
     for key in ("n_epochs", "batch_size", "init_lr", "seed", "fold_seed", "enet_type", "data_dir", "ema_decay")
@@ -90,6 +94,29 @@ def log_line(record: dict) -> str:
     )
 
 
+def refit_log_line(record: dict) -> str:
+    """A refit's log line: the original line's training half, and why the validation half is missing."""
+    return (
+        f"{record['time']} Refit on all {record['n_images']} images (no validation fold), Epoch {record['epoch']}, "
+        f"lr: {record['lr']:.7f}, train loss: {record['train_loss']:.5f}."
+    )
+
+
+def score_refit_epoch(epoch: Epoch, n_images: int) -> Scored:
+    """A refit's epoch: nothing was held out, so no metric and no score (no best epoch)."""
+    record = {
+        "time": time.ctime(),
+        "fold": None,
+        "refit": True,
+        "epoch": epoch.number,
+        "lr": epoch.lr,
+        "train_loss": epoch.train_loss,
+        "n_images": n_images,
+        "seconds": epoch.seconds,
+    }
+    return Scored(float("nan"), refit_log_line(record), [record], {})
+
+
 def score_epoch(
     epoch: Epoch, fold: int, valid_rows: pd.DataFrame, evidence: np.ndarray | None, baselines: dict
 ) -> Scored:
@@ -133,10 +160,17 @@ class FoldInputs:
     evidence: np.ndarray | None  # what it adds to each validation row's log-odds
 
 
-def fold_inputs(config: MelanomaConfig, frame: pd.DataFrame, fold: int, lesion: np.ndarray | None) -> FoldInputs:
-    in_fold = (frame["fold"] == fold).to_numpy()
+def fold_inputs(config: MelanomaConfig, frame: pd.DataFrame, fold: int | None, lesion: np.ndarray | None) -> FoldInputs:
+    """The rows of validation fold `fold` and of the others; fold None (a refit) trains on every row and
+    validates on none."""
+    in_fold = np.zeros(len(frame), dtype=bool) if fold is None else (frame["fold"] == fold).to_numpy()
     train_rows, valid_rows = frame[~in_fold].reset_index(drop=True), frame[in_fold].reset_index(drop=True)
-    if valid_rows["target"].nunique() < 2:
+    if fold is None and train_rows["target"].nunique() < 2:
+        raise UserError(
+            f"the training images hold only target {train_rows['target'].iloc[0]}: a classifier needs both; add "
+            "images of the other class."
+        )
+    if fold is not None and valid_rows["target"].nunique() < 2:
         raise UserError(
             f"validation fold {fold} holds only target {valid_rows['target'].iloc[0]}: AUC is undefined there; "
             "use fewer --n-folds or add images of the other class."
@@ -154,15 +188,16 @@ def fold_inputs(config: MelanomaConfig, frame: pd.DataFrame, fold: int, lesion: 
         scaler = FeatureScaler().fit(train_lesion)
     network_encoder = None if config.late_fusion else encoder
     train_side = side_inputs(train_rows, network_encoder, scaler, train_lesion)
-    valid_side = side_inputs(valid_rows, network_encoder, scaler, valid_lesion)
+    valid_side = None if fold is None else side_inputs(valid_rows, network_encoder, scaler, valid_lesion)
     meta_model = evidence = None
     if config.late_fusion:
         meta_model = MetadataLogit().fit(encoder.transform(train_rows), train_rows["target"], seed=config.seed)
-        evidence = meta_model.evidence(encoder.transform(valid_rows))
+        if fold is not None:
+            evidence = meta_model.evidence(encoder.transform(valid_rows))
     return FoldInputs(train_rows, valid_rows, train_side, valid_side, encoder, scaler, meta_model, evidence)
 
 
-def fold_checkpoint(config: MelanomaConfig, inputs: FoldInputs, fold: int, n_side: int) -> dict:
+def fold_checkpoint(config: MelanomaConfig, inputs: FoldInputs, fold: int | None, n_side: int) -> dict:
     """What every checkpoint of the fold holds to rebuild the model and its input encoding from the file alone."""
     mean, std = input_normalization(config.enet_type)
     encoder = inputs.encoder
@@ -183,7 +218,9 @@ def fold_checkpoint(config: MelanomaConfig, inputs: FoldInputs, fold: int, n_sid
         "mean": list(mean),
         "std": list(std),
         "fold": fold,
-        "n_folds": config.n_folds,
+        "n_folds": None if fold is None else config.n_folds,
+        # trained on every row (--fold none): it held out no image, so nothing can be scored as unseen by it
+        "refit": fold is None,
         # fold membership is stored, never rebuilt: whatever later scores "held-out" rows reads them from here
         "val_images": inputs.valid_rows["image_name"].tolist(),
     }
@@ -212,19 +249,19 @@ def fold_baselines(
     return baselines
 
 
-def fold_images(inputs: FoldInputs) -> tuple[Images, Images]:
-    """The fold's training and validation rows as the loaders read them."""
+def fold_images(inputs: FoldInputs) -> tuple[Images, Images | None]:
+    """The fold's training and validation rows as the loaders read them (no validation rows in a refit)."""
     train_rows, valid_rows = inputs.train_rows, inputs.valid_rows
-    return (
-        Images(train_rows["filepath"].tolist(), inputs.train_side, train_rows["target"].to_numpy()),
-        Images(valid_rows["filepath"].tolist(), inputs.valid_side, valid_rows["target"].to_numpy()),
-    )
+    train = Images(train_rows["filepath"].tolist(), inputs.train_side, train_rows["target"].to_numpy())
+    if valid_rows.empty:
+        return train, None
+    return train, Images(valid_rows["filepath"].tolist(), inputs.valid_side, valid_rows["target"].to_numpy())
 
 
 def train_fold(
     config: MelanomaConfig,
     frame: pd.DataFrame,
-    fold: int,
+    fold: int | None,
     run_name: str,
     device: torch.device,
     amp_dtype: torch.dtype | None,
@@ -236,11 +273,15 @@ def train_fold(
     epoch, the baselines' validation AUCs, the trained network and the last epoch's validation AUC (the best epoch
     is picked on this same fold, so its AUC is optimistic). Writes <run>_best/_final/_last.pth, the log,
     the metrics file and the OOF CSV (the main process only, in a distributed run). `colour` and `lesion` hold the
-    colour statistics and lesion features of every row of `frame`, computed once per run, where it needs them."""
+    colour statistics and lesion features of every row of `frame`, computed once per run, where it needs them.
+    Fold None is a refit on every row: no validation, no baselines, no best checkpoint and no OOF predictions
+    (their entries are None and NaN)."""
+    refit = fold is None
     inputs = fold_inputs(config, frame, fold, lesion)
-    baselines = fold_baselines(config, frame, fold, inputs, colour) if world.is_main else {}
+    baselines = fold_baselines(config, frame, fold, inputs, colour) if world.is_main and not refit else {}
     n_side = 0 if inputs.train_side is None else inputs.train_side.shape[1]
-    seed_everything(config.seed + fold)
+    offset = 0 if refit else fold  # of the seeds: each fold its own
+    seed_everything(config.seed + offset)
     net = MelanomaNet(
         config.enet_type,
         out_dim=config.out_dim,
@@ -250,29 +291,43 @@ def train_fold(
         weights_path=config.pretrained_weights,
         bn_momentum=config.bn_momentum,
     )
-    torch.manual_seed(config.seed + fold + 1000 * world.rank)  # dropout differs per rank, the initial weights do not
+    torch.manual_seed(config.seed + offset + 1000 * world.rank)  # dropout differs per rank, the initial weights do not
     train_images, valid_images = fold_images(inputs)
     mean, std = input_normalization(config.enet_type)
     paths = run_paths(config, run_name)
+    if refit:
+        score = functools.partial(score_refit_epoch, n_images=len(inputs.train_rows))
+        paths = {key: path for key, path in paths.items() if key not in ("best", "oof")}
+    else:
+        score = functools.partial(
+            score_epoch, fold=fold, valid_rows=inputs.valid_rows, evidence=inputs.evidence, baselines=baselines
+        )
     task = Task(
         kind="melanoma",
         name=run_name,
         net=net,
         train_images=train_images,
         valid_images=valid_images,
-        preparation=Preparation(config.image_size, mean, std, config.augment, seed=config.seed + fold),
-        shuffle_seed=config.seed + fold,
+        preparation=Preparation(config.image_size, mean, std, config.augment, seed=config.seed + offset),
+        shuffle_seed=config.seed + offset,
         loss_fn=melanoma_loss(config.out_dim),
-        score=functools.partial(
-            score_epoch, fold=fold, valid_rows=inputs.valid_rows, evidence=inputs.evidence, baselines=baselines
-        ),
+        score=score,
         checkpoint=fold_checkpoint(config, inputs, fold, n_side),
         paths=paths,
-        log_line=log_line,
+        log_line=refit_log_line if refit else log_line,
         resume_keys=RESUME_KEYS,
         resume_flags=RESUME_FLAGS,
     )
     fitted = fit(task, config, world, device, amp_dtype)
+    if refit:
+        if world.is_main:
+            print(
+                f"refit: {config.n_epochs} epochs on all {len(inputs.train_rows)} images, nothing validated (no best "
+                f"epoch, no out-of-fold predictions, no baselines); checkpoints {paths['final']} and {paths['last']}, "
+                f"log {paths['log']}, metrics {paths['history']}",
+                flush=True,
+            )
+        return {"oof": None, "baselines": {}, "net": fitted.net, "last_auc": float("nan")}
     history = fitted.progress.history
     last_auc = float(history[-1]["auc"])
     if world.is_main:
@@ -321,8 +376,9 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
     frame = read_melanoma_table(
         config.data_dir, "train", config.use_meta, require_target=True, bad_images=config.bad_images
     )
-    frame["fold"] = make_folds(frame, config.n_folds, config.fold_seed)
-    run_names = [config.save_name] if len(folds) == 1 else [f"{config.save_name}_fold{fold}" for fold in folds]
+    if not config.refit:  # a refit trains on every row: it needs no folds
+        frame["fold"] = make_folds(frame, config.n_folds, config.fold_seed)
+    run_names = [config.save_name] if len(folds) <= 1 else [f"{config.save_name}_fold{fold}" for fold in folds]
     if world.is_main:
         ensure_writable_dir(config.model_dir, "model folder (--model-dir)")
         ensure_writable_dir(config.log_dir, "log folder (--log-dir)")
@@ -331,9 +387,14 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
         dist.barrier()
 
     if world.is_main:
+        split = (
+            "a refit on every row, no validation fold"
+            if config.refit
+            else f"{config.n_folds} patient-grouped folds, validating on fold(s) {folds}"
+        )
         print(
-            f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {config.n_folds} patient-grouped folds, "
-            f"validating on fold(s) {folds}; {config.enet_type} at {config.image_size} px on {device}, "
+            f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {split}; {config.enet_type} at "
+            f"{config.image_size} px on {device}, "
             f"precision {precision_name(amp_dtype)}, data path {resolve_data_path(config.data_path, device)}"
             f"{', metadata branch' if config.use_meta else ''}"
             f"{', lesion features' if config.lesion_features else ''}",
@@ -341,13 +402,16 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
         )
     # image features once per run, not per fold: the baselines' colour statistics are also part of the lesion ones
     colour = lesion = None
-    if config.lesion_features or (config.baselines and world.is_main):
+    if config.lesion_features or (config.baselines and world.is_main and not config.refit):
         started = time.time()
         colour = colour_statistics(list(frame["filepath"]))
         if config.lesion_features:
             lesion = lesion_features(list(frame["filepath"]), colour)
             if world.is_main:
                 print(f"lesion features of {len(frame)} images in {time.time() - started:.1f} s", flush=True)
+    if config.refit:
+        result = train_fold(config, frame, None, config.save_name, device, amp_dtype, world, colour, lesion)
+        return {"refit": True, "folds": [], "models": [result["net"]]}
     results = [
         train_fold(config, frame, fold, run_name, device, amp_dtype, world, colour, lesion)
         for fold, run_name in zip(folds, run_names, strict=True)

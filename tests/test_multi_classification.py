@@ -305,7 +305,7 @@ def test_val_decides_held_out_rows_by_the_stored_names_whatever_the_bytes(traine
     copy = tmp_path / "copy.pth"
     copy.write_bytes(trained.read_bytes())
     (tmp_path / "copy_metrics.csv").write_text("earlier\n")
-    default = [*argv[:3], "--model_path", str(copy), "--num_workers", "0", "--ann_path", str(tmp_path / "crlf.csv")]
+    default = [*argv[:4], "--model_path", str(copy), "--num_workers", "0", "--ann_path", str(tmp_path / "crlf.csv")]
     val_fails(capsys, default, "copy_metrics.csv already exists")
     assert (tmp_path / "copy_metrics.csv").read_text() == "earlier\n"
     # one threshold of the user's own: nothing fitted on these images
@@ -347,7 +347,20 @@ def test_test_mode_writes_one_row_per_image_and_reads_back(trained, synthetic, t
     for head, threshold in zip(heads, thresholds, strict=True):
         np.testing.assert_array_equal(written[head], (written[f"{head}_prob"] >= threshold).astype(int))
 
-    back = mc.main([*argv[:3], "val", "--model_path", str(trained), "--ann_path", str(save_path), "--num_workers", "0"])
+    back = mc.main(
+        [
+            *argv[:3],
+            "val",
+            "--model_path",
+            str(trained),
+            "--ann_path",
+            str(save_path),
+            "--num_workers",
+            "0",
+            "--save_path",
+            str(tmp_path / "back_metrics.csv"),
+        ]
+    )
     assert back["n_images"] == 12  # another file than the training one: every row is scored
 
     everything = tmp_path / "everything.csv"
@@ -383,7 +396,16 @@ def test_an_undecodable_image_is_one_line_also_from_a_loader_worker(trained, syn
 def test_val_refuses_a_file_with_other_heads_and_a_melanoma_checkpoint(trained, tmp_path, capsys):
     write_images(tmp_path, ["a.jpg"])
     (tmp_path / "ann.csv").write_text("image_name,dark_corner\na,1\n")
-    argv = ["--img_path", str(tmp_path), "--ann_path", str(tmp_path / "ann.csv"), "--mode", "val"]
+    argv = [
+        "--img_path",
+        str(tmp_path),
+        "--ann_path",
+        str(tmp_path / "ann.csv"),
+        "--mode",
+        "val",
+        "--save_path",
+        str(tmp_path / "m.csv"),
+    ]
     with pytest.raises(SystemExit):
         mc.main([*argv, "--model_path", str(trained)])
     assert "detects hair_dense" in capsys.readouterr().err
