@@ -181,8 +181,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             f"{', rank average' if args.rank_average and len(models) > 1 else ''}",
             flush=True,
         )
-        # every model that reads lesion features reads the same ones: compute them once
-        lesion = lesion_features(list(frame["filepath"])) if any(m.feature_scaler for m in models) else None
+        # models that read lesion features under the same preprocessing read the same ones: compute them once
+        lesion = {
+            preprocessing: lesion_features(list(frame["filepath"]), preprocessing=preprocessing)
+            for preprocessing in dict.fromkeys(m.preprocessing for m in models if m.feature_scaler)
+        }
         probabilities = []
         for index, loaded in enumerate(models):
             rows = held_out[index] if held_out is not None else np.ones(len(frame), dtype=bool)
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     frame[rows].reset_index(drop=True),
                     device,
                     amp_dtype,
-                    lesion=None if lesion is None else lesion[rows],
+                    lesion=lesion[loaded.preprocessing][rows] if loaded.feature_scaler else None,
                     **prediction_options(args),
                 )
                 scope = f" on the {int(rows.sum())} images it held out" if held_out is not None else ""

@@ -40,7 +40,18 @@ from utils import (
 )
 
 # what must match for --resume to continue a run (checkpoint keys, and settings with their flags)
-RESUME_KEYS = ("model", "use_meta", "fusion", "lesion_features", "image_size", "fold", "n_folds")
+RESUME_KEYS = (
+    "model",
+    "use_meta",
+    "fusion",
+    "lesion_features",
+    "image_size",
+    "color_constancy",
+    "minkowski_p",
+    "resize_mode",
+    "fold",
+    "n_folds",
+)
 RESUME_FLAGS = {
     key: "--" + key.replace("_", "-")
     for key in ("n_epochs", "batch_size", "init_lr", "seed", "fold_seed", "enet_type", "data_dir", "ema_decay")
@@ -181,6 +192,7 @@ def fold_checkpoint(config: MelanomaConfig, inputs: FoldInputs, fold: int, n_sid
         "image_size": config.image_size,
         "mean": list(mean),
         "std": list(std),
+        **config.preprocessing.record(),
         "fold": fold,
         "n_folds": config.n_folds,
         # fold membership is stored, never rebuilt: whatever later scores "held-out" rows reads them from here
@@ -253,7 +265,9 @@ def train_fold(
         net=net,
         train_images=train_images,
         valid_images=valid_images,
-        preparation=Preparation(config.image_size, mean, std, config.augment, seed=config.seed + fold),
+        preparation=Preparation(
+            config.image_size, mean, std, config.augment, seed=config.seed + fold, preprocessing=config.preprocessing
+        ),
         shuffle_seed=config.seed + fold,
         loss_fn=melanoma_loss(config.out_dim),
         score=functools.partial(
@@ -329,16 +343,18 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
             f"validating on fold(s) {folds}; {config.enet_type} at {config.image_size} px on {device}, "
             f"precision {precision_name(amp_dtype)}, data path {resolve_data_path(config.data_path, device)}"
             f"{', metadata branch' if config.use_meta else ''}"
-            f"{', lesion features' if config.lesion_features else ''}",
+            f"{', lesion features' if config.lesion_features else ''}"
+            f"{', Shades of Gray colour constancy' if config.color_constancy != 'none' else ''}"
+            f"{f', {config.resize_mode} to square' if config.resize_mode != 'stretch' else ''}",
             flush=True,
         )
     # image features once per run, not per fold: the baselines' colour statistics are also part of the lesion ones
     colour = lesion = None
     if config.lesion_features or (config.baselines and world.is_main):
         started = time.time()
-        colour = colour_statistics(list(frame["filepath"]))
+        colour = colour_statistics(list(frame["filepath"]), preprocessing=config.preprocessing)
         if config.lesion_features:
-            lesion = lesion_features(list(frame["filepath"]), colour)
+            lesion = lesion_features(list(frame["filepath"]), colour, config.preprocessing)
             if world.is_main:
                 print(f"lesion features of {len(frame)} images in {time.time() - started:.1f} s", flush=True)
     results = [
