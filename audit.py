@@ -37,7 +37,7 @@ import torch
 
 from annotations import read_artifact_annotations
 from artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
-from dataset import valid_transforms
+from dataset import square_image, valid_transforms
 from features import lesion_features
 from inference import (
     LoadedModel,
@@ -128,19 +128,22 @@ def paste_artifact(image: np.ndarray, kind: str, rng: np.random.Generator) -> np
 
 
 class PasteThenTransform:
-    """Resizes to a square canvas, pastes `kind` (None: nothing), then applies `then` (the model's own transform).
+    """Makes the image square by the model's `resize_mode`, resizes it to a square canvas, pastes `kind` (None:
+    nothing), then applies `then` (the model's own transform). Colour constancy, in `then`, comes after the paste:
+    a real artifact is part of the image whose illuminant is estimated.
 
     Used as an ImageDataset transform: with the dataset's augment_seed, ImageDataset hands each image a generator
     seeded by (seed, index), so every image gets the same artifact on every run, with any number of workers."""
 
-    def __init__(self, kind: str | None, canvas: int, then) -> None:
-        self.kind, self.canvas, self.then = kind, canvas, then
+    def __init__(self, kind: str | None, canvas: int, then, resize_mode: str = "stretch") -> None:
+        self.kind, self.canvas, self.then, self.resize_mode = kind, canvas, then, resize_mode
         self.rng: np.random.Generator | None = None
 
     def set_random_state(self, generator: np.random.Generator, py_random=None) -> None:
         self.rng = generator
 
     def __call__(self, *, image: np.ndarray) -> dict:
+        image = square_image(image, self.resize_mode)
         if image.shape[:2] != (self.canvas, self.canvas):
             image = cv2.resize(image, (self.canvas, self.canvas), interpolation=cv2.INTER_AREA)
         if self.kind is not None:
@@ -233,11 +236,13 @@ def run_audit(
     amp_dtype: torch.dtype | None,
 ) -> pd.DataFrame:
     """The audit table: overall, with / without each labelled artifact, and the pasted (counterfactual) rows."""
-    base_transform = valid_transforms(loaded.image_size, loaded.mean, loaded.std)
+    base_transform = valid_transforms(loaded.image_size, loaded.mean, loaded.std, loaded.preprocessing)
     canvas = max(CANVAS, loaded.image_size)
 
     # from the files, so pasted artifacts do not reach them (docs/training.md): computed once for every pass
-    lesion = lesion_features(list(frame["filepath"])) if loaded.feature_scaler else None
+    lesion = (
+        lesion_features(list(frame["filepath"]), preprocessing=loaded.preprocessing) if loaded.feature_scaler else None
+    )
     # encoded once for every audited row: a subset's own encoding would recount each patient's images
     meta = encode_metadata(loaded, frame)
 
@@ -249,7 +254,7 @@ def run_audit(
             frame.iloc[index].reset_index(drop=True),
             device,
             amp_dtype,
-            transform=PasteThenTransform(kind, canvas, base_transform),
+            transform=PasteThenTransform(kind, canvas, base_transform, loaded.preprocessing.resize_mode),
             augment_seed=seed,
             lesion=None if lesion is None else lesion[index],
             meta=None if meta is None else meta[index],

@@ -94,7 +94,8 @@ def write_cams(
         meta = item["meta"][None].to(device) if "meta" in item else None
         explain = torch.tensor([bool(row.explain_melanoma)], device=device)
         cam = grad_cam(loaded.model, item["image"][None].to(device), meta, explain)[0]
-        image = read_image(table.loc[row.image_name, "filepath"])
+        # the picture the network was shown, before its resize: the heat map's square is this one
+        image = loaded.preprocessing.apply(read_image(table.loc[row.image_name, "filepath"]))
         figure = Figure(figsize=(7, 3.8))  # no pyplot: nothing global to close
         axes = figure.subplots(1, 2)
         axes[0].imshow(image)

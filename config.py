@@ -7,7 +7,8 @@ import argparse
 import math
 from dataclasses import asdict, dataclass
 
-from dataset import AUGMENTATIONS
+from color import COLOR_CONSTANCY, DEFAULT_MINKOWSKI_P, check_minkowski_p
+from dataset import AUGMENTATIONS, RESIZE_MODES, Preprocessing
 from device_data import DATA_PATHS
 from image_files import MIN_IMAGE_SIZE
 from inference import MAX_TTA
@@ -26,9 +27,18 @@ from utils import UserError, add_device_flags, default_num_workers, to_plain
 # an average of the weights (0.98: the last ~50 steps, 1.5 epochs of the sample at batch 32), the lesion features
 # and late fusion each scored higher. bn_momentum is PyTorch's 0.1, not efficientnet-pytorch's 0.01, with which
 # the statistics lag so far behind from random weights that every image gets the same output (AUC exactly 0.5).
+# no colour constancy and a stretched resize, as every model before them was trained, until measured otherwise
+PREPROCESSING_DEFAULTS = {"color_constancy": "none", "minkowski_p": DEFAULT_MINKOWSKI_P, "resize_mode": "stretch"}
 DEFAULTS = {
     "melanoma": {
-        "any": {"image_size": 256, "n_epochs": 15, "batch_size": 64, "enet_type": "efficientnet-b2", "seed": 0},
+        "any": {
+            "image_size": 256,
+            "n_epochs": 15,
+            "batch_size": 64,
+            "enet_type": "efficientnet-b2",
+            "seed": 0,
+            **PREPROCESSING_DEFAULTS,
+        },
         "imagenet": {
             "init_lr": 3e-4,
             "bn_momentum": 0.1,
@@ -58,7 +68,14 @@ DEFAULTS = {
         },
     },
     "artifact": {
-        "any": {"image_size": 256, "n_epochs": 10, "batch_size": 16, "enet_type": "efficientnet-b2", "seed": 0},
+        "any": {
+            "image_size": 256,
+            "n_epochs": 10,
+            "batch_size": 16,
+            "enet_type": "efficientnet-b2",
+            "seed": 0,
+            **PREPROCESSING_DEFAULTS,
+        },
         "imagenet": {"init_lr": 1e-4, "bn_momentum": 0.1, "bn_refresh_batches": 0, "ema_decay": 0.0},
         "lite": {"init_lr": 1e-4, "bn_momentum": 0.1, "bn_refresh_batches": 0, "ema_decay": 0.0},
         "random": {"init_lr": 1e-3, "bn_momentum": 0.1, "bn_refresh_batches": 10, "ema_decay": 0.0},
@@ -124,6 +141,30 @@ def add_training_flags(parser: argparse.ArgumentParser, trainer: str) -> None:
         "until the device path is timed on a GPU; default)",
     )
     add("--seed", type=int, default=any_weights["seed"], help="initialisation, shuffling and augmentation")
+    scoring = " (val and test: the model's own)" if trainer == "artifact" else ""
+    add(
+        "--color-constancy",
+        choices=COLOR_CONSTANCY,
+        default=None,
+        help="per-image illuminant correction before any augmentation, stored in the checkpoint and applied by "
+        "every script that loads the model: none, or shades-of-gray (Shades of Gray, as the ISIC 2018 and 2019 "
+        f"winners; against another clinic's colour){scoring} (default {any_weights['color_constancy']})",
+    )
+    add(
+        "--minkowski-p",
+        type=float,
+        default=None,
+        help=f"Shades of Gray's Minkowski norm: 1 is Gray World, larger tends to White Patch{scoring} (default "
+        f"{any_weights['minkowski_p']:g}, the ISIC winners')",
+    )
+    add(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default=None,
+        help="how a non-square image becomes the square input: stretch, crop (the centre square of the shorter "
+        "side) or pad (to the longer side with reflected borders), then resize; stored in the checkpoint"
+        f"{scoring} (default {any_weights['resize_mode']})",
+    )
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument(
         *spellings("--pretrained-weights", trainer),
@@ -320,6 +361,9 @@ class RunConfig:
     num_workers: int
     data_path: str
     seed: int
+    color_constancy: str | None  # these three None only in the detector's val and test modes: the model's own
+    minkowski_p: float | None
+    resize_mode: str | None
     pretrained: bool
     pretrained_weights: str | None
     bn_momentum: float
@@ -355,6 +399,13 @@ class RunConfig:
             ]
         )
         check_tensorboard_request(self.tensorboard)
+        if self.minkowski_p is not None:
+            check_minkowski_p(self.minkowski_p)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """Colour constancy and the square rule of the images this run trains on."""
+        return Preprocessing(self.color_constancy, self.minkowski_p, self.resize_mode)
 
     def record(self) -> dict:
         """The run's settings as plain values, for its checkpoints: all but how this start treats earlier files."""
@@ -454,8 +505,9 @@ class ArtifactConfig(RunConfig):
     def from_args(cls, args: argparse.Namespace) -> ArtifactConfig:
         values = resolve(args, "artifact")
         values["model_paths"] = tuple(values["model_paths"])
-        if args.mode != "train":  # scoring uses the size the model was trained at
-            values["image_size"] = args.image_size
+        if args.mode != "train":  # scoring uses the size and preprocessing the model was trained with
+            for key in ("image_size", "color_constancy", "minkowski_p", "resize_mode"):
+                values[key] = getattr(args, key)
         return cls(**values)
 
 

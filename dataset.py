@@ -7,6 +7,7 @@ import math
 import os
 import random
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise asks PyPI on import
 
@@ -15,17 +16,157 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from color import COLOR_CONSTANCY, DEFAULT_MINKOWSKI_P, check_minkowski_p, shades_of_gray  # noqa: E402
 from image_files import read_image  # noqa: E402
 from utils import UserError  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+AUGMENTATIONS = ("full", "light", "robust", "none")  # --augment's
+TRAINING_AUGMENTATIONS = (*AUGMENTATIONS, "artifact")  # and the artifact detector's own
+RESIZE_MODES = ("stretch", "crop", "pad")  # --resize-mode's
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What every image goes through before any augmentation, in training, validation and prediction alike: its
+    illuminant divided out (`color_constancy` "shades-of-gray" with Minkowski norm `minkowski_p`, on the whole
+    image as read), then made square (`resize_mode`: "stretch" leaves that to the resize, "crop" keeps the centre
+    square of the shorter side, "pad" extends the shorter side to the longer one with reflected borders, never
+    black ones, which would paint a fake dark frame). Stored in every checkpoint (`record`); a checkpoint written
+    before these settings reads as none / stretch, what it was trained with (`from_checkpoint`)."""
+
+    color_constancy: str = "none"
+    minkowski_p: float = DEFAULT_MINKOWSKI_P
+    resize_mode: str = "stretch"
+
+    def __post_init__(self) -> None:
+        if self.color_constancy not in COLOR_CONSTANCY:
+            raise UserError(
+                f"unknown --color-constancy {self.color_constancy!r}: choose one of {', '.join(COLOR_CONSTANCY)}."
+            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise UserError(f"unknown --resize-mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}.")
+        check_minkowski_p(self.minkowski_p)
+
+    def record(self) -> dict:
+        """The checkpoint's fields, beside image_size, mean and std."""
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> Preprocessing:
+        return cls(
+            checkpoint.get("color_constancy", "none"),
+            float(checkpoint.get("minkowski_p", DEFAULT_MINKOWSKI_P)),
+            checkpoint.get("resize_mode", "stretch"),
+        )
+
+    def steps(self) -> list[A.BasicTransform]:
+        """The albumentations steps before the resize to the network's side."""
+        steps = [] if self.color_constancy == "none" else [ShadesOfGray(self.minkowski_p)]
+        return steps + ([] if self.resize_mode == "stretch" else [SquareImage(self.resize_mode)])
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """The same on one RGB uint8 image: the picture the network is shown before its resize (for Grad-CAM)."""
+        return square_image(self.correct_colour(image), self.resize_mode)
+
+    def correct_colour(self, image: np.ndarray) -> np.ndarray:
+        """The colour constancy alone, on one RGB uint8 image (what the lesion features see)."""
+        return shades_of_gray(image, self.minkowski_p) if self.color_constancy == "shades-of-gray" else image
+
+
+def square_image(image: np.ndarray, mode: str) -> np.ndarray:
+    """An image (H, W, C) made square by `mode` (RESIZE_MODES); "stretch" returns it as it is, for the resize to
+    stretch. Centred; an odd difference puts the extra row or column at the bottom or right."""
+    height, width = image.shape[:2]
+    if mode == "stretch" or height == width:
+        return image
+    if mode == "crop":
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        return np.ascontiguousarray(image[top : top + side, left : left + side])
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    # numpy's "reflect" mirrors about the edge pixels (OpenCV's BORDER_REFLECT_101), repeatedly where a side
+    # is padded by more than its length
+    return np.pad(image, ((top, side - height - top), (left, side - width - left), (0, 0)), mode="reflect")
+
+
+class ShadesOfGray(A.ImageOnlyTransform):
+    """color.shades_of_gray as a pipeline step: no random parameters, always applied."""
+
+    def __init__(self, minkowski_p: float = DEFAULT_MINKOWSKI_P) -> None:
+        super().__init__(p=1.0)
+        self.minkowski_p = minkowski_p
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        return shades_of_gray(img, self.minkowski_p)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("minkowski_p",)
+
+
+class SquareImage(A.ImageOnlyTransform):
+    """square_image as a pipeline step (the pipelines carry images only, no masks or boxes)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__(p=1.0)
+        self.mode = mode
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        return square_image(img, self.mode)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("mode",)
+
+
+# radial darkening of "robust": at most this much at the corners (albumentations has no vignetting)
+VIGNETTE_STRENGTH = (0.0, 0.5)
+
+
+class Vignette(A.ImageOnlyTransform):
+    """Lens vignetting: every pixel times 1 - strength * r^2, r its distance from the centre over the corner's,
+    the strength drawn uniformly from `strength_range` per image. Applied to every label alike, so that dark
+    corners, a melanoma confound in real data, tell the network nothing."""
+
+    def __init__(self, strength_range: tuple[float, float] = VIGNETTE_STRENGTH, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.strength_range = strength_range
+
+    def get_params(self) -> dict[str, float]:
+        return {"strength": self.py_random.uniform(*self.strength_range)}
+
+    def apply(self, img: np.ndarray, strength: float, **params) -> np.ndarray:
+        return np.clip(img * vignette_mask(*img.shape[:2], strength)[..., None] + 0.5, 0, 255).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("strength_range",)
+
+
+def vignette_mask(height: int, width: int, strength: float) -> np.ndarray:
+    centre_y, centre_x = (height - 1) / 2, (width - 1) / 2
+    y, x = np.mgrid[0:height, 0:width]
+    squared = ((y - centre_y) ** 2 + (x - centre_x) ** 2) / max(centre_y**2 + centre_x**2, 1e-6)
+    return (1 - strength * squared).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- augmentations
 
 
-AUGMENTATIONS = ("full", "light", "none")  # --augment's
-TRAINING_AUGMENTATIONS = (*AUGMENTATIONS, "artifact")  # and the artifact detector's own
+# "robust": the acquisition changes between clinics, each drawn per image (device_augment draws the same)
+ROBUST_SCALE = (0.7, 1.3)  # zoom out and in: another field of view; the same factor on both axes
+ROBUST_GAINS = (0.85, 1.15)  # a gain per channel: another illuminant or white balance, and exposure
+ROBUST_DOWNSCALE = (0.5, 0.9)  # down then up again: a lower source resolution (HAM10000's 200x150)
+ROBUST_JPEG_QUALITY = (40, 95)  # re-compression
+ROBUST_P = {"gains": 0.75, "vignette": 0.5, "downscale": 0.3, "jpeg": 0.5}
+
+
+def _input_steps(image_size: int, preprocessing: Preprocessing) -> list[A.BasicTransform]:
+    """Preprocessing on the image as read, then the resize to image_size x image_size."""
+    return [*preprocessing.steps(), A.Resize(image_size, image_size)]
 
 
 def train_transforms(
@@ -33,45 +174,75 @@ def train_transforms(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     strength: str = "full",
+    preprocessing: Preprocessing = Preprocessing(),
 ) -> A.Compose:
-    """Training augmentation. "full" is the 1st-place SIIM-ISIC pipeline in the albumentations 2.x API; "light"
-    keeps only geometric changes (flips, transposes, any rotation, small shift and scale, reflected borders):
-    colour is much of the signal, and a network learning from random weights on a small set does not get past
-    colour jitter, blur and cutout; "none" only resizes and normalises (valid_transforms); "artifact" is the
-    detector's (artifact_train_transforms).
+    """Training augmentation, after the preprocessing and the resize. "full" is the 1st-place SIIM-ISIC pipeline
+    in the albumentations 2.x API; "light" keeps only geometric changes (flips, transposes, any rotation, small
+    shift and scale, reflected borders): colour is much of the signal, and a network learning from random weights
+    on a small set does not get past colour jitter, blur and cutout; "robust" is "light" with what differs between
+    clinics and dermatoscopes: zoom in and out (ROBUST_SCALE, reflected borders), per-channel gains (illuminant,
+    white balance), vignetting, a lower source resolution and JPEG re-compression; "none" only resizes and
+    normalises (valid_transforms); "artifact" is the detector's (artifact_train_transforms).
 
-    The resize comes first rather than last: every later step then works on image_size pixels instead of the
-    file's, which is several times cheaper when training below the stored resolution, and equivalent in
-    distribution. ElasticTransform uses its approximate form (about 5x faster, same look).
+    Colour constancy (in `preprocessing`) comes before every augmentation: it divides out per-channel gains
+    almost exactly, so gains drawn before it would be undone, while gains after it stand for what it leaves
+    (its estimate's error). The resize comes first rather than last: every later step then works on image_size
+    pixels instead of the file's, which is several times cheaper when training below the stored resolution, and
+    equivalent in distribution. ElasticTransform uses its approximate form (about 5x faster, same look).
     """
     if strength == "artifact":
-        return artifact_train_transforms(image_size, mean, std)
-    resize, normalize = A.Resize(image_size, image_size), A.Normalize(mean=tuple(mean), std=tuple(std))
+        return artifact_train_transforms(image_size, mean, std, preprocessing)
+    first, normalize = _input_steps(image_size, preprocessing), A.Normalize(mean=tuple(mean), std=tuple(std))
     dihedral = [A.Transpose(p=0.5), A.VerticalFlip(p=0.5), A.HorizontalFlip(p=0.5)]
     jitter = A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75)
     hsv = A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5)
     affine = A.Affine(
         translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), border_mode=cv2.BORDER_CONSTANT, p=0.85
     )
+    # reflected borders: a black constant border paints fake dark corners, a melanoma confound in real data
+    rotate = A.Affine(
+        translate_percent=(-0.05, 0.05),
+        scale=(0.9, 1.1),
+        rotate=(-180, 180),
+        border_mode=cv2.BORDER_REFLECT_101,
+        p=0.85,
+    )
     if strength == "none":
-        return A.Compose([resize, normalize])
+        return A.Compose([*first, normalize])
     if strength == "light":
-        # reflected borders: a black constant border paints fake dark corners, a melanoma confound in real data
-        rotate = A.Affine(
+        return A.Compose([*first, *dihedral, rotate, normalize])
+    if strength == "robust":
+        zoom = A.Affine(
             translate_percent=(-0.05, 0.05),
-            scale=(0.9, 1.1),
+            scale=ROBUST_SCALE,
+            keep_ratio=True,
             rotate=(-180, 180),
             border_mode=cv2.BORDER_REFLECT_101,
             p=0.85,
         )
-        return A.Compose([resize, *dihedral, rotate, normalize])
+        return A.Compose(
+            [
+                *first,
+                *dihedral,
+                zoom,
+                A.MultiplicativeNoise(multiplier=ROBUST_GAINS, per_channel=True, p=ROBUST_P["gains"]),
+                Vignette(p=ROBUST_P["vignette"]),
+                A.Downscale(
+                    scale_range=ROBUST_DOWNSCALE,
+                    interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR},
+                    p=ROBUST_P["downscale"],
+                ),
+                A.ImageCompression(quality_range=ROBUST_JPEG_QUALITY, p=ROBUST_P["jpeg"]),
+                normalize,
+            ]
+        )
     if strength != "full":
         raise UserError(
             f"unknown augmentation strength {strength!r}: choose one of {', '.join(TRAINING_AUGMENTATIONS)}."
         )
     return A.Compose(
         [
-            resize,
+            *first,
             *dihedral,
             jitter,
             A.OneOf(
@@ -103,9 +274,12 @@ def train_transforms(
 
 
 def valid_transforms(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    preprocessing: Preprocessing = Preprocessing(),
 ) -> A.Compose:
-    return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean=tuple(mean), std=tuple(std))])
+    return A.Compose([*_input_steps(image_size, preprocessing), A.Normalize(mean=tuple(mean), std=tuple(std))])
 
 
 def exported_input_transforms(image_size: int) -> A.Compose:
@@ -115,7 +289,10 @@ def exported_input_transforms(image_size: int) -> A.Compose:
 
 
 def artifact_train_transforms(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    preprocessing: Preprocessing = Preprocessing(),
 ) -> A.Compose:
     """Augmentations for the artifact detector: flips, transposes, colour and mild noise, nothing that adds or
     erases an artifact. The melanoma pipeline's constant-border Affine paints black wedges (a fake black frame),
@@ -123,7 +300,7 @@ def artifact_train_transforms(
     image sizes: each would teach the detector wrong labels."""
     return A.Compose(
         [
-            A.Resize(image_size, image_size),
+            *_input_steps(image_size, preprocessing),
             A.Transpose(p=0.5),
             A.VerticalFlip(p=0.5),
             A.HorizontalFlip(p=0.5),

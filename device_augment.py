@@ -15,18 +15,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import TRAINING_AUGMENTATIONS
+from dataset import (
+    ROBUST_DOWNSCALE,
+    ROBUST_GAINS,
+    ROBUST_JPEG_QUALITY,
+    ROBUST_P,
+    ROBUST_SCALE,
+    TRAINING_AUGMENTATIONS,
+    VIGNETTE_STRENGTH,
+)
 from device_ops import (
     clahe_rgb,
+    downscale,
     filter2d,
     gaussian_kernels,
     grid_distortion,
     hsv_shift,
+    jpeg_recompress,
     median_blur,
     motion_kernels,
     optical_distortion,
     pixel_grid,
     remap,
+    vignette,
 )
 from utils import UserError
 
@@ -86,14 +97,24 @@ def _dihedral(images: torch.Tensor, gen: Generators) -> torch.Tensor:
 
 
 def _affine(
-    images: torch.Tensor, gen: Generators, translate: float, rotate: float, border: str, p: float
+    images: torch.Tensor,
+    gen: Generators,
+    translate: float,
+    rotate: float,
+    border: str,
+    p: float,
+    scale: tuple[float, float] = (0.9, 1.1),
+    keep_ratio: bool = False,
 ) -> torch.Tensor:
-    """A.Affine(translate_percent=±translate, scale=(0.9, 1.1) per axis, rotate=±rotate): rotation and scale
-    about the image centre, then the shift (truncated to whole pixels, as albumentations does)."""
+    """A.Affine(translate_percent=±translate, scale=scale per axis or one for both (keep_ratio), rotate=±rotate):
+    rotation and scale about the image centre, then the shift (truncated to whole pixels, as albumentations
+    does)."""
     n, height, width = len(images), *images.shape[-2:]
     shift_x = (_uniform(gen, n, -translate, translate) * width).trunc()
     shift_y = (_uniform(gen, n, -translate, translate) * height).trunc()
-    scale_x, scale_y = _uniform(gen, n, 0.9, 1.1), _uniform(gen, n, 0.9, 1.1)
+    scale_x, scale_y = _uniform(gen, n, *scale), _uniform(gen, n, *scale)
+    if keep_ratio:
+        scale_y = scale_x
     angle = torch.deg2rad(_uniform(gen, n, -rotate, rotate))
 
     def warp(chosen, shift_x, shift_y, scale_x, scale_y, angle):
@@ -223,6 +244,35 @@ def _clahe(images: torch.Tensor, gen: Generators, p: float) -> torch.Tensor:
     return _apply_to(images, _chance(gen, n, p), clahe_rgb, clip)
 
 
+# --------------------------------------------------------------------------- acquisition ("robust")
+
+
+def _channel_gains(images: torch.Tensor, gen: Generators, p: float) -> torch.Tensor:
+    """A.MultiplicativeNoise(ROBUST_GAINS, per_channel=True): a uniform gain per channel and image."""
+    n = len(images)
+    gains = _uniform(gen, 3 * n, *ROBUST_GAINS).view(n, 3)
+    gains = torch.where(_chance(gen, n, p).view(n, 1), gains, 1.0)
+    return (images * gains.to(images.device).view(n, 3, 1, 1)).clamp(0, 255)
+
+
+def _vignette(images: torch.Tensor, gen: Generators, p: float) -> torch.Tensor:
+    n = len(images)
+    return _apply_to(images, _chance(gen, n, p), vignette, _uniform(gen, n, *VIGNETTE_STRENGTH))
+
+
+def _downscale(images: torch.Tensor, gen: Generators, p: float) -> torch.Tensor:
+    n = len(images)
+    return _apply_to(images, _chance(gen, n, p), downscale, _uniform(gen, n, *ROBUST_DOWNSCALE))
+
+
+def _jpeg(images: torch.Tensor, gen: Generators, p: float) -> torch.Tensor:
+    """A.ImageCompression(quality_range=ROBUST_JPEG_QUALITY): a quality per image, both ends included."""
+    n = len(images)
+    low, high = ROBUST_JPEG_QUALITY
+    quality = torch.randint(low, high + 1, (n,), generator=gen.params)
+    return _apply_to(images, _chance(gen, n, p), jpeg_recompress, quality)
+
+
 # --------------------------------------------------------------------------- the pipelines
 
 
@@ -237,6 +287,15 @@ def augmentation_steps(strength: str) -> list[Callable[[torch.Tensor, Generators
         return []
     if strength == "light":
         return [_dihedral, step(_affine, translate=0.05, rotate=180, border="reflection", p=0.85)]
+    if strength == "robust":
+        return [
+            _dihedral,
+            step(_affine, translate=0.05, rotate=180, border="reflection", p=0.85, scale=ROBUST_SCALE, keep_ratio=True),
+            step(_channel_gains, p=ROBUST_P["gains"]),
+            step(_vignette, p=ROBUST_P["vignette"]),
+            step(_downscale, p=ROBUST_P["downscale"]),
+            step(_jpeg, p=ROBUST_P["jpeg"]),
+        ]
     if strength == "artifact":
         return [_dihedral, jitter, hsv, step(_gauss_noise, p=0.3)]
     if strength == "full":

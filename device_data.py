@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2.functional import to_dtype
 
+from color import shades_of_gray_batch
+from dataset import Preprocessing
 from device_augment import augment, augmentation_steps, batch_generators
+from device_ops import square
 from image_files import MIN_IMAGE_SIZE, REDUCE_MARGIN
 from utils import UserError
 
@@ -97,12 +100,13 @@ def _decode_one(encoded: torch.Tensor, path: str) -> torch.Tensor:
     return to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image
 
 
-def resize_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
+def resize_batch(images: list[torch.Tensor], size: int, preprocessing: Preprocessing = Preprocessing()) -> torch.Tensor:
     """Stacks decoded uint8 images into one float32 (B, 3, size, size) batch in 0..255, the pixels the CPU path's
-    A.Resize gives (so that a model trained here meets at inference, through valid_transforms, what it trained on):
-    bilinear without antialiasing equals OpenCV's INTER_LINEAR to rounding. A file of 8 times the size or more
-    read_image decodes at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling); nvJPEG cannot, so it is decoded in full
-    and averaged down by the same factor first. Images of one shape (usually all) are resized together."""
+    preprocessing and A.Resize give (so that a model trained here meets at inference, through valid_transforms,
+    what it trained on): colour constancy on the image as decoded, the square rule, then bilinear without
+    antialiasing, which equals OpenCV's INTER_LINEAR to rounding. A file of 8 times the size or more read_image
+    decodes at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling); nvJPEG cannot, so it is decoded in full and averaged
+    down by the same factor first. Images of one shape (usually all) are prepared together."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(tuple(image.shape), []).append(i)
@@ -112,6 +116,9 @@ def resize_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
         factor = next((f for f in (8, 4, 2) if min(shape[1:]) >= REDUCE_MARGIN * f * size), 1)
         if factor > 1:
             group = F.avg_pool2d(group, factor, ceil_mode=True)
+        if preprocessing.color_constancy == "shades-of-gray":
+            group = shades_of_gray_batch(group, preprocessing.minkowski_p)
+        group = square(group, preprocessing.resize_mode)
         if group.shape[-2:] != (size, size):
             group = F.interpolate(group, size=(size, size), mode="bilinear", antialias=False, align_corners=False)
         groups.append(group)
@@ -136,7 +143,8 @@ class DevicePipeline:
 
     `seed` is the run's augmentation seed (train.py: --seed + fold), `rank` the process's rank under DDP; each
     call passes the epoch and the batch's index within it, which with these fix the batch's augmentation.
-    Validation uses strength "none"."""
+    Validation uses strength "none". `preprocessing` (colour constancy, the square rule) comes before any
+    augmentation, as on the CPU path."""
 
     image_size: int
     strength: str
@@ -145,6 +153,7 @@ class DevicePipeline:
     device: torch.device
     seed: int = 0
     rank: int = 0
+    preprocessing: Preprocessing = Preprocessing()
 
     def __post_init__(self) -> None:
         augmentation_steps(self.strength)  # an unknown strength stops the run before the first batch
@@ -153,7 +162,8 @@ class DevicePipeline:
     def __call__(self, batch: dict, epoch: int = 0, batch_index: int = 0) -> dict:
         # float32 throughout, also when called inside the training step's autocast region
         with torch.autocast(self.device.type, enabled=False):
-            images = resize_batch(decode_images(batch["data"], self.device, batch.get("path")), self.image_size)
+            decoded = decode_images(batch["data"], self.device, batch.get("path"))
+            images = resize_batch(decoded, self.image_size, self.preprocessing)
             if self.strength != "none":
                 gen = batch_generators(self.seed, epoch, batch_index, self.rank, self.device)
                 images = augment(images, self.strength, gen)

@@ -5,9 +5,11 @@ albumentations' use of it) pixel for pixel or to rounding. Nothing here draws ra
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torchvision.io import decode_jpeg, encode_jpeg
 
 # --------------------------------------------------------------------------- geometry
 
@@ -65,6 +67,68 @@ def grid_distortion(images: torch.Tensor, steps_x: torch.Tensor, steps_y: torch.
     src_x = _grid_axis(steps_x, width, 5).view(n, 1, width).expand(n, height, width)
     src_y = _grid_axis(steps_y, height, 5).view(n, height, 1).expand(n, height, width)
     return remap(images, src_x, src_y, "zeros")
+
+
+def reflect_index(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Where positions outside 0..length-1 read from under BORDER_REFLECT_101 (numpy's "reflect"), for offsets of
+    any size: the mirror images repeat with a period of 2 (length - 1)."""
+    if length == 1:
+        return torch.zeros_like(positions)
+    period = 2 * (length - 1)
+    folded = positions.abs() % period
+    return torch.where(folded >= length, period - folded, folded)
+
+
+def square(images: torch.Tensor, mode: str) -> torch.Tensor:
+    """dataset.square_image on a batch of one shape: "crop" the centre square, "pad" with reflected borders to
+    the longer side, "stretch" unchanged (the resize stretches)."""
+    height, width = images.shape[-2:]
+    if mode == "stretch" or height == width:
+        return images
+    if mode == "crop":
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        return images[..., top : top + side, left : left + side]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    positions = torch.arange(side, device=images.device)
+    rows, cols = reflect_index(positions - top, height), reflect_index(positions - left, width)
+    return images.index_select(-2, rows).index_select(-1, cols)
+
+
+def downscale(images: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A.Downscale with INTER_AREA down and INTER_LINEAR up: each image to round(side * scale) by averaging,
+    then bilinearly back to its size (one image at a time: each has its own intermediate size)."""
+    height, width = images.shape[-2:]
+    out = []
+    for image, factor in zip(images, scale.tolist(), strict=True):
+        small = (max(1, round(height * factor)), max(1, round(width * factor)))
+        reduced = F.interpolate(image[None], size=small, mode="area")
+        out.append(F.interpolate(reduced, size=(height, width), mode="bilinear", align_corners=False))
+    return torch.cat(out)
+
+
+def jpeg_recompress(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """A.ImageCompression: each image encoded as a JPEG of its quality and decoded again (libjpeg on the CPU,
+    nvJPEG on CUDA); 8-bit, as a saved file is."""
+    out = []
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its codecs in favour of TorchCodec, which needs FFmpeg installed
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for image, level in zip(images, quality.tolist(), strict=True):
+            encoded = encode_jpeg(image.round().clamp(0, 255).to(torch.uint8), quality=int(level))
+            out.append(decode_jpeg(encoded.cpu(), device=images.device).float())
+    return torch.stack(out)
+
+
+def vignette(images: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """dataset.Vignette: each pixel times 1 - strength * r^2, r its distance from the centre over the corner's."""
+    height, width = images.shape[-2:]
+    x, y = pixel_grid(images)
+    centre_y, centre_x = (height - 1) / 2, (width - 1) / 2
+    squared = ((y - centre_y) ** 2 + (x - centre_x) ** 2) / max(centre_y**2 + centre_x**2, 1e-6)
+    mask = 1 - strength.view(-1, 1, 1) * squared
+    return (images * mask.unsqueeze(1)).clamp(0, 255)
 
 
 # --------------------------------------------------------------------------- filters

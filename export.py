@@ -36,6 +36,7 @@ from torch import nn
 
 import multi_classification
 from checkpoints import kind_of, load_checkpoint
+from dataset import Preprocessing
 from inference import LoadedModel, load_melanoma_model
 from inference import predict_probabilities as checkpoint_probabilities
 from models import model_from_checkpoint
@@ -353,6 +354,12 @@ def main(argv: list[str] | None = None) -> dict:
         model_path = Path(args.model_path)
         checkpoint = load_checkpoint(model_path, None)
         kind = kind_of(checkpoint["kind"])
+        if Preprocessing.from_checkpoint(checkpoint) != Preprocessing():
+            # the exported graph and its JSON describe a plain resize of the whole image, nothing before it
+            raise UserError(
+                f"{model_path} was trained with --color-constancy or --resize-mode other than none/stretch, which "
+                "export.py does not write into the graph yet: export a model trained without them."
+            )
         base = export_base(Path(args.out) if args.out else model_path.with_suffix(""))
         spec_file = spec_path(base)
         if not args.tolerance >= 0:

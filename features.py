@@ -6,6 +6,11 @@ Two users:
 - `train.py --lesion-features` feeds `lesion_features` (standardised on the training fold) into the network's side
   branch next to the metadata: from random weights on a small data set the network learns these global cues
   slowly, and hand-crafted features carry them at once (docs/results.md).
+
+Under a model's colour constancy (`preprocessing`, train.py --color-constancy) both are measured on the corrected
+image, as the network sees it: the features' colours would otherwise carry the very illuminant the correction
+removes from the pixels. Their geometry stays their own (a 128 px or 64 px square, stretched), whatever the
+network's --resize-mode: a reflected border or a crop would change the segmentation of the lesion.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from dataset import Preprocessing
 from image_files import read_image
 from tables import MetaEncoder
 
@@ -47,12 +53,22 @@ def _central_square(size: int) -> np.ndarray:
     return mask
 
 
-def colour_statistics(filepaths: Sequence[str], size: int = STATS_SIZE) -> np.ndarray:
+def _square_image(path: str, size: int, preprocessing: Preprocessing | None) -> np.ndarray:
+    """The file as RGB uint8, colour-corrected where `preprocessing` says, at size x size (INTER_AREA)."""
+    image = read_image(path, size)
+    if preprocessing is not None:
+        image = preprocessing.correct_colour(image)
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def colour_statistics(
+    filepaths: Sequence[str], size: int = STATS_SIZE, preprocessing: Preprocessing | None = None
+) -> np.ndarray:
     """Per image: colour moments of the whole image, of its darkest (lesion) part and of the rest, in RGB and
     HSV, plus the lesion's area, border irregularity and asymmetry from an Otsu mask. Cheap: ~1 ms an image."""
     rows = []
     for path in filepaths:
-        rgb = cv2.resize(read_image(path, size), (size, size), interpolation=cv2.INTER_AREA)
+        rgb = _square_image(path, size, preprocessing)
         hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         lesion = _otsu_dark(gray)
@@ -141,7 +157,9 @@ def _colour_features(lab: np.ndarray, lesion: np.ndarray) -> list[float]:
     ]
 
 
-def lesion_features(filepaths: Sequence[str], colour: np.ndarray | None = None) -> np.ndarray:
+def lesion_features(
+    filepaths: Sequence[str], colour: np.ndarray | None = None, preprocessing: Preprocessing | None = None
+) -> np.ndarray:
     """ABCD-rule features at 128 px, then the colour statistics at 64 px (`colour`, when already computed by the
     caller for the same files), then `lesion_unmeasurable`: 1 for an image without a lesion to measure, one of
     uniform colour (all black, all white) or where a measure is undefined. Such a row's ABCD features are NaN,
@@ -149,7 +167,7 @@ def lesion_features(filepaths: Sequence[str], colour: np.ndarray | None = None) 
     About 3 ms an image on one core."""
     rows, unmeasurable = [], []
     for path in filepaths:
-        rgb = cv2.resize(read_image(path, SHAPE_SIZE), (SHAPE_SIZE, SHAPE_SIZE), interpolation=cv2.INTER_AREA)
+        rgb = _square_image(path, SHAPE_SIZE, preprocessing)
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         lesion = _main_lesion(gray)
         row = _colour_features(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), lesion) + _shape_features(lesion, gray)
@@ -157,7 +175,7 @@ def lesion_features(filepaths: Sequence[str], colour: np.ndarray | None = None) 
         unmeasurable.append(flat or not np.isfinite(row).all())
         rows.append([math.nan] * len(row) if unmeasurable[-1] else row)
     abcd = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
-    colour = colour_statistics(filepaths) if colour is None else colour
+    colour = colour_statistics(filepaths, preprocessing=preprocessing) if colour is None else colour
     return np.concatenate([abcd, colour, np.asarray(unmeasurable, dtype=np.float32)[:, None]], axis=1)
 
 
@@ -216,13 +234,16 @@ def side_inputs(
     scaler: FeatureScaler | None,
     lesion: np.ndarray | None = None,
     encoded: np.ndarray | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> np.ndarray | None:
     """What the network's side branch reads for the rows of `frame`: the encoded metadata (encoder.transform of
-    `frame` unless given as `encoded`), then the scaled lesion features (computed from frame["filepath"] unless
-    given). None when the model has neither."""
+    `frame` unless given as `encoded`), then the scaled lesion features (computed from frame["filepath"] under the
+    model's `preprocessing` unless given). None when the model has neither."""
     parts = []
     if encoder is not None:
         parts.append(encoder.transform(frame) if encoded is None else encoded)
     if scaler is not None:
-        parts.append(scaler.transform(lesion_features(list(frame["filepath"])) if lesion is None else lesion))
+        if lesion is None:
+            lesion = lesion_features(list(frame["filepath"]), preprocessing=preprocessing)
+        parts.append(scaler.transform(lesion))
     return np.concatenate(parts, axis=1).astype(np.float32) if parts else None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from checkpoints import load_checkpoint
-from dataset import EpochSampler, ImageDataset, valid_transforms
+from dataset import EpochSampler, ImageDataset, Preprocessing, valid_transforms
 from features import FeatureScaler, side_inputs
 from image_files import IMAGE_EXTENSIONS, list_images
 from loops import make_loader, predict_logits
@@ -44,8 +44,8 @@ META_COLUMNS = {"sex": "sex", "age": "age_approx", "site": SITE_COLUMN}
 
 @dataclass
 class LoadedModel:
-    """A melanoma network with what is needed to feed it: resolution, normalisation and the fitted metadata
-    encoding, all read from its checkpoint."""
+    """A melanoma network with what is needed to feed it: resolution, normalisation, preprocessing (colour
+    constancy, the square rule) and the fitted metadata encoding, all read from its checkpoint."""
 
     path: Path
     model: nn.Module
@@ -56,6 +56,7 @@ class LoadedModel:
     info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, val_images, refit, config, epoch, ...
     feature_scaler: FeatureScaler | None = None  # lesion features (train.py --lesion-features), else None
     meta_model: MetadataLogit | None = None  # --fusion late: the metadata's logistic regression, else None
+    preprocessing: Preprocessing = Preprocessing()  # a checkpoint from before it: none / stretch, as it trained
 
     @property
     def meta_columns(self) -> list[str]:
@@ -101,6 +102,7 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
         info,
         feature_scaler,
         meta_model,
+        Preprocessing.from_checkpoint(checkpoint),
     )
 
 
@@ -227,14 +229,15 @@ def make_dataset(
     lesion: np.ndarray | None = None,
     meta: np.ndarray | None = None,
 ) -> ImageDataset:
-    """The images of `frame` (column filepath) as this model sees them, with its metadata encoding and lesion
-    features (computed from the files, so a `transform` that edits pixels does not reach them; pass `lesion`, the
-    unscaled features of the rows of `frame`, to reuse them across models, and `meta`, their encode_metadata rows,
-    to encode a subset as part of a larger table)."""
+    """The images of `frame` (column filepath) as this model sees them (its preprocessing, resolution and
+    normalisation), with its metadata encoding and lesion features (computed from the files, so a `transform`
+    that edits pixels does not reach them; pass `lesion`, the unscaled features of the rows of `frame` under the
+    model's preprocessing, to reuse them across models, and `meta`, their encode_metadata rows, to encode a subset
+    as part of a larger table)."""
     # under late fusion the metadata goes to the logistic regression, not into the network
     network_encoder = None if loaded.meta_model is not None else loaded.encoder
-    meta = side_inputs(frame, network_encoder, loaded.feature_scaler, lesion, meta)
-    transform = transform or valid_transforms(loaded.image_size, loaded.mean, loaded.std)
+    meta = side_inputs(frame, network_encoder, loaded.feature_scaler, lesion, meta, loaded.preprocessing)
+    transform = transform or valid_transforms(loaded.image_size, loaded.mean, loaded.std, loaded.preprocessing)
     return ImageDataset(frame["filepath"], transform, meta, augment_seed=augment_seed)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 import device_data as dd
-from dataset import ImageDataset, train_transforms
+from dataset import ImageDataset, Preprocessing, train_transforms
 from distributed import World, mean_over_world
 from utils import UserError, autocast
 
@@ -63,14 +63,16 @@ class Images:
 
 @dataclass(frozen=True)
 class Preparation:
-    """How a file becomes the network's input: resized to `size` x `size`, augmented at `strength` (one of
-    dataset.TRAINING_AUGMENTATIONS, reproducibly from `seed`), normalised with `mean` and `std` (0-1 scale)."""
+    """How a file becomes the network's input: preprocessed (`preprocessing`: colour constancy, the square rule),
+    resized to `size` x `size`, augmented at `strength` (one of dataset.TRAINING_AUGMENTATIONS, reproducibly from
+    `seed`), normalised with `mean` and `std` (0-1 scale)."""
 
     size: int
     mean: Sequence[float]
     std: Sequence[float]
     strength: str = "none"
     seed: int = 0
+    preprocessing: Preprocessing = Preprocessing()
 
 
 def image_loader(
@@ -97,14 +99,14 @@ def image_loader(
 def image_dataset(images: Images, preparation: Preparation) -> ImageDataset:
     """The CPU path's Dataset: each item read, augmented and normalised by albumentations where it is loaded."""
     prep = preparation
-    transform = train_transforms(prep.size, prep.mean, prep.std, prep.strength)
+    transform = train_transforms(prep.size, prep.mean, prep.std, prep.strength, prep.preprocessing)
     return ImageDataset(images.filepaths, transform, images.side, images.targets, augment_seed=prep.seed)
 
 
 def device_pipeline(preparation: Preparation, device: torch.device, rank: int = 0) -> dd.DevicePipeline:
     """The device path's batch preparation on `device`."""
     prep = preparation
-    return dd.DevicePipeline(prep.size, prep.strength, prep.mean, prep.std, device, prep.seed, rank)
+    return dd.DevicePipeline(prep.size, prep.strength, prep.mean, prep.std, device, prep.seed, rank, prep.preprocessing)
 
 
 class TrainingDiverged(UserError):

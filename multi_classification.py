@@ -53,7 +53,7 @@ from sklearn.model_selection import train_test_split
 from annotations import PROB_SUFFIX, read_artifact_annotations
 from checkpoints import claim_outputs, load_checkpoint
 from config import ArtifactConfig, add_artifact_flags
-from dataset import EpochSampler
+from dataset import EpochSampler, Preprocessing
 from device_data import resolve_data_path
 from distributed import World
 from engine import Epoch, Scored, Task, fit, training_world
@@ -77,7 +77,7 @@ from utils import (
 )
 
 # what must match for --resume to continue a run (checkpoint keys, and settings with their flags)
-RESUME_KEYS = ("model", "image_size", "ann_sha256", "val_images")
+RESUME_KEYS = ("model", "image_size", "color_constancy", "minkowski_p", "resize_mode", "ann_sha256", "val_images")
 RESUME_FLAGS = {
     "n_epochs": "--n-epochs",
     "batch_size": "--batch-size",
@@ -160,7 +160,10 @@ def predict_probs(
     """Sigmoid probabilities (images x heads) at the model's own image size and normalisation, in file order, each
     head's averaged over --n-tta dihedral views; --batch counts the images of a forward pass, views included (as
     predict.py's --batch-size)."""
-    preparation = Preparation(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    preprocessing = Preprocessing.from_checkpoint(checkpoint)
+    preparation = Preparation(
+        checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], preprocessing=preprocessing
+    )
     sampler = EpochSampler(len(filepaths), shuffle=False, seed=0)
     images_per_batch = max(1, config.batch_size // config.n_tta)
     loader = image_loader(
@@ -198,6 +201,12 @@ def load_models(config: ArtifactConfig, device: torch.device) -> list[tuple[torc
         raise UserError(
             "several --model_path files write no report beside one of them: name the output with --save_path."
         )
+    for path, (_, checkpoint) in zip(config.model_paths, loaded, strict=True):
+        for key, value in Preprocessing.from_checkpoint(checkpoint).record().items():
+            given = getattr(config, key)
+            if given is not None and given != value:
+                flag = "--" + key.replace("_", "-")
+                print(f"notice: {path} was trained with {flag} {value}; using that, not {given}.", flush=True)
     return loaded
 
 
@@ -303,7 +312,9 @@ def run_train(
         net=net,
         train_images=Images(frame["filepath"].iloc[train_index].tolist(), targets=labels[train_index]),
         valid_images=Images(frame["filepath"].iloc[val_index].tolist(), targets=labels[val_index]),
-        preparation=Preparation(config.image_size, mean, std, "artifact", seed=config.seed),
+        preparation=Preparation(
+            config.image_size, mean, std, "artifact", seed=config.seed, preprocessing=config.preprocessing
+        ),
         shuffle_seed=config.seed,
         loss_fn=masked_bce,
         score=functools.partial(score_epoch, heads=heads, n_epochs=config.n_epochs),
@@ -313,6 +324,7 @@ def run_train(
             "image_size": config.image_size,
             "mean": list(mean),
             "std": list(std),
+            **config.preprocessing.record(),
             "loss": "sigmoid + binary cross-entropy per head, blank labels masked",
             "threshold_rule": "max F1 on the val split",
             "ann_path": str(Path(config.ann_path).resolve()),

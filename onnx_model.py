@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import kind_of
-from dataset import EpochSampler, ImageDataset, exported_input_transforms
+from dataset import EpochSampler, ImageDataset, Preprocessing, exported_input_transforms
 from features import lesion_features
 from inference import (
     LoadedModel,
@@ -90,6 +90,10 @@ class ExportedModel:
     @property
     def uses_lesion_features(self) -> bool:
         return LESION_INPUT in self.spec["inputs"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing()  # export.py refuses models trained with any other
 
 
 def onnx_runner(path: Path, device: torch.device) -> Runner:

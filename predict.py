@@ -173,8 +173,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             f"{', rank average' if args.rank_average else ''}",
             flush=True,
         )
-        # every model that reads lesion features reads the same ones: compute them once
-        lesion = lesion_features(list(frame["filepath"])) if any(m.uses_lesion_features for m in models) else None
+        # models that read lesion features under the same preprocessing read the same ones: compute them once
+        lesion = {
+            preprocessing: lesion_features(list(frame["filepath"]), preprocessing=preprocessing)
+            for preprocessing in dict.fromkeys(m.preprocessing for m in models if m.uses_lesion_features)
+        }
         probabilities = []
         for index, loaded in enumerate(models):
             rows = held_out[index] if held_out is not None else np.ones(len(frame), dtype=bool)
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     frame[rows].reset_index(drop=True),
                     device,
                     amp_dtype,
-                    lesion=None if lesion is None else lesion[rows],
+                    lesion=lesion[loaded.preprocessing][rows] if loaded.uses_lesion_features else None,
                     meta=None if meta is None else meta[rows],
                     **prediction_options(args),
                 )

@@ -44,7 +44,18 @@ from utils import (
 
 # what must match for --resume to continue a run (checkpoint keys, and settings with their flags)
 # (fold first: a refit resumed as a fold run, or the other way round, then names its real difference)
-RESUME_KEYS = ("fold", "n_folds", "model", "use_meta", "fusion", "lesion_features", "image_size")
+RESUME_KEYS = (
+    "fold",
+    "n_folds",
+    "model",
+    "use_meta",
+    "fusion",
+    "lesion_features",
+    "image_size",
+    "color_constancy",
+    "minkowski_p",
+    "resize_mode",
+)
 RESUME_FLAGS = {
     key: "--" + key.replace("_", "-")
     for key in ("n_epochs", "batch_size", "init_lr", "seed", "fold_seed", "enet_type", "data_dir", "ema_decay")
@@ -217,6 +228,7 @@ def fold_checkpoint(config: MelanomaConfig, inputs: FoldInputs, fold: int | None
         "image_size": config.image_size,
         "mean": list(mean),
         "std": list(std),
+        **config.preprocessing.record(),
         "fold": fold,
         "n_folds": None if fold is None else config.n_folds,
         # trained on every row (--fold none): it held out no image, so nothing can be scored as unseen by it
@@ -308,7 +320,9 @@ def train_fold(
         net=net,
         train_images=train_images,
         valid_images=valid_images,
-        preparation=Preparation(config.image_size, mean, std, config.augment, seed=config.seed + offset),
+        preparation=Preparation(
+            config.image_size, mean, std, config.augment, seed=config.seed + offset, preprocessing=config.preprocessing
+        ),
         shuffle_seed=config.seed + offset,
         loss_fn=melanoma_loss(config.out_dim),
         score=score,
@@ -397,16 +411,18 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
             f"{config.image_size} px on {device}, "
             f"precision {precision_name(amp_dtype)}, data path {resolve_data_path(config.data_path, device)}"
             f"{', metadata branch' if config.use_meta else ''}"
-            f"{', lesion features' if config.lesion_features else ''}",
+            f"{', lesion features' if config.lesion_features else ''}"
+            f"{', Shades of Gray colour constancy' if config.color_constancy != 'none' else ''}"
+            f"{f', {config.resize_mode} to square' if config.resize_mode != 'stretch' else ''}",
             flush=True,
         )
     # image features once per run, not per fold: the baselines' colour statistics are also part of the lesion ones
     colour = lesion = None
     if config.lesion_features or (config.baselines and world.is_main and not config.refit):
         started = time.time()
-        colour = colour_statistics(list(frame["filepath"]))
+        colour = colour_statistics(list(frame["filepath"]), preprocessing=config.preprocessing)
         if config.lesion_features:
-            lesion = lesion_features(list(frame["filepath"]), colour)
+            lesion = lesion_features(list(frame["filepath"]), colour, config.preprocessing)
             if world.is_main:
                 print(f"lesion features of {len(frame)} images in {time.time() - started:.1f} s", flush=True)
     if config.refit:
