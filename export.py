@@ -305,7 +305,7 @@ def checkpoint_scores(model_path: Path, kind: str, frame: pd.DataFrame) -> np.nd
         return checkpoint_probabilities(loaded, frame, cpu, None, batch_size=len(frame))
     argv = ["--img_path", str(Path(frame["filepath"][0]).parent), "--mode", "test", "--model_path", str(model_path)]
     config = multi_classification.parse_args([*argv, "--device", "cpu", "--precision", "fp32", "--num_workers", "0"])
-    model, checkpoint = multi_classification.load_model(config, cpu)
+    ((model, checkpoint),) = multi_classification.load_models(config, cpu)
     return multi_classification.predict_probs(model, list(frame["filepath"]), checkpoint, config, cpu, None)
 
 

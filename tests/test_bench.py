@@ -29,7 +29,9 @@ def test_device_data_path_times_the_device_pipeline_and_the_loop_through_it(
     assert result["data_img_s_on_device"] > 0 and result["loop_train_img_s"] > 0
     # the data part's 8 images in batches of 4, then the loop's two epochs of 2 steps, all augmented in full
     assert device_pipeline_strengths == ["full"] * (1 + 2 + 2 * 2)
-    assert bench.main(bench_argv(synthetic_dir, tmp_path, "--only", "data", "--overwrite"))["data_path"] == "cpu"  # auto, no CUDA
+    assert (
+        bench.main(bench_argv(synthetic_dir, tmp_path, "--only", "data", "--overwrite"))["data_path"] == "cpu"
+    )  # auto, no CUDA
     assert len(device_pipeline_strengths) == 7
 
 
