@@ -55,6 +55,7 @@ from inference import (
     require_metadata,
 )
 from metrics import binary_metrics
+from result_files import AUDIT_COLUMNS as COLUMNS
 from tables import read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
 
@@ -65,18 +66,6 @@ INSERTIONS = {
     "hair": ("hair", *HAIR_KINDS),
 }
 CANVAS = 256  # artifacts are drawn at the resolution of the Kaggle images and the synthetic data, then resized
-COLUMNS = (
-    "artifact",
-    "test",
-    "images",
-    "melanoma",
-    "auc",
-    "sensitivity",
-    "specificity",
-    "benign_to_malignant",
-    "malignant_to_benign",
-    "mean_shift",
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

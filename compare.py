@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from evaluate import attach_patients, read_metadata, read_predictions
+from inference import check_output
 from metrics import format_table
-from predict import check_output
 from report_metrics import group_bootstrap, json_ready, percentile_interval, weighted_auc
+from result_files import attach_patients, read_metadata, read_predictions
 from tables import patient_groups, read_csv
 from utils import UserError, exit_on_user_error, write_text_atomic
 

@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import evaluate
-from audit import COLUMNS as AUDIT_COLUMNS
 from report_subgroups import MIN_PER_CLASS
+from result_files import AUDIT_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("metrics", "data", "roc", "calibration", "confusion", "training", "subgroups", "audit", "cam", "config")
