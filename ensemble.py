@@ -8,15 +8,17 @@ Each run is <model-dir>/<save-name>: its fold checkpoints <save-name>_fold<k>_be
 predictions <log-dir>/oof_<save-name>.csv. The runs must hold out the same images in the same folds (the same data,
 --n-folds and --fold-seed). --method: mean (probability), rank (mean rank), weights (non-negative weights on the
 logits, logistic regression) or stack (LightGBM on the logits, metadata, lesion features and patient context);
-stacking.py says how each is fitted. The AUC printed for the ensemble is nested: each fold's images are scored by a
-combiner fitted on the other folds only, the same folds the runs were validated on.
+stacking.py says how each is fitted. --image-only: each run's network without the metadata it was late-fused with
+(rescored on its held-out images), and a stack without sex, age, site or patient context. The AUC printed for the
+ensemble is nested: each fold's images are scored by a combiner fitted on the other folds only, the same folds the
+runs were validated on.
 
-Writes <log-dir>/oof_<save-name>.csv (image_name,fold,target,prob, for evaluate.py; beside the first run's out-of-fold
-file unless --log-dir), the combiner fitted on all
-out-of-fold rows as <model-dir>/<save-name>.json (plain JSON), and, unless --oof-only, the submission image_name,target
-for <data-dir>/test.csv: every fold model of a run with --n-tta views, averaged over the run's folds, then combined.
---combiner scores new images (--images with --meta-csv, or --data-dir's test.csv) with a saved combiner and the
-runs it names (--runs where they have moved).
+Writes <log-dir>/oof_<save-name>.csv (image_name,fold,target,prob, for evaluate.py; beside the first run's
+out-of-fold file unless --log-dir), the combiner fitted on all out-of-fold rows as <model-dir>/<save-name>.json
+(plain JSON), and, unless --oof-only, the submission image_name,target for <data-dir>/test.csv: every fold model
+of a run with --n-tta views, averaged over the run's folds, then combined. --combiner scores new images (--images
+with --meta-csv, or --data-dir's test.csv) with a saved combiner and the runs it names (--runs where they have
+moved).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from checkpoints import load_checkpoint
 from features import lesion_features
 from inference import (
     MAX_TTA,
+    LoadedModel,
     add_runtime_args,
     attach_metadata,
     check_output,
     combine,
     expand_model_paths,
     frame_from_images,
+    held_out_images,
     load_melanoma_model,
     predict_probabilities,
     prediction_options,
@@ -77,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-name", help="name of the ensemble's files (default ensemble_<method>)")
     parser.add_argument("--model-dir", default="./weights", help="folder of the combiner file (./weights)")
     parser.add_argument("--oof-only", action="store_true", help="fit and score on the out-of-fold rows only, no test")
+    parser.add_argument(
+        "--image-only",
+        action="store_true",
+        help="the runs' networks without the metadata they were late-fused with, rescored on their held-out images "
+        "with --n-tta views; a stack without sex, age, site or patient context",
+    )
     parser.add_argument(
         "--stack-noise",
         type=float,
@@ -197,6 +207,32 @@ def oof_inputs(runs: list[Run], data_dir: str, stack: bool) -> tuple[StackInputs
     return StackInputs(probs, frame, lesion), rows["target"].to_numpy(int), rows["fold"].to_numpy(int)
 
 
+def without_metadata(loaded: LoadedModel) -> LoadedModel:
+    """The model's network alone: under late fusion the network never saw the metadata (a logistic regression on
+    it is added afterwards), so dropping that regression leaves the image-only model that was trained."""
+    if loaded.encoder is not None and loaded.meta_model is None:
+        raise UserError(
+            f"{loaded.path} feeds the metadata into its network (--fusion concat), so it has no image-only score: "
+            "drop --image-only, or ensemble runs trained without --use-meta or with --fusion late."
+        )
+    loaded.encoder, loaded.meta_model = None, None
+    return loaded
+
+
+def image_only_oof(runs: list[Run], frame: pd.DataFrame, args: argparse.Namespace) -> np.ndarray:
+    """(images, runs): each fold model's network alone on the images it held out, with --n-tta views."""
+    device, amp_dtype = prepare_runtime(args)
+    probs = np.full((len(frame), len(runs)), np.nan)
+    for index, run in enumerate(runs):
+        for path in run.checkpoints:
+            loaded = without_metadata(load_melanoma_model(path, device, args.channels_last))
+            rows = frame["image_name"].isin(held_out_images(loaded, "ensemble a cross-validated run")).to_numpy()
+            rescored = frame[rows].reset_index(drop=True)
+            probs[rows, index] = predict_probabilities(loaded, rescored, device, amp_dtype, **prediction_options(args))
+        print(f"  {run.prefix}: out-of-fold images rescored without metadata ({args.n_tta} TTA view(s))", flush=True)
+    return probs
+
+
 # --------------------------------------------------------------------------- scoring images
 
 
@@ -223,6 +259,8 @@ def score_images(
     state = record["combiner"]
     require_stack_metadata(state, frame, args.allow_missing_meta, source)
     models = [[load_melanoma_model(path, device, args.channels_last) for path in paths] for paths in run_paths.values()]
+    if record.get("image_only"):
+        models = [[without_metadata(model) for model in run] for run in models]
     require_metadata(frame, [model for run in models for model in run], args.allow_missing_meta, source)
     needs_lesion = state["method"] == "stack" or any(model.feature_scaler for run in models for model in run)
     lesion = lesion_features(list(frame["filepath"])) if needs_lesion else None
@@ -233,7 +271,7 @@ def score_images(
         folds = [predict_probabilities(model, frame, device, amp_dtype, lesion=lesion, **options) for model in run]
         probs.append(combine(folds))
         print(f"  {name}: mean P(melanoma) {probs[-1].mean():.4f} over its {len(run)} fold models", flush=True)
-    if state["method"] == "stack":
+    if state["method"] == "stack" and not record.get("image_only"):
         print(describe_context(frame) if state["context"] else "patient context: off (as when it was fitted)")
     return predict_combiner(state, StackInputs(np.column_stack(probs), frame, lesion))
 
@@ -319,8 +357,12 @@ def fit_ensemble(args: argparse.Namespace) -> dict:
     oof_out, combiner_out = ensemble_outputs(args, runs)
     stack = args.method == "stack"
     inputs, target, folds = oof_inputs(runs, args.data_dir, stack)
-    options = StackOptions(args.stack_noise, args.stack_rounds, args.seed, stack and has_patient_context(inputs.frame))
-    if stack:
+    if args.image_only:
+        inputs.probs = image_only_oof(runs, inputs.frame, args)
+        print("image only: the stack reads no sex, age, site or patient context", flush=True)
+    context = stack and not args.image_only and has_patient_context(inputs.frame)
+    options = StackOptions(args.stack_noise, args.stack_rounds, args.seed, context, metadata=not args.image_only)
+    if stack and not args.image_only:
         print(describe_context(inputs.frame), flush=True)
     print(f"{len(target)} out-of-fold images ({int(target.sum())} melanoma), {len(np.unique(folds))} folds", flush=True)
 
@@ -335,10 +377,14 @@ def fit_ensemble(args: argparse.Namespace) -> dict:
     if stack:
         print("stack, largest gain: " + ", ".join(f"{feature} {share:.2f}" for feature, share in top_features(state)))
     run_paths = {run.prefix: run.checkpoints for run in runs}
-    record = {"runs": {name: [str(path) for path in paths] for name, paths in run_paths.items()}, "combiner": state}
+    record = {
+        "runs": {name: [str(path) for path in paths] for name, paths in run_paths.items()},
+        "image_only": args.image_only,
+        "combiner": state,
+    }
     save_combiner(combiner_out, record | {"nested_auc": safe_auc(target, oof)})
     print(f"wrote {oof_out} (nested out-of-fold predictions) and {combiner_out} (fitted on all of them)", flush=True)
-    result = {"oof": oof, "target": target, "record": record, "submission": None}
+    result = {"oof": oof, "run_probs": inputs.probs, "target": target, "record": record, "submission": None}
     if not args.oof_only:
         frame = read_melanoma_table(args.data_dir, "test", use_meta=False, require_target=False)
         scores = score_images(record, run_paths, frame, args, f"the test CSV of {args.data_dir}")

@@ -60,6 +60,7 @@ class StackOptions:
     rounds: int = 200  # boosting rounds
     seed: int = 0
     context: bool = False  # use the patient context features
+    metadata: bool = True  # use sex, age and site where the rows have them
 
 
 def run_logits(probs: np.ndarray) -> np.ndarray:
@@ -137,7 +138,8 @@ def stack_features(state: dict, inputs: StackInputs) -> tuple[np.ndarray, list[s
 
 
 def fit_stack(inputs: StackInputs, target: np.ndarray, options: StackOptions) -> dict:
-    encoder = MetaEncoder(BASELINE_META_FEATURES).fit(inputs.frame) if has_baseline_metadata(inputs.frame) else None
+    with_metadata = options.metadata and has_baseline_metadata(inputs.frame)
+    encoder = MetaEncoder(BASELINE_META_FEATURES).fit(inputs.frame) if with_metadata else None
     state = {
         "method": "stack",
         "meta_encoder": encoder.state_dict() if encoder else None,

@@ -12,10 +12,13 @@ import ensemble
 import stacking
 import train
 from features import FeatureScaler, lesion_features
+from inference import LoadedModel
 from metrics import safe_auc
 from patient_context import describe_context, has_patient_context, patient_context
 from stacking import StackInputs, StackOptions, fit_combiner, nested_oof, predict_combiner
 from synthetic import make_synthetic_dataset
+from tables import MetaEncoder
+from utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +194,32 @@ def test_stack_state_is_plain_json():
     state = stacking.fit_stack(inputs, target, StackOptions(rounds=10, context=True))
     loaded = json.loads(json.dumps(state))
     np.testing.assert_array_equal(predict_combiner(loaded, inputs), predict_combiner(state, inputs))
+
+
+def test_image_only_rescores_the_networks_without_their_metadata(runs, odd_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prefixes = [str(runs / "weights" / name) for name in ("a", "b")]  # a without metadata, b late-fused with it
+    command = ["--runs", *prefixes, "--data-dir", str(odd_dir), "--image-only", "--num-workers", "0"]
+    fitted = ensemble.main([*command, "--method", "mean", "--save-name", "img", "--out", "submission.csv"])
+    order = pd.read_csv(runs / "logs" / "oof_a.csv")["image_name"]
+    alone_a, alone_b = fitted["run_probs"].T
+    # a never read metadata: its fold models on their held-out images give train.py's own out-of-fold predictions
+    np.testing.assert_allclose(alone_a, pd.read_csv(runs / "logs" / "oof_a.csv")["prob"], rtol=1e-4, atol=1e-6)
+    fused_b = pd.read_csv(runs / "logs" / "oof_b.csv").set_index("image_name").loc[order, "prob"].to_numpy()
+    assert not np.isnan(alone_b).any() and np.abs(alone_b - fused_b).max() > 1e-3  # the regression's share is gone
+    np.testing.assert_allclose(fitted["oof"], (alone_a + alone_b) / 2)
+    assert json.loads((tmp_path / "weights" / "img.json").read_text())["image_only"] is True
+    # the saved combiner scores images that come without any metadata, and as in-process
+    scored = ensemble.main([
+        "--combiner", "weights/img.json", "--images", str(odd_dir / "test" / "test"), "--num-workers", "0",
+        "--out", "probs.csv",
+    ])  # fmt: skip
+    merged = fitted["submission"].merge(scored, on="image_name", suffixes=("_fitted", "_saved"))
+    np.testing.assert_allclose(merged["target_saved"], merged["target_fitted"], rtol=1e-6, atol=1e-9)
+
+
+def test_image_only_refuses_a_network_that_reads_the_metadata(tmp_path):
+    encoder = MetaEncoder(["sex", "age"]).fit(pd.DataFrame({"sex": ["male", "female"], "age_approx": [30.0, 60.0]}))
+    concat = LoadedModel(tmp_path / "concat.pth", None, 32, [0.5] * 3, [0.5] * 3, encoder)  # no late-fusion regression
+    with pytest.raises(UserError, match="feeds the metadata into its network"):
+        ensemble.without_metadata(concat)
