@@ -4,9 +4,10 @@ files are overwritten unasked."""
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,28 +115,89 @@ def restore_training_state(
     set_rng_state(state["rng"])
 
 
+def rows_fingerprint(rows: Iterable[Sequence[object]]) -> str:
+    """sha256 of a set of rows (tuples of values), in any order: what a checkpoint keeps of the rows it was trained
+    and validated on, to tell whether a later start sees the same ones."""
+    lines = sorted("\t".join(str(value) for value in row) for row in rows)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def fold_split(checkpoint: dict) -> dict:
+    """The fold split a train.py checkpoint's fold was drawn from: the folds of one run share it."""
+    config = checkpoint.get("config") or {}
+    return {
+        "n_folds": checkpoint.get("n_folds"),
+        "fold_seed": config.get("fold_seed"),
+        "data_sha256": checkpoint.get("data_sha256"),
+    }
+
+
+def shown(value: Any) -> str:
+    """A setting as its flag takes it: lists comma-separated, fingerprints shortened."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12]
+    return str(value)
+
+
+def resume_differences(
+    state: dict, checkpoint: dict, runtime_fields: Collection[str]
+) -> Iterator[tuple[str, Any, Any]]:
+    """What differs between a saved run and this start, in the order a message names it: the settings of the run's
+    record (all but `runtime_fields`, by their flags), the precision and data path they resolved to, the data, the
+    fold and its validation images."""
+    saved, now = state["config"], to_plain(checkpoint["config"])
+    for key in dict.fromkeys([*saved, *now]):
+        if key not in runtime_fields and saved.get(key, "unset") != now.get(key, "unset"):
+            name = "ImageNet weights" if key == "pretrained" else "--" + key.replace("_", "-")
+            yield name, saved.get(key, "unset"), now.get(key, "unset")
+    for key, value in to_plain(checkpoint.get("resolved") or {}).items():
+        if (state.get("resolved") or {}).get(key) != value:
+            yield f"{key.replace('_', ' ')} (resolved)", (state.get("resolved") or {}).get(key), value
+    for key in ("data_sha256", "fold", "val_sha256"):
+        if state.get(key) != to_plain(checkpoint.get(key)):
+            yield key, state.get(key), to_plain(checkpoint.get(key))
+
+
 def check_resume_compatible(
-    state: dict, checkpoint: dict, path: str | Path, keys: Sequence[str], flags: dict[str, str]
+    state: dict, checkpoint: dict, path: str | Path, runtime_fields: Collection[str], data_name: str
 ) -> None:
-    """A resumed run must be the same run: `keys` of the checkpoint and the settings in `flags` (name in the run's
-    "config" record -> the flag that sets it) must equal this run's, else a UserError names the first difference."""
-    if "config" not in state or "best_epoch" not in state:
+    """The resume rule of both trainers: a run continues only as the same run. Its settings (every field of the
+    record but `runtime_fields`), the precision and data path they resolved to, its data (the fingerprint of the
+    names and labels of every row of `data_name`), its fold and that fold's validation images must equal this
+    start's; otherwise a UserError names the first difference."""
+    if "config" not in state or "best_epoch" not in state or "data_sha256" not in state:
         raise UserError(
-            f"{path} was written by another version of this project: resume with that version, or start afresh "
+            f"{path} was written by another version of this project: resume with that version, or start a new run "
             "with --overwrite."
         )
-    for key in keys:
-        if state.get(key) != to_plain(checkpoint[key]):
+    for name, old, new in resume_differences(state, checkpoint, runtime_fields):
+        way_out = "or start a new run with --overwrite."
+        if name == "data_sha256":
             raise UserError(
-                f"{path} was saved with {key} = {state.get(key)}, this run has {to_plain(checkpoint[key])}: "
-                "resume with the original flags, or start afresh with --overwrite."
+                f"{path} was trained on other data: the image names and labels of {data_name} have fingerprint "
+                f"{shown(new)} now, {shown(old)} then (rows added, removed or relabelled): restore the rows, {way_out}"
             )
-    for key, flag in flags.items():
-        if state["config"].get(key) != checkpoint["config"].get(key):
+        if name == "val_sha256":
             raise UserError(
-                f"{path} was saved with {flag} {state['config'].get(key)}, this run has "
-                f"{checkpoint['config'].get(key)}: resume with the original flags, or start afresh with --overwrite."
+                f"the validation images of {path} (fingerprint {shown(old)}) are not this run's ({shown(new)}), the "
+                "folds being drawn otherwise (other patient_id values, or another version of this project): restore "
+                f"what it was trained with, {way_out}"
             )
+        raise UserError(
+            f"{path} was saved with {name} {shown(old)}, this run has {shown(new)}: resume with the settings it was "
+            f"saved with, {way_out}"
+        )
+
+
+def require_resumable(lasts: Sequence[Path], resume: bool, names: str) -> None:
+    """--resume needs a run to continue: one of `lasts` (the run's _last.pth files) must exist."""
+    if resume and not any(path.is_file() for path in lasts):
+        raise UserError(
+            f"--resume found no {lasts[0]} to continue: check {names} and the folder, or leave out --resume to start "
+            "a new run."
+        )
 
 
 def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bool, alternative: str) -> None:

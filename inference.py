@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from checkpoints import load_checkpoint
+from checkpoints import fold_split, load_checkpoint, shown
 from dataset import EpochSampler, ImageDataset, valid_transforms
 from features import FeatureScaler, side_inputs
 from image_files import IMAGE_EXTENSIONS, list_images
@@ -42,7 +42,7 @@ class LoadedModel:
     mean: list[float]
     std: list[float]
     encoder: MetaEncoder | None
-    info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, val_images, args, epoch, metrics
+    info: dict = field(default_factory=dict)  # the checkpoint's fold, n_folds, val_images, config, epoch, metrics, ...
     feature_scaler: FeatureScaler | None = None  # lesion features (train.py --lesion-features), else None
     meta_model: MetadataLogit | None = None  # --fusion late: the metadata's logistic regression, else None
 
@@ -64,7 +64,8 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     encoder = MetaEncoder.from_state_dict(checkpoint["meta_encoder"]) if checkpoint["use_meta"] else None
-    info = {key: checkpoint.get(key) for key in ("fold", "n_folds", "val_images", "config", "epoch", "metrics")}
+    info_keys = ("fold", "n_folds", "val_images", "config", "epoch", "metrics", "data_sha256")
+    info = {key: checkpoint.get(key) for key in info_keys}
     scaler_state = checkpoint.get("lesion_features")
     feature_scaler = FeatureScaler.from_state_dict(scaler_state) if scaler_state else None
     meta_state = checkpoint.get("meta_model")
@@ -120,6 +121,41 @@ def expand_model_paths(specs: Sequence[str], which: str = "best") -> list[Path]:
                 "file or <model-dir>/<save-name> of a train.py run."
             )
     return paths
+
+
+def check_one_split(spec: str, folds: Sequence[LoadedModel]) -> None:
+    """The fold checkpoints a run prefix names are one run: one split (checkpoints.fold_split), each fold once, and
+    (what a split means) no image validated by two of them. A UserError names the first that does not fit."""
+    for index, loaded in enumerate(folds):
+        for earlier in folds[:index]:
+            if loaded.info.get("fold") == earlier.info.get("fold"):
+                raise UserError(
+                    f"{spec} holds fold {loaded.info.get('fold')} twice, in {earlier.path} and {loaded.path}: remove "
+                    "the stray file, or retrain the run with --overwrite."
+                )
+            split, other = fold_split(loaded.info), fold_split(earlier.info)
+            shared = set(loaded.info.get("val_images") or []) & set(earlier.info.get("val_images") or [])
+            if split != other or shared:
+                described = ", ".join(f"{key} {shown(value)}" for key, value in split.items())
+                raise UserError(
+                    f"{spec} mixes folds of different splits: {loaded.path} ({described}) does not fit {earlier.path}"
+                    f"{f' (both validated on {min(shared)})' if shared else ''}: remove the stray file, or retrain the "
+                    "run with --overwrite."
+                )
+
+
+def load_melanoma_models(
+    specs: Sequence[str], which: str, device: torch.device, channels_last: bool = False
+) -> list[LoadedModel]:
+    """The models `specs` name (files, or run prefixes: expand_model_paths), loaded; the folds of one run prefix
+    must be one run (check_one_split)."""
+    models: list[LoadedModel] = []
+    for spec in specs:
+        loaded = [load_melanoma_model(path, device, channels_last) for path in expand_model_paths([spec], which)]
+        if not Path(spec).is_file():
+            check_one_split(spec, loaded)
+        models += loaded
+    return models
 
 
 # --------------------------------------------------------------------------- test-time augmentation

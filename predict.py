@@ -35,10 +35,9 @@ from inference import (
     LoadedModel,
     attach_metadata,
     combine,
-    expand_model_paths,
     frame_from_images,
     held_out_images,
-    load_melanoma_model,
+    load_melanoma_models,
     predict_probabilities,
     require_metadata,
 )
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if args.age is not None and not 0 <= args.age <= MAX_AGE:  # also refuses nan
             raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
         device, amp_dtype = prepare_runtime(args)
-        paths = expand_model_paths(args.model_path, args.which)
-        models = [load_melanoma_model(path, device, args.channels_last) for path in paths]
+        models = load_melanoma_models(args.model_path, args.which, device, args.channels_last)
 
         if args.data_dir:
             frame = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
