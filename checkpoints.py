@@ -132,13 +132,19 @@ def fold_split(checkpoint: dict) -> dict:
     }
 
 
+def describe_split(split: dict) -> str:
+    """A fold_split in words, its fingerprint shortened."""
+    return ", ".join(f"{key} {short(value) if key == 'data_sha256' else value}" for key, value in split.items())
+
+
+def short(fingerprint: str | None) -> str:
+    """The first 12 hex digits of a sha256, enough to tell two apart in a message."""
+    return "none" if fingerprint is None else fingerprint[:12]
+
+
 def shown(value: Any) -> str:
-    """A setting as its flag takes it: lists comma-separated, fingerprints shortened."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    if isinstance(value, str) and len(value) == 64:
-        return value[:12]
-    return str(value)
+    """A setting as its flag takes it: lists comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def resume_differences(
@@ -177,13 +183,13 @@ def check_resume_compatible(
         if name == "data_sha256":
             raise UserError(
                 f"{path} was trained on other data: the image names and labels of {data_name} have fingerprint "
-                f"{shown(new)} now, {shown(old)} then (rows added, removed or relabelled): restore the rows, {way_out}"
+                f"{short(new)} now, {short(old)} then (rows added, removed or relabelled): restore the rows, {way_out}"
             )
         if name == "val_sha256":
             raise UserError(
-                f"the validation images of {path} (fingerprint {shown(old)}) are not this run's ({shown(new)}), the "
-                "folds being drawn otherwise (other patient_id values, or another version of this project): restore "
-                f"what it was trained with, {way_out}"
+                f"the validation images of {path} (fingerprint {short(old)}) are not this run's ({short(new)}), the "
+                "split being drawn otherwise (e.g. other patient_id values, or another version of this project): "
+                f"restore what it was trained with, {way_out}"
             )
         raise UserError(
             f"{path} was saved with {name} {shown(old)}, this run has {shown(new)}: resume with the settings it was "

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from checkpoints import fold_split, load_checkpoint, shown
+from checkpoints import describe_split, fold_split, load_checkpoint
 from dataset import EpochSampler, ImageDataset, valid_transforms
 from features import FeatureScaler, side_inputs
 from image_files import IMAGE_EXTENSIONS, list_images
@@ -136,11 +136,10 @@ def check_one_split(spec: str, folds: Sequence[LoadedModel]) -> None:
             split, other = fold_split(loaded.info), fold_split(earlier.info)
             shared = set(loaded.info.get("val_images") or []) & set(earlier.info.get("val_images") or [])
             if split != other or shared:
-                described = ", ".join(f"{key} {shown(value)}" for key, value in split.items())
                 raise UserError(
-                    f"{spec} mixes folds of different splits: {loaded.path} ({described}) does not fit {earlier.path}"
-                    f"{f' (both validated on {min(shared)})' if shared else ''}: remove the stray file, or retrain the "
-                    "run with --overwrite."
+                    f"{spec} mixes folds of different splits: {loaded.path} ({describe_split(split)}) does not fit "
+                    f"{earlier.path}{f' (both validated on {min(shared)})' if shared else ''}: remove the stray file, "
+                    "or retrain the run with --overwrite."
                 )
 
 

@@ -20,7 +20,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from baselines import baseline_aucs
-from checkpoints import claim_outputs, fold_split, load_checkpoint, require_resumable, rows_fingerprint, shown
+from checkpoints import (
+    claim_outputs,
+    describe_split,
+    fold_split,
+    load_checkpoint,
+    require_resumable,
+    rows_fingerprint,
+)
 from config import MelanomaConfig, add_melanoma_flags
 from device_data import resolve_data_path
 from distributed import World
@@ -309,26 +316,31 @@ def check_outputs_free(config: MelanomaConfig, run_names: list[str]) -> None:
     claim_outputs(list(files), last, config.resume, config.overwrite, "choose another --save-name")
 
 
-def pooled_oof(config: MelanomaConfig, data_sha256: str) -> pd.DataFrame:
-    """The best-epoch out-of-fold predictions of every finished fold of the run, this start's and earlier ones',
-    read from their _last.pth: continuing some of the folds never drops the others. Each must share this run's
-    split."""
+def fold_states(config: MelanomaConfig, data_sha256: str) -> list[dict]:
+    """The _last.pth of every fold of the run that has one, this start's and earlier ones'; each must share this
+    run's split (n_folds, fold seed, data fingerprint)."""
     split = {"n_folds": config.n_folds, "fold_seed": config.fold_seed, "data_sha256": data_sha256}
-    frames = []
+    states = []
     for fold in range(config.n_folds):
         last = run_paths(config, f"{config.save_name}_fold{fold}")["last"]
         if not last.is_file():
             continue
         state = load_checkpoint(last, "melanoma")
         if fold_split(state) != split:
-            theirs = ", ".join(f"{key} {shown(value)}" for key, value in fold_split(state).items())
             raise UserError(
-                f"{last} belongs to another fold split ({theirs}) than this run: retrain the whole run with "
-                "--overwrite, or choose another --save-name."
+                f"{last} belongs to another fold split ({describe_split(fold_split(state))}) than this run: retrain "
+                "the whole run with --overwrite, or choose another --save-name."
             )
-        if state["epoch"] == state["config"]["n_epochs"]:  # an unfinished fold joins when it has finished
-            frames.append(pd.DataFrame(state["best"]["oof"]))
-    return pd.concat(frames, ignore_index=True)
+        states.append(state)
+    return states
+
+
+def pooled_oof(config: MelanomaConfig, data_sha256: str) -> pd.DataFrame:
+    """The best-epoch out-of-fold predictions of every finished fold of the run, read from their _last.pth:
+    continuing some of the folds never drops the others; an unfinished fold joins once it has finished."""
+    states = fold_states(config, data_sha256)
+    finished = [state for state in states if state["epoch"] == state["config"]["n_epochs"]]
+    return pd.concat([pd.DataFrame(state["best"]["oof"]) for state in finished], ignore_index=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -360,6 +372,8 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
         ensure_writable_dir(config.model_dir, "model folder (--model-dir)")
         ensure_writable_dir(config.log_dir, "log folder (--log-dir)")
         check_outputs_free(config, run_names)
+        if config.resume and len(folds) > 1:
+            fold_states(config, data_sha256)  # a fold of another split is refused before any training
     if world.distributed:
         dist.barrier()
 

@@ -11,7 +11,7 @@ import engine
 import multi_classification as mc
 import predict
 import train
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from inference import load_melanoma_model
 
 
@@ -163,6 +163,24 @@ def test_resuming_some_folds_keeps_every_finished_fold_in_the_pooled_file(synthe
     pd.testing.assert_frame_equal(
         again.sort_values(order).reset_index(drop=True), pooled.sort_values(order).reset_index(drop=True)
     )
+
+
+def test_the_folds_of_a_save_name_are_claimed_together_and_pooled_from_one_split(
+    synthetic_dir, cv_run, tmp_path, capsys
+):
+    out = tmp_path / "cv"
+    shutil.copytree(cv_run, out)
+    # a single-fold run of the same name would sit beside the folds that predict.py reads as the run
+    err = refused(train.main, command(synthetic_dir, out, "--no-lesion-features", "--fold", "1", epochs=1), capsys)
+    assert "run_fold" in err and "already exists" in err and not (out / "weights" / "run_best.pth").exists()
+
+    fold2 = out / "weights" / "run_fold2_last.pth"
+    save_checkpoint(fold2, {**load_checkpoint(fold2, "melanoma"), "data_sha256": "0" * 64})  # another split's fold
+    pooled = (out / "logs" / "oof_run.csv").read_bytes()
+    argv = command(synthetic_dir, out, "--no-lesion-features", "--fold", "0,1", "--resume", epochs=1)
+    err = refused(train.main, argv, capsys)
+    assert "run_fold2_last.pth" in err and "split" in err
+    assert (out / "logs" / "oof_run.csv").read_bytes() == pooled
 
 
 def test_overwrite_removes_the_runs_other_folds_and_predict_refuses_mixed_folds(
