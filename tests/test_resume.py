@@ -138,7 +138,7 @@ def test_the_detector_resumes_by_the_same_rule(synthetic_dir, tmp_path, capsys):
     assert "detectr_last.pth" in err
     assert not (tmp_path / "detectr.pth").exists()
     mc.main(detector_argv(synthetic_dir, model, "--no-progress", "--resume"))
-    assert load_checkpoint(model, "artifact")["epoch"] in (1, 2)
+    assert load_checkpoint(tmp_path / "detector_last.pth", "artifact")["epoch"] == 2
 
 
 # --------------------------------------------------------------------------- a multi-fold run is one unit
@@ -171,12 +171,15 @@ def test_the_folds_of_a_save_name_are_claimed_together_and_pooled_from_one_split
     out = tmp_path / "cv"
     shutil.copytree(cv_run, out)
     # a single-fold run of the same name would sit beside the folds that predict.py reads as the run
+    pooled_file = out / "logs" / "oof_run.csv"
+    pooled = pooled_file.read_bytes()
+    pooled_file.unlink()  # (the pooled file alone is refused too: it is the single run's OOF file)
     err = refused(train.main, command(synthetic_dir, out, "--no-lesion-features", "--fold", "1", epochs=1), capsys)
     assert "run_fold" in err and "already exists" in err and not (out / "weights" / "run_best.pth").exists()
 
     fold2 = out / "weights" / "run_fold2_last.pth"
     save_checkpoint(fold2, {**load_checkpoint(fold2, "melanoma"), "data_sha256": "0" * 64})  # another split's fold
-    pooled = (out / "logs" / "oof_run.csv").read_bytes()
+    pooled_file.write_bytes(pooled)
     argv = command(synthetic_dir, out, "--no-lesion-features", "--fold", "0,1", "--resume", epochs=1)
     err = refused(train.main, argv, capsys)
     assert "run_fold2_last.pth" in err and "split" in err
