@@ -322,6 +322,28 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The fields of a run's record that say only where and how fast it runs, where its files go and what it logs, which
+# folds this start trains, or how it treats earlier files. --resume continues a run whatever they are; every other
+# field shapes training and must equal the saved run's (checkpoints.check_resume_compatible).
+RUNTIME_FIELDS = frozenset(
+    {
+        "num_workers",
+        "progress",
+        "device",
+        "CUDA_VISIBLE_DEVICES",
+        "compile",
+        "channels_last",
+        "tensorboard",
+        "model_dir",
+        "log_dir",
+        "model_paths",
+        "folds",
+        "resume",
+        "overwrite",
+    }
+)
+
+
 def weights_row(pretrained: bool, enet_type: str) -> str:
     """Which row of DEFAULTS a run takes: random weights, ImageNet weights of a Lite model (from pip), or ImageNet
     weights of b0-b7."""
@@ -524,6 +546,9 @@ def parse_folds(spec: str, n_folds: int) -> tuple[int, ...]:
     bad = [fold for fold in folds if not 0 <= fold < n_folds]
     if bad:
         raise UserError(f"--fold {bad[0]} is outside 0..{n_folds - 1}: pick a fold below --n-folds {n_folds}.")
+    repeated = [fold for index, fold in enumerate(folds) if fold in folds[:index]]
+    if repeated:
+        raise UserError(f"--fold {spec} lists fold {repeated[0]} twice: name each fold once.")
     return folds
 
 
