@@ -43,7 +43,7 @@ import pandas as pd
 
 from cam import CAM_GROUPS, select_cam_images, write_cams
 from inference import load_melanoma_model, require_metadata
-from predict import add_runtime_args, prepare_runtime
+from predict import add_runtime_args, check_runtime_counts, prepare_runtime
 from report_metrics import IN_SAMPLE, compute_metrics, json_ready
 from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_training_curves
 from tables import read_csv, read_melanoma_table
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier report")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
-    if args.cam and not (args.model_path and args.data_dir):
+    if args.cam > 0 and not (args.model_path and args.data_dir):
         parser.error("--cam needs --model-path and --data-dir")
     return args
 
@@ -217,6 +217,14 @@ def check_report_dir(out_dir: Path, overwrite: bool) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
+        for flag, value, least in (
+            ("--n-bootstrap", args.n_bootstrap, 1),
+            ("--seed", args.seed, 0),
+            ("--cam", args.cam, 0),
+        ):
+            if value < least:
+                raise UserError(f"{flag} {value} must be at least {least}.")
+        check_runtime_counts(args)
         out_dir = Path(args.out_dir)
         pred_path = Path(args.pred)
         labels_path = Path(args.labels) if args.labels else None

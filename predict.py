@@ -139,8 +139,20 @@ def prediction_options(args: argparse.Namespace) -> dict:
     }
 
 
+def check_runtime_counts(args: argparse.Namespace) -> None:
+    """--batch-size, --num-workers and (where the script has it) --n-tta, refused in one sentence when they would
+    score nothing or fail in the loader."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers {args.num_workers} must be 0 or more.")
+    if not 1 <= getattr(args, "n_tta", 1) <= MAX_TTA:
+        raise UserError(f"--n-tta {args.n_tta} is outside 1..{MAX_TTA}: the square has {MAX_TTA} symmetries.")
+
+
 def prepare_runtime(args: argparse.Namespace):
-    """Device and autocast dtype from the shared flags."""
+    """Device and autocast dtype from the shared flags, after the counts among them are checked."""
+    check_runtime_counts(args)
     set_visible_devices(args.CUDA_VISIBLE_DEVICES)
     device = select_device(args.device)
     return device, resolve_precision(args.precision, device)
@@ -178,8 +190,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with exit_on_user_error():
         out = Path(args.out)
         check_output(out, args.overwrite)
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
         if args.age is not None and not 0 <= args.age <= MAX_AGE:  # also refuses nan
             raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
         device, amp_dtype = prepare_runtime(args)

@@ -305,7 +305,7 @@ def test_val_decides_held_out_rows_by_the_stored_names_whatever_the_bytes(traine
     copy = tmp_path / "copy.pth"
     copy.write_bytes(trained.read_bytes())
     (tmp_path / "copy_metrics.csv").write_text("earlier\n")
-    default = [*argv[:3], "--model_path", str(copy), "--num_workers", "0", "--ann_path", str(tmp_path / "crlf.csv")]
+    default = [*argv[:4], "--model_path", str(copy), "--num_workers", "0", "--ann_path", str(tmp_path / "crlf.csv")]
     val_fails(capsys, default, "copy_metrics.csv already exists")
     assert (tmp_path / "copy_metrics.csv").read_text() == "earlier\n"
     # one threshold of the user's own: nothing fitted on these images
@@ -347,8 +347,12 @@ def test_test_mode_writes_one_row_per_image_and_reads_back(trained, synthetic, t
     for head, threshold in zip(heads, thresholds, strict=True):
         np.testing.assert_array_equal(written[head], (written[f"{head}_prob"] >= threshold).astype(int))
 
-    back = mc.main([*argv[:3], "val", "--model_path", str(trained), "--ann_path", str(save_path), "--num_workers", "0"])
-    assert back["n_images"] == 12  # another file than the training one: every row is scored
+    back = mc.main([
+        *argv[:3], "val", "--model_path", str(trained), "--ann_path", str(save_path), "--num_workers", "0",
+        "--save_path", str(tmp_path / "metrics.csv"),
+    ])  # fmt: skip
+    assert back["n_images"] == 12  # images the model never trained on: every row is scored
+    assert not back["table"]["thresholds_in_sample"].any()  # its thresholds were fitted on other images
 
     everything = tmp_path / "everything.csv"
     mc.main([*argv, "--save_path", str(everything), "--threshold", "0"])
