@@ -158,10 +158,10 @@ def prepare_runtime(args: argparse.Namespace):
     return device, resolve_precision(args.precision, device)
 
 
-def check_output(path: Path, overwrite: bool) -> None:
+def check_output(path: Path, overwrite: bool, example: str = "predictions.csv") -> None:
     """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work. Deletes
     the temporary files that a killed earlier write of `path` left beside it: they are never a finished result."""
-    refuse_folder(path, "--out", "predictions.csv")
+    refuse_folder(path, "--out", example)
     for leftover in temp_files_of(path):
         leftover.unlink(missing_ok=True)
     if path.exists() and not overwrite:

@@ -388,6 +388,7 @@ def test_val_refuses_a_file_with_other_heads_and_a_melanoma_checkpoint(trained, 
     write_images(tmp_path, ["a.jpg"])
     (tmp_path / "ann.csv").write_text("image_name,dark_corner\na,1\n")
     argv = ["--img_path", str(tmp_path), "--ann_path", str(tmp_path / "ann.csv"), "--mode", "val"]
+    argv += ["--save_path", str(tmp_path / "metrics.csv")]
     with pytest.raises(SystemExit):
         mc.main([*argv, "--model_path", str(trained)])
     assert "detects hair_dense" in capsys.readouterr().err
