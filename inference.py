@@ -455,17 +455,31 @@ def prediction_options(args: argparse.Namespace) -> dict:
     }
 
 
+def check_runtime_counts(args: argparse.Namespace) -> None:
+    """--batch-size, --num-workers and (where the script has it) --n-tta, refused in one sentence when they would
+    score nothing or fail in the loader."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers {args.num_workers} must be 0 or more.")
+    check_n_tta(getattr(args, "n_tta", 1))
+
+
 def prepare_runtime(args: argparse.Namespace):
-    """Device and autocast dtype from the shared flags."""
+    """Device and autocast dtype from the shared flags, after the counts among them are checked."""
+    check_runtime_counts(args)
     set_visible_devices(args.CUDA_VISIBLE_DEVICES)
     device = select_device(args.device)
     return device, resolve_precision(args.precision, device)
 
 
-def check_output(path: Path, overwrite: bool, alternative: str = "choose another --out") -> None:
-    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work. Deletes
-    the temporary files that a killed earlier write of `path` left beside it: they are never a finished result."""
-    refuse_folder(path, "--out", "predictions.csv")
+def check_output(
+    path: Path, overwrite: bool, alternative: str = "choose another --out", example: str = "predictions.csv"
+) -> None:
+    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work (a
+    folder given as the file is refused with `example` as a file name). Deletes the temporary files that a killed
+    earlier write of `path` left beside it: they are never a finished result."""
+    refuse_folder(path, "--out", example)
     for leftover in temp_files_of(path):
         leftover.unlink(missing_ok=True)
     if path.exists() and not overwrite:

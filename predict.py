@@ -141,8 +141,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with exit_on_user_error():
         out = Path(args.out)
         check_output(out, args.overwrite)
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
         if args.age is not None and not 0 <= args.age <= MAX_AGE:  # also refuses nan
             raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
         device, amp_dtype = prepare_runtime(args)
