@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     with exit_on_user_error():
         out = Path(args.out)
-        check_output(out, args.overwrite)
+        check_output(out, args.overwrite, example="audit.csv")
         unknown = [kind for kind in args.insert.split(",") if kind and kind not in INSERTIONS]
         if unknown:
             raise UserError(

@@ -4,10 +4,11 @@ files are overwritten unasked."""
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,28 +121,99 @@ def restore_training_state(
     set_rng_state(state["rng"])
 
 
+def rows_fingerprint(rows: Iterable[Sequence[object]]) -> str:
+    """sha256 of a set of rows (tuples of values), in any order: what a checkpoint keeps of the rows it was trained
+    and validated on, to tell whether a later start sees the same ones."""
+    lines = sorted("\t".join(str(value) for value in row) for row in rows)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def fold_split(checkpoint: dict) -> dict:
+    """The fold split a train.py checkpoint's fold was drawn from: the folds of one run share it."""
+    config = checkpoint.get("config") or {}
+    return {
+        "n_folds": checkpoint.get("n_folds"),
+        "fold_seed": config.get("fold_seed"),
+        "data_sha256": checkpoint.get("data_sha256"),
+    }
+
+
+def describe_split(split: dict) -> str:
+    """A fold_split in words, its fingerprint shortened."""
+    return ", ".join(f"{key} {short(value) if key == 'data_sha256' else value}" for key, value in split.items())
+
+
+def short(fingerprint: str | None) -> str:
+    """The first 12 hex digits of a sha256, enough to tell two apart in a message."""
+    return "none" if fingerprint is None else fingerprint[:12]
+
+
+def shown(value: Any) -> str:
+    """A setting as its flag takes it: lists comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def resume_differences(
+    state: dict, checkpoint: dict, runtime_fields: Collection[str]
+) -> Iterator[tuple[str, Any, Any]]:
+    """What differs between a saved run and this start, in the order a message names it: the fold (first, so that
+    a refit, --fold none, resumed as a fold's run or the other way round names that rather than a setting that
+    follows from it), the settings of the run's record (all but `runtime_fields`, by their flags), the precision and
+    data path they resolved to, the data and the fold's validation images."""
+    fold, now_fold = state.get("fold"), to_plain(checkpoint.get("fold"))
+    if fold != now_fold:
+        yield "--fold", "none" if fold is None else fold, "none" if now_fold is None else now_fold
+    saved, now = state["config"], to_plain(checkpoint["config"])
+    for key in dict.fromkeys([*saved, *now]):
+        if key not in runtime_fields and saved.get(key, "unset") != now.get(key, "unset"):
+            name = "ImageNet weights" if key == "pretrained" else "--" + key.replace("_", "-")
+            yield name, saved.get(key, "unset"), now.get(key, "unset")
+    for key, value in to_plain(checkpoint.get("resolved") or {}).items():
+        if (state.get("resolved") or {}).get(key) != value:
+            yield f"{key.replace('_', ' ')} (resolved)", (state.get("resolved") or {}).get(key), value
+    for key in ("data_sha256", "val_sha256"):
+        if state.get(key) != to_plain(checkpoint.get(key)):
+            yield key, state.get(key), to_plain(checkpoint.get(key))
+
+
 def check_resume_compatible(
-    state: dict, checkpoint: dict, path: str | Path, keys: Sequence[str], flags: dict[str, str]
+    state: dict, checkpoint: dict, path: str | Path, runtime_fields: Collection[str], data_name: str
 ) -> None:
-    """A resumed run must be the same run: `keys` of the checkpoint and the settings in `flags` (name in the run's
-    "config" record -> the flag that sets it) must equal this run's, else a UserError names the first difference."""
-    if "config" not in state or "best_epoch" not in state:
+    """The resume rule of both trainers: a run continues only as the same run. Its settings (every field of the
+    record but `runtime_fields`), the precision and data path they resolved to, its data (the fingerprint of the
+    names and labels of every row of `data_name`), its fold and that fold's validation images must equal this
+    start's; otherwise a UserError names the first difference."""
+    if "config" not in state or "best_epoch" not in state or "data_sha256" not in state:
         raise UserError(
-            f"{path} was written by another version of this project: resume with that version, or start afresh "
+            f"{path} was written by another version of this project: resume with that version, or start a new run "
             "with --overwrite."
         )
-    for key in keys:
-        if state.get(key) != to_plain(checkpoint[key]):
+    for name, old, new in resume_differences(state, checkpoint, runtime_fields):
+        way_out = "or start a new run with --overwrite."
+        if name == "data_sha256":
             raise UserError(
-                f"{path} was saved with {key} = {state.get(key)}, this run has {to_plain(checkpoint[key])}: "
-                "resume with the original flags, or start afresh with --overwrite."
+                f"{path} was trained on other data: the image names and labels of {data_name} have fingerprint "
+                f"{short(new)} now, {short(old)} then (rows added, removed or relabelled): restore the rows, {way_out}"
             )
-    for key, flag in flags.items():
-        if state["config"].get(key) != checkpoint["config"].get(key):
+        if name == "val_sha256":
             raise UserError(
-                f"{path} was saved with {flag} {state['config'].get(key)}, this run has "
-                f"{checkpoint['config'].get(key)}: resume with the original flags, or start afresh with --overwrite."
+                f"the validation images of {path} (fingerprint {short(old)}) are not this run's ({short(new)}), the "
+                "split being drawn otherwise (e.g. other patient_id values, or another version of this project): "
+                f"restore what it was trained with, {way_out}"
             )
+        raise UserError(
+            f"{path} was saved with {name} {shown(old)}, this run has {shown(new)}: resume with the settings it was "
+            f"saved with, {way_out}"
+        )
+
+
+def require_resumable(lasts: Sequence[Path], resume: bool, names: str) -> None:
+    """--resume needs a run to continue: one of `lasts` (the run's _last.pth files) must exist."""
+    if resume and not any(path.is_file() for path in lasts):
+        raise UserError(
+            f"--resume found no {lasts[0]} to continue: check {names} and the folder, or leave out --resume to start "
+            "a new run."
+        )
 
 
 def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bool, alternative: str) -> None:

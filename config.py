@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from color import COLOR_CONSTANCY, DEFAULT_MINKOWSKI_P, check_minkowski_p
 from dataset import AUGMENTATIONS, RESIZE_MODES, Preprocessing
 from device_data import DATA_PATHS
-from image_files import MIN_IMAGE_SIZE
+from image_files import MIN_IMAGE_SIZE, is_plain_name
 from inference import MAX_TTA
 from models import ENET_TYPES, is_lite
 from tables import META_FEATURES
@@ -322,6 +322,28 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The fields of a run's record that say only where and how fast it runs, where its files go and what it logs, which
+# folds this start trains, or how it treats earlier files. --resume continues a run whatever they are; every other
+# field shapes training and must equal the saved run's (checkpoints.check_resume_compatible).
+RUNTIME_FIELDS = frozenset(
+    {
+        "num_workers",
+        "progress",
+        "device",
+        "CUDA_VISIBLE_DEVICES",
+        "compile",
+        "channels_last",
+        "tensorboard",
+        "model_dir",
+        "log_dir",
+        "model_paths",
+        "folds",
+        "resume",
+        "overwrite",
+    }
+)
+
+
 def weights_row(pretrained: bool, enet_type: str) -> str:
     """Which row of DEFAULTS a run takes: random weights, ImageNet weights of a Lite model (from pip), or ImageNet
     weights of b0-b7."""
@@ -396,6 +418,11 @@ class RunConfig:
                     f"--ema-decay {self.ema_decay} must lie in [0, 1): e.g. 0.98, or 0 to turn the average off.",
                 ),
                 (self.bn_refresh_batches >= 0, f"--bn-refresh-batches {self.bn_refresh_batches} must be 0 or more."),
+                (
+                    0.0 <= self.bn_momentum <= 1.0,
+                    f"--bn-momentum {self.bn_momentum} must lie in [0, 1] (PyTorch's convention, e.g. 0.1).",
+                ),
+                (self.seed >= 0, f"--seed {self.seed} must be 0 or more."),
             ]
         )
         check_tensorboard_request(self.tensorboard)
@@ -432,6 +459,19 @@ class MelanomaConfig(RunConfig):
     fusion: str
     lesion_features: bool
     bad_images: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        refuse(
+            [
+                (self.fold_seed >= 0, f"--fold-seed {self.fold_seed} must be 0 or more."),
+                (
+                    is_plain_name(self.save_name.strip()),
+                    f"--save-name {self.save_name!r} is not a file name: give a name such as r1 (the folders are "
+                    "--model-dir and --log-dir).",
+                ),
+            ]
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MelanomaConfig:
@@ -512,7 +552,9 @@ class ArtifactConfig(RunConfig):
 
 
 def parse_folds(spec: str, n_folds: int) -> tuple[int, ...]:
-    """The validation folds; none (a refit on every row) is the empty tuple."""
+    """The validation folds; none (a refit on every row) is the empty tuple. Each fold may be named once."""
+    if n_folds < 2:  # before the folds are read: "--fold 0 is outside 0..-1" would blame the wrong flag
+        raise UserError(f"--n-folds {n_folds} must be at least 2: one fold validates, the others train.")
     if spec == "all":
         return tuple(range(n_folds))
     if spec == "none":
@@ -521,6 +563,9 @@ def parse_folds(spec: str, n_folds: int) -> tuple[int, ...]:
         folds = tuple(int(part) for part in spec.split(","))
     except ValueError:
         raise UserError(f"--fold {spec!r} is not a fold index: use e.g. 0, 0,1,2, all or none.") from None
+    repeated = sorted({fold for fold in folds if folds.count(fold) > 1})
+    if repeated:
+        raise UserError(f"--fold {spec!r} names fold {repeated[0]} twice: name each fold once, e.g. 0,1.")
     bad = [fold for fold in folds if not 0 <= fold < n_folds]
     if bad:
         raise UserError(f"--fold {bad[0]} is outside 0..{n_folds - 1}: pick a fold below --n-folds {n_folds}.")

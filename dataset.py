@@ -57,12 +57,28 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> Preprocessing:
-        return cls(
-            checkpoint.get("color_constancy", "none"),
-            float(checkpoint.get("minkowski_p", DEFAULT_MINKOWSKI_P)),
-            checkpoint.get("resize_mode", "stretch"),
-        )
+    def from_checkpoint(cls, checkpoint: dict, path: object = "the checkpoint") -> Preprocessing:
+        """The checkpoint's own settings, checked as data: a value no run of this project writes names the file
+        (`path`), not a flag the user never gave."""
+        values = {
+            "color_constancy": checkpoint.get("color_constancy", "none"),
+            "minkowski_p": checkpoint.get("minkowski_p", DEFAULT_MINKOWSKI_P),
+            "resize_mode": checkpoint.get("resize_mode", "stretch"),
+        }
+        valid = {
+            "color_constancy": lambda value: isinstance(value, str) and value in COLOR_CONSTANCY,
+            "minkowski_p": lambda value: (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 1.0 <= value < math.inf
+            ),
+            "resize_mode": lambda value: isinstance(value, str) and value in RESIZE_MODES,
+        }
+        for key, value in values.items():
+            if not valid[key](value):
+                raise UserError(
+                    f"{path} holds the preprocessing setting {key} = {repr(value)[:60]}, which is not a valid value: "
+                    "the file is damaged or was not written by this project."
+                )
+        return cls(values["color_constancy"], float(values["minkowski_p"]), values["resize_mode"])
 
     def steps(self) -> list[A.BasicTransform]:
         """The albumentations steps before the resize to the network's side."""

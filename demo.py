@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     with exit_on_user_error():
         started = time.time()
         counts = (("--n-train", args.n_train, 1), ("--n-test", args.n_test, 1), ("--n-epochs", args.n_epochs, 1))
+        counts += (("--seed", args.seed, 0),)
         for flag, value, least in (*counts, ("--image-size", args.image_size, MIN_IMAGE_SIZE)):
             if value < least:  # before the data set is drawn, which takes a minute
                 raise UserError(f"{flag} {value} must be at least {least}.")

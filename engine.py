@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +31,9 @@ from checkpoints import (
     save_checkpoint,
     training_state,
 )
-from config import RunConfig
+from config import RUNTIME_FIELDS, RunConfig
 from dataset import EpochSampler
+from device_data import resolve_data_path
 from distributed import (
     World,
     average_buffers_over_world,
@@ -55,6 +56,7 @@ from loops import (
 from tensorboard_log import TensorBoardLog
 from utils import (
     make_grad_scaler,
+    precision_name,
     resolve_precision,
     set_visible_devices,
     to_plain,
@@ -100,14 +102,15 @@ class Task:
     shuffle_seed: int
     loss_fn: LossFn
     score: Callable[[Epoch], Scored]
-    checkpoint: dict  # what every checkpoint of the run holds: the model's configuration, its input encoding
+    # what every checkpoint of the run holds: the model's configuration, its input encoding, and the fingerprints
+    # of its data and validation images (data_sha256, val_sha256) that --resume compares
+    checkpoint: dict
     # "last" and "history" (.jsonl or .csv); "best" where there are validation images; "final", "log" and
     # "tensorboard" (a folder) where wanted, and the path of any Scored.best frame that is to be written as CSV
     paths: dict[str, Path]
     score_name: str = "auc"
     log_line: Callable[[dict], str] | None = None  # the log file's line for a history record
-    resume_keys: Sequence[str] = ()  # checkpoint keys that must match for --resume
-    resume_flags: dict[str, str] = field(default_factory=dict)  # settings that must match, with their flags
+    data_name: str = "the data"  # what data_sha256 fingerprints, in messages: e.g. the table it was read from
 
 
 @dataclass
@@ -252,9 +255,30 @@ def save_epoch(
         print(f"  best {task.score_name} {scored.score:.4f}: saved {paths['best']}", flush=True)
     save_checkpoint(paths["last"], {**checkpoint, **resumable, **progress.state()})
     write_history(task, progress.history)
+    write_best_frames(task, progress)
+
+
+def write_best_frames(task: Task, progress: Progress) -> None:
     for name, frame in progress.best.items():
-        if name in paths:
-            write_csv_atomic(frame, paths[name])
+        if name in task.paths:
+            write_csv_atomic(frame, task.paths[name])
+
+
+def epoch_checkpoint(last: dict) -> dict:
+    """An epoch's own checkpoint (what _best.pth and _final.pth hold) from the _last.pth of that epoch: without the
+    training state and the progress that save_epoch adds to it."""
+    resumable = {"optimizer", "scheduler", "scaler", "rng", "training_weights", *Progress().state()}
+    return {key: value for key, value in last.items() if key not in resumable}
+
+
+def repair_outputs(task: Task, progress: Progress, last: dict, n_epochs: int) -> None:
+    """What a kill after _last.pth was written may have left undone, redone from it: the history, the best epoch's
+    frames and, when that was the last epoch, _final.pth."""
+    write_history(task, progress.history)
+    write_best_frames(task, progress)
+    final = task.paths.get("final")
+    if final is not None and progress.epoch == n_epochs and not final.is_file():
+        save_checkpoint(final, epoch_checkpoint(last))
 
 
 # --------------------------------------------------------------------------- the run
@@ -291,17 +315,20 @@ def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_d
         "kind": KIND_ON_DISK[task.kind],
         **task.checkpoint,
         "config": config.record(),  # the run's record
+        # what its "auto" values came to on this device: a resumed run must train as the run it continues did
+        "resolved": {"precision": precision_name(amp_dtype), "data_path": resolve_data_path(config.data_path, device)},
     }
 
     progress = Progress()
     if config.resume and task.paths["last"].is_file():
         state = load_checkpoint(task.paths["last"], task.kind)
-        check_resume_compatible(state, checkpoint, task.paths["last"], task.resume_keys, task.resume_flags)
+        check_resume_compatible(state, checkpoint, task.paths["last"], RUNTIME_FIELDS, task.data_name)
         restore_training_state(state, net, optimizer, scheduler, scaler)
         if average is not None:
             average.module.load_state_dict(state["state_dict"])
         progress = Progress.from_state(state)
         if world.is_main:
+            repair_outputs(task, progress, state, config.n_epochs)
             print(
                 f"resuming {task.name} after epoch {progress.epoch} (best {task.score_name} so far "
                 f"{progress.best_score:.4f}, epoch {progress.best_epoch})",

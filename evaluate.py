@@ -57,7 +57,7 @@ import pandas as pd
 
 from cam import CAM_GROUPS, select_cam_images, write_cams
 from checkpoints import load_checkpoint
-from inference import add_runtime_args, load_melanoma_model, prepare_runtime, require_metadata
+from inference import add_runtime_args, check_runtime_counts, load_melanoma_model, prepare_runtime, require_metadata
 from report_html import build_report
 from report_metrics import IN_SAMPLE, compute_metrics, data_summary, json_ready
 from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_subgroups, plot_training_curves
@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier report")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
-    if args.cam and not (args.model_path and args.data_dir):
+    if args.cam > 0 and not (args.model_path and args.data_dir):
         parser.error("--cam needs --model-path and --data-dir")
     return args
 
@@ -336,6 +336,14 @@ def print_summary(metrics: dict, out_dir: Path, written: list[str]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
+        for flag, value, least in (
+            ("--n-bootstrap", args.n_bootstrap, 1),
+            ("--seed", args.seed, 0),
+            ("--cam", args.cam, 0),
+        ):
+            if value < least:
+                raise UserError(f"{flag} {value} must be at least {least}.")
+        check_runtime_counts(args)
         inputs = read_inputs(args)
         out_dir = Path(args.out_dir)
         check_report_dir(out_dir, args.overwrite)

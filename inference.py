@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from checkpoints import load_checkpoint
+from checkpoints import describe_split, fold_split, load_checkpoint
 from dataset import EpochSampler, ImageDataset, Preprocessing, valid_transforms
 from features import FeatureScaler, side_inputs
 from image_files import IMAGE_EXTENSIONS, list_images
@@ -85,9 +86,8 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     encoder = MetaEncoder.from_state_dict(checkpoint["meta_encoder"]) if checkpoint["use_meta"] else None
-    info = {
-        key: checkpoint.get(key) for key in ("fold", "n_folds", "val_images", "refit", "config", "epoch", "metrics")
-    }
+    info_keys = ("fold", "n_folds", "val_images", "refit", "config", "epoch", "metrics", "data_sha256")
+    info = {key: checkpoint.get(key) for key in info_keys}
     scaler_state = checkpoint.get("lesion_features")
     feature_scaler = FeatureScaler.from_state_dict(scaler_state) if scaler_state else None
     meta_state = checkpoint.get("meta_model")
@@ -102,7 +102,7 @@ def load_melanoma_model(path: str | Path, device: torch.device, channels_last: b
         info,
         feature_scaler,
         meta_model,
-        Preprocessing.from_checkpoint(checkpoint),
+        Preprocessing.from_checkpoint(checkpoint, path),
     )
 
 
@@ -159,6 +159,45 @@ def expand_model_paths(specs: Sequence[str], which: str = "best") -> list[Path]:
                 "file or <model-dir>/<save-name> of a train.py run."
             )
     return paths
+
+
+def check_one_split(spec: str, folds: Sequence[LoadedModel]) -> None:
+    """The fold checkpoints a run prefix names are one run: one split (checkpoints.fold_split), each fold once, and
+    (what a split means) no image validated by two of them. A UserError names the first that does not fit."""
+    for index, loaded in enumerate(folds):
+        for earlier in folds[:index]:
+            if loaded.info.get("fold") == earlier.info.get("fold"):
+                raise UserError(
+                    f"{spec} holds fold {loaded.info.get('fold')} twice, in {earlier.path} and {loaded.path}: remove "
+                    "the stray file, or retrain the run with --overwrite."
+                )
+            split, other = fold_split(loaded.info), fold_split(earlier.info)
+            shared = set(loaded.info.get("val_images") or []) & set(earlier.info.get("val_images") or [])
+            if split != other or shared:
+                raise UserError(
+                    f"{spec} mixes folds of different splits: {loaded.path} ({describe_split(split)}) does not fit "
+                    f"{earlier.path}{f' (both validated on {min(shared)})' if shared else ''}: remove the stray file, "
+                    "or retrain the run with --overwrite."
+                )
+
+
+def load_melanoma_models(
+    specs: Sequence[str],
+    which: str,
+    device: torch.device,
+    channels_last: bool = False,
+    load: Callable[[Path, torch.device, bool], Any] = load_melanoma_model,
+) -> list:
+    """The models `specs` name (files, or run prefixes: expand_model_paths), each read by `load` (predict.py's
+    also reads exported files: onnx_model.load_scoring_model); the folds of one run prefix must be one run
+    (check_one_split)."""
+    models = []
+    for spec in specs:
+        loaded = [load(path, device, channels_last) for path in expand_model_paths([spec], which)]
+        if not Path(spec).is_file():
+            check_one_split(spec, loaded)
+        models += loaded
+    return models
 
 
 # --------------------------------------------------------------------------- test-time augmentation
@@ -416,17 +455,31 @@ def prediction_options(args: argparse.Namespace) -> dict:
     }
 
 
+def check_runtime_counts(args: argparse.Namespace) -> None:
+    """--batch-size, --num-workers and (where the script has it) --n-tta, refused in one sentence when they would
+    score nothing or fail in the loader."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers {args.num_workers} must be 0 or more.")
+    check_n_tta(getattr(args, "n_tta", 1))
+
+
 def prepare_runtime(args: argparse.Namespace):
-    """Device and autocast dtype from the shared flags."""
+    """Device and autocast dtype from the shared flags, after the counts among them are checked."""
+    check_runtime_counts(args)
     set_visible_devices(args.CUDA_VISIBLE_DEVICES)
     device = select_device(args.device)
     return device, resolve_precision(args.precision, device)
 
 
-def check_output(path: Path, overwrite: bool, alternative: str = "choose another --out") -> None:
-    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work. Deletes
-    the temporary files that a killed earlier write of `path` left beside it: they are never a finished result."""
-    refuse_folder(path, "--out", "predictions.csv")
+def check_output(
+    path: Path, overwrite: bool, alternative: str = "choose another --out", example: str = "predictions.csv"
+) -> None:
+    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work (a
+    folder given as the file is refused with `example` as a file name). Deletes the temporary files that a killed
+    earlier write of `path` left beside it: they are never a finished result."""
+    refuse_folder(path, "--out", example)
     for leftover in temp_files_of(path):
         leftover.unlink(missing_ok=True)
     if path.exists() and not overwrite:

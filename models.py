@@ -201,20 +201,70 @@ class ArtifactNet(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=1)
 
 
+def is_count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# What a checkpoint's "model" may hold, per kind: the constructor arguments that shape the network, each with its
+# check. Nothing else reaches a constructor: a checkpoint is data, so it never names a file to open (the backbone
+# is built without ImageNet weights, which its state_dict replaces anyway) nor a training setting.
+MODEL_SETTINGS = {
+    "melanoma": {
+        "enet_type": lambda value: isinstance(value, str) and value in ENET_TYPES,
+        "out_dim": lambda value: is_count(value, 1) and value <= 2,
+        "n_meta_features": lambda value: is_count(value, 0),
+        "n_meta_dim": lambda value: (
+            isinstance(value, (list, tuple)) and len(value) == 2 and all(is_count(size, 1) for size in value)
+        ),
+    },
+    "artifact": {
+        "enet_type": lambda value: isinstance(value, str) and value in ENET_TYPES,
+        "heads": lambda value: (
+            isinstance(value, (list, tuple))
+            and len(value) > 0
+            and all(isinstance(head, str) and head for head in value)
+        ),
+    },
+}
+REQUIRED_SETTINGS = {"melanoma": ("enet_type",), "artifact": ("enet_type", "heads")}
+
+
+def model_settings(kind: str, settings: dict, path: str | Path) -> dict:
+    """The checkpoint's model settings once each is known and valid; a UserError naming the file otherwise."""
+    checks = MODEL_SETTINGS[kind]
+    for key in REQUIRED_SETTINGS[kind]:
+        if key not in settings:
+            raise UserError(f"{path} lacks the model setting {key}: use a checkpoint written by this project.")
+    for key, value in settings.items():
+        if key not in checks:
+            raise UserError(
+                f"{path} holds the model setting {key!r}, which no checkpoint of this project has: the file was "
+                "altered or not written by this project."
+            )
+        if not checks[key](value):
+            raise UserError(
+                f"{path} holds the model setting {key} = {repr(value)[:60]}, which is not a valid value: the file is "
+                "damaged or was not written by this project."
+            )
+    return dict(settings)
+
+
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> nn.Module:
     """Rebuilds the network a checkpoint of this project was saved from, with its weights, in eval mode.
 
     checkpoint["model"] holds the constructor arguments of MelanomaNet (kind "melanoma") or ArtifactNet (kind "bias");
-    the backbone starts from random weights (no download) since the checkpoint's own weights replace them.
+    only those in MODEL_SETTINGS, checked, are passed on. The backbone starts from random weights (nothing is
+    downloaded or opened) since the checkpoint's own weights replace them.
     """
     networks = {"melanoma": MelanomaNet, "artifact": ArtifactNet}
     # every detector file written so far says "bias" (the original code's word): kind_of reads it as "artifact",
     # so that those files keep loading
     kind, config = kind_of(checkpoint.get("kind")), checkpoint.get("model")
-    if kind not in networks or not isinstance(config, dict) or "state_dict" not in checkpoint:
+    if kind not in networks or not isinstance(config, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UserError(f"{path} lacks the model configuration or weights: use a checkpoint written by this project.")
+    settings = model_settings(kind, config, path)
     try:
-        model = networks[kind](**config, pretrained=False)
+        model = networks[kind](**settings, pretrained=False, weights_path=None)
         model.load_state_dict(checkpoint["state_dict"])
     except (TypeError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0]

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from annotations import PROB_SUFFIX, read_artifact_annotations
-from checkpoints import claim_outputs, load_checkpoint
+from checkpoints import claim_outputs, load_checkpoint, require_resumable, rows_fingerprint
 from config import ArtifactConfig, add_artifact_flags
 from dataset import EpochSampler, Preprocessing
 from device_data import resolve_data_path
@@ -75,18 +75,6 @@ from utils import (
     to_plain,
     write_csv_atomic,
 )
-
-# what must match for --resume to continue a run (checkpoint keys, and settings with their flags)
-RESUME_KEYS = ("model", "image_size", "color_constancy", "minkowski_p", "resize_mode", "ann_sha256", "val_images")
-RESUME_FLAGS = {
-    "n_epochs": "--n-epochs",
-    "batch_size": "--batch-size",
-    "init_lr": "--init-lr",
-    "seed": "--seed",
-    "ema_decay": "--ema-decay",
-    "ratio": "--ratio",
-    "img_path": "--img_path",
-}
 
 
 def parse_args(argv: list[str] | None = None) -> ArtifactConfig:
@@ -282,6 +270,7 @@ def run_train(
     if world.is_main:
         ensure_writable_dir(paths["model"].parent, "model folder (--model_path)")
         outputs = [paths["model"], paths["last"], paths["history"], paths["tensorboard"]]
+        require_resumable([paths["last"]], config.resume, "--model_path")
         claim_outputs(outputs, paths["last"], config.resume, config.overwrite, "choose another --model_path")
     if world.distributed:
         dist.barrier()
@@ -331,6 +320,12 @@ def run_train(
             "ann_sha256": file_sha256(config.ann_path),
             "train_images": frame["image_name"].iloc[train_index].tolist(),
             "val_images": frame["image_name"].iloc[val_index].tolist(),
+            # what --resume compares: every annotated row (name and labels) and the val images
+            "data_sha256": rows_fingerprint(
+                (name, *(f"{head}={value}" for head, value in zip(heads, row, strict=True)))
+                for name, row in zip(frame["image_name"], labels.tolist(), strict=True)
+            ),
+            "val_sha256": rows_fingerprint((name,) for name in frame["image_name"].iloc[val_index]),
         },
         paths={
             "best": paths["model"],
@@ -339,8 +334,7 @@ def run_train(
             "tensorboard": paths["tensorboard"],
         },
         score_name="mean val auc",
-        resume_keys=RESUME_KEYS,
-        resume_flags=RESUME_FLAGS,
+        data_name=str(config.ann_path),
     )
     progress = fit(task, config, world, device, amp_dtype).progress
     best_table = progress.best["table"]

@@ -43,9 +43,9 @@ from inference import (
     check_output,
     combine,
     encode_metadata,
-    expand_model_paths,
     frame_from_images,
     held_out_images,
+    load_melanoma_models,
     prediction_options,
     prepare_runtime,
     require_metadata,
@@ -141,18 +141,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with exit_on_user_error():
         out = Path(args.out)
         check_output(out, args.overwrite)
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
         if args.age is not None and not 0 <= args.age <= MAX_AGE:  # also refuses nan
             raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
         device, amp_dtype = prepare_runtime(args)
-        paths = expand_model_paths(args.model_path, args.which)
-        if args.rank_average and len(paths) < 2:
+        # a run prefix's fold checkpoints must be one run: one split, each fold once (check_one_split)
+        models = load_melanoma_models(args.model_path, args.which, device, args.channels_last, load_scoring_model)
+        if args.rank_average and len(models) < 2:
             raise UserError(
-                f"--rank-average ensembles two or more models, --model-path gives {len(paths)}: leave it out to "
+                f"--rank-average ensembles two or more models, --model-path gives {len(models)}: leave it out to "
                 "write the model's P(melanoma)."
             )
-        models = [load_scoring_model(path, device, args.channels_last) for path in paths]
 
         if args.data_dir:
             frame = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)

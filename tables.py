@@ -97,7 +97,8 @@ def read_melanoma_table(
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"data folder {data_dir} does not exist: pass --data-dir with the unpacked Kaggle folder.")
+        problem = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise UserError(f"data folder {data_dir} {problem}: pass --data-dir with the unpacked Kaggle folder.")
     if split == "train":
         csv_path = find_train_csv(data_dir)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from baselines import baseline_aucs
-from checkpoints import claim_outputs
+from checkpoints import (
+    claim_outputs,
+    describe_split,
+    fold_split,
+    load_checkpoint,
+    require_resumable,
+    rows_fingerprint,
+)
 from config import MelanomaConfig, add_melanoma_flags
 from device_data import resolve_data_path
 from distributed import World
@@ -31,7 +39,7 @@ from features import FeatureScaler, colour_statistics, lesion_features, side_inp
 from loops import Images, LossFn, Preparation
 from metrics import binary_metrics, safe_auc
 from models import MelanomaNet, MetadataLogit, input_normalization, melanoma_logit, melanoma_probability
-from tables import MetaEncoder, make_folds, read_melanoma_table
+from tables import MetaEncoder, find_train_csv, make_folds, read_melanoma_table
 from utils import (
     UserError,
     ensure_writable_dir,
@@ -41,25 +49,6 @@ from utils import (
     to_plain,
     write_csv_atomic,
 )
-
-# what must match for --resume to continue a run (checkpoint keys, and settings with their flags)
-# (fold first: a refit resumed as a fold run, or the other way round, then names its real difference)
-RESUME_KEYS = (
-    "fold",
-    "n_folds",
-    "model",
-    "use_meta",
-    "fusion",
-    "lesion_features",
-    "image_size",
-    "color_constancy",
-    "minkowski_p",
-    "resize_mode",
-)
-RESUME_FLAGS = {
-    key: "--" + key.replace("_", "-")
-    for key in ("n_epochs", "batch_size", "init_lr", "seed", "fold_seed", "enet_type", "data_dir", "ema_decay")
-}
 
 
 def parse_args(argv: list[str] | None = None) -> MelanomaConfig:
@@ -93,6 +82,23 @@ def run_paths(config: MelanomaConfig, run_name: str) -> dict[str, Path]:
 def pooled_oof_path(config: MelanomaConfig) -> Path:
     """The out-of-fold predictions of all folds of a multi-fold run."""
     return Path(config.log_dir) / f"oof_{config.save_name}.csv"
+
+
+def data_fingerprint(frame: pd.DataFrame) -> str:
+    """What a run's checkpoints keep of the rows it read (their names and targets), to tell the same data later."""
+    return rows_fingerprint(zip(frame["image_name"], frame["target"].astype(int), strict=True))
+
+
+def earlier_fold_runs(config: MelanomaConfig) -> list[str]:
+    """The fold runs (<save-name>_fold<k>) of which a file lies in the model or log folder."""
+    pattern = re.compile(re.escape(config.save_name) + r"_fold\d+")
+    found = set()
+    for folder in {Path(config.model_dir), Path(config.log_dir)}:
+        for path in folder.iterdir() if folder.is_dir() else []:
+            for match in pattern.finditer(path.name):
+                if path in run_paths(config, match.group(0)).values():
+                    found.add(match.group(0))
+    return sorted(found)
 
 
 def log_line(record: dict) -> str:
@@ -208,8 +214,11 @@ def fold_inputs(config: MelanomaConfig, frame: pd.DataFrame, fold: int | None, l
     return FoldInputs(train_rows, valid_rows, train_side, valid_side, encoder, scaler, meta_model, evidence)
 
 
-def fold_checkpoint(config: MelanomaConfig, inputs: FoldInputs, fold: int | None, n_side: int) -> dict:
-    """What every checkpoint of the fold holds to rebuild the model and its input encoding from the file alone."""
+def fold_checkpoint(
+    config: MelanomaConfig, inputs: FoldInputs, fold: int | None, n_side: int, data_sha256: str
+) -> dict:
+    """What every checkpoint of the fold holds to rebuild the model and its input encoding from the file alone, and
+    what ties it to its data and its split (checkpoints.fold_split: n_folds, the fold seed, data_sha256)."""
     mean, std = input_normalization(config.enet_type)
     encoder = inputs.encoder
     return {
@@ -235,6 +244,8 @@ def fold_checkpoint(config: MelanomaConfig, inputs: FoldInputs, fold: int | None
         "refit": fold is None,
         # fold membership is stored, never rebuilt: whatever later scores "held-out" rows reads them from here
         "val_images": inputs.valid_rows["image_name"].tolist(),
+        "val_sha256": rows_fingerprint((name,) for name in inputs.valid_rows["image_name"]),
+        "data_sha256": data_sha256,
     }
 
 
@@ -278,16 +289,17 @@ def train_fold(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     world: World,
+    data_sha256: str,
     colour: np.ndarray | None = None,
     lesion: np.ndarray | None = None,
 ) -> dict:
     """Trains on every fold but `fold`, validates on `fold`; returns the out-of-fold predictions of the best
     epoch, the baselines' validation AUCs, the trained network and the last epoch's validation AUC (the best epoch
     is picked on this same fold, so its AUC is optimistic). Writes <run>_best/_final/_last.pth, the log,
-    the metrics file and the OOF CSV (the main process only, in a distributed run). `colour` and `lesion` hold the
-    colour statistics and lesion features of every row of `frame`, computed once per run, where it needs them.
-    Fold None is a refit on every row: no validation, no baselines, no best checkpoint and no OOF predictions
-    (their entries are None and NaN)."""
+    the metrics file and the OOF CSV (the main process only, in a distributed run). `data_sha256` fingerprints
+    `frame` (data_fingerprint); `colour` and `lesion` hold the colour statistics and lesion features of every row of
+    `frame`, computed once per run, where it needs them. Fold None is a refit on every row: no validation, no
+    baselines, no best checkpoint and no OOF predictions (their entries are None and NaN)."""
     refit = fold is None
     inputs = fold_inputs(config, frame, fold, lesion)
     baselines = fold_baselines(config, frame, fold, inputs, colour) if world.is_main and not refit else {}
@@ -326,11 +338,10 @@ def train_fold(
         shuffle_seed=config.seed + offset,
         loss_fn=melanoma_loss(config.out_dim),
         score=score,
-        checkpoint=fold_checkpoint(config, inputs, fold, n_side),
+        checkpoint=fold_checkpoint(config, inputs, fold, n_side, data_sha256),
         paths=paths,
         log_line=refit_log_line if refit else log_line,
-        resume_keys=RESUME_KEYS,
-        resume_flags=RESUME_FLAGS,
+        data_name=str(find_train_csv(Path(config.data_dir))),
     )
     fitted = fit(task, config, world, device, amp_dtype)
     if refit:
@@ -357,15 +368,44 @@ def train_fold(
 
 
 def check_outputs_free(config: MelanomaConfig, run_names: list[str]) -> None:
-    """Refuses to overwrite an earlier run's files unless asked to (--overwrite), or told to continue it."""
-    for run_name in run_names:
-        paths = run_paths(config, run_name)
-        claim_outputs(
-            list(paths.values()), paths["last"], config.resume, config.overwrite, "choose another --save-name"
-        )
-    if len(run_names) > 1:  # the pooled predictions are rewritten when the folds are resumed
-        last = run_paths(config, run_names[0])["last"]
-        claim_outputs([pooled_oof_path(config)], last, config.resume, config.overwrite, "choose another --save-name")
+    """Refuses to overwrite an earlier run's files unless asked to (--overwrite), or told to continue it (--resume,
+    which needs one of its _last.pth). The files of a --save-name are one unit: the single run's, those of every
+    fold an earlier start trained, and the pooled predictions; --overwrite removes them all."""
+    lasts = [run_paths(config, run_name)["last"] for run_name in run_names]
+    require_resumable(lasts, config.resume, "--save-name")
+    names = dict.fromkeys([config.save_name, *run_names, *earlier_fold_runs(config)])
+    files = dict.fromkeys(
+        [*(path for name in names for path in run_paths(config, name).values()), pooled_oof_path(config)]
+    )
+    last = next((path for path in lasts if path.is_file()), lasts[0])
+    claim_outputs(list(files), last, config.resume, config.overwrite, "choose another --save-name")
+
+
+def fold_states(config: MelanomaConfig, data_sha256: str) -> list[dict]:
+    """The _last.pth of every fold of the run that has one, this start's and earlier ones'; each must share this
+    run's split (n_folds, fold seed, data fingerprint)."""
+    split = {"n_folds": config.n_folds, "fold_seed": config.fold_seed, "data_sha256": data_sha256}
+    states = []
+    for fold in range(config.n_folds):
+        last = run_paths(config, f"{config.save_name}_fold{fold}")["last"]
+        if not last.is_file():
+            continue
+        state = load_checkpoint(last, "melanoma")
+        if fold_split(state) != split:
+            raise UserError(
+                f"{last} belongs to another fold split ({describe_split(fold_split(state))}) than this run: retrain "
+                "the whole run with --overwrite, or choose another --save-name."
+            )
+        states.append(state)
+    return states
+
+
+def pooled_oof(config: MelanomaConfig, data_sha256: str) -> pd.DataFrame:
+    """The best-epoch out-of-fold predictions of every finished fold of the run, read from their _last.pth:
+    continuing some of the folds never drops the others; an unfinished fold joins once it has finished."""
+    states = fold_states(config, data_sha256)
+    finished = [state for state in states if state["epoch"] == state["config"]["n_epochs"]]
+    return pd.concat([pd.DataFrame(state["best"]["oof"]) for state in finished], ignore_index=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -392,11 +432,14 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
     )
     if not config.refit:  # a refit trains on every row: it needs no folds
         frame["fold"] = make_folds(frame, config.n_folds, config.fold_seed)
+    data_sha256 = data_fingerprint(frame)
     run_names = [config.save_name] if len(folds) <= 1 else [f"{config.save_name}_fold{fold}" for fold in folds]
     if world.is_main:
         ensure_writable_dir(config.model_dir, "model folder (--model-dir)")
         ensure_writable_dir(config.log_dir, "log folder (--log-dir)")
         check_outputs_free(config, run_names)
+        if config.resume and len(folds) > 1:
+            fold_states(config, data_sha256)  # a fold of another split is refused before any training
     if world.distributed:
         dist.barrier()
 
@@ -426,10 +469,12 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
             if world.is_main:
                 print(f"lesion features of {len(frame)} images in {time.time() - started:.1f} s", flush=True)
     if config.refit:
-        result = train_fold(config, frame, None, config.save_name, device, amp_dtype, world, colour, lesion)
+        result = train_fold(
+            config, frame, None, config.save_name, device, amp_dtype, world, data_sha256, colour, lesion
+        )
         return {"refit": True, "folds": [], "models": [result["net"]]}
     results = [
-        train_fold(config, frame, fold, run_name, device, amp_dtype, world, colour, lesion)
+        train_fold(config, frame, fold, run_name, device, amp_dtype, world, data_sha256, colour, lesion)
         for fold, run_name in zip(folds, run_names, strict=True)
     ]
     summary = {
@@ -443,12 +488,14 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
     summary["last_mean_auc"] = float(np.mean(summary["last_fold_auc"]))
     if len(folds) > 1 and world.is_main:
         oof_path = pooled_oof_path(config)
-        write_csv_atomic(pd.concat([result["oof"] for result in results], ignore_index=True), oof_path)
+        pooled = pooled_oof(config, data_sha256)
+        write_csv_atomic(pooled, oof_path)
         print(
             f"cross-validation: best-epoch auc per fold {[round(a, 4) for a in summary['fold_auc']]}, "
             f"mean {summary['mean_auc']:.4f} +- {np.std(summary['fold_auc']):.4f}; last-epoch auc per fold "
             f"{[round(a, 4) for a in summary['last_fold_auc']]}, mean {summary['last_mean_auc']:.4f} (the best epoch "
-            f"is picked on the fold it is scored on: optimistic); pooled best-epoch predictions {oof_path}",
+            f"is picked on the fold it is scored on: optimistic); pooled best-epoch predictions of the finished "
+            f"folds {sorted(pooled['fold'].unique().tolist())}: {oof_path}",
             flush=True,
         )
     return summary

@@ -9,7 +9,7 @@ def bench_argv(data_dir, tmp_path, *extra):
     return [
         "--enet-type", "efficientnet-b0", "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
         "--data-images", "8", "--num-workers", "0", "--data-dir", str(data_dir), "--json", str(tmp_path / "b.json"),
-        *extra,
+        "--overwrite", *extra,
     ]  # fmt: skip
 
 

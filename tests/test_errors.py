@@ -21,7 +21,9 @@ import torch.multiprocessing as mp
 from test_distributed import free_port, train_on_rank
 
 import engine
+import evaluate
 import multi_classification
+import predict
 import train
 from checkpoints import load_checkpoint
 from tables import make_folds
@@ -276,3 +278,51 @@ def test_meta_features_without_a_usable_list_are_one_sentence(synthetic_dir, tmp
     argv = seed_command(synthetic_dir, tmp_path, "--use-meta", "--meta-features", spec)
     fails_with(capsys, argv, f"--meta-features {spec!r} {fragment}", "sex,age,site,n_images,image_size")
     assert not (tmp_path / "weights").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--n-folds", "0"], "--n-folds 0 must be at least 2"),
+        (["--fold", "0,0"], "--fold '0,0' names fold 0 twice"),
+        (["--seed", "-1"], "--seed -1 must be 0 or more"),
+        (["--fold-seed", "-1"], "--fold-seed -1 must be 0 or more"),
+        (["--bn-momentum", "-1"], "--bn-momentum -1.0 must lie in [0, 1]"),
+        (["--save-name", "a/b"], "--save-name 'a/b' is not a file name"),
+    ],
+)
+def test_counts_seeds_and_names_that_used_to_run_or_trace_back(synthetic_dir, tmp_path, capsys, extra, message):
+    """Each of these was a traceback (a negative seed), a misleading sentence (--n-folds 0 blamed --fold) or a run
+    that should not have started (a negative BatchNorm momentum, a save name that is a path)."""
+    argv = seed_command(synthetic_dir, tmp_path)
+    position = argv.index(extra[0]) if extra[0] in argv else None
+    if position is not None:
+        del argv[position : position + 2]
+    fails_with(capsys, [*argv, *extra], message)
+    assert not (tmp_path / "weights").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "extra", "message"),
+    [
+        ("predict", ["--n-tta", "0"], "--n-tta 0 is outside 1..8"),
+        ("predict", ["--num-workers", "-1"], "--num-workers -1 must be 0 or more"),
+        ("evaluate", ["--n-bootstrap", "0"], "--n-bootstrap 0 must be at least 1"),
+        ("evaluate", ["--seed", "-1"], "--seed -1 must be at least 0"),
+        ("evaluate", ["--cam", "-1"], "--cam -1 must be at least 0"),
+        ("evaluate", ["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    ],
+)
+def test_scoring_counts_are_one_sentence(tmp_path, capsys, script, extra, message):
+    if script == "predict":
+        main, argv = (
+            predict.main,
+            ["--data-dir", str(tmp_path), "--model-path", "m.pth", "--out", str(tmp_path / "p.csv")],
+        )
+    else:
+        main, argv = evaluate.main, ["--pred", str(tmp_path / "p.csv"), "--out-dir", str(tmp_path / "report")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *extra])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1 and message in error, error
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "report").exists()

@@ -361,7 +361,8 @@ def test_test_mode_writes_one_row_per_image_and_reads_back(trained, synthetic, t
             str(tmp_path / "back_metrics.csv"),
         ]
     )
-    assert back["n_images"] == 12  # another file than the training one: every row is scored
+    assert back["n_images"] == 12  # images the model never trained on: every row is scored
+    assert not back["table"]["thresholds_in_sample"].any()  # its thresholds were fitted on other images
 
     everything = tmp_path / "everything.csv"
     mc.main([*argv, "--save_path", str(everything), "--threshold", "0"])

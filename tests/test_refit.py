@@ -97,7 +97,7 @@ def test_overwriting_a_fold_run_with_a_refit_leaves_no_stale_best_checkpoint(syn
         train.main(command)
     with pytest.raises(SystemExit):  # and it cannot be resumed as a refit: another run
         train.main([*command, "--resume"])
-    assert "was saved with fold = 0, this run has None" in capsys.readouterr().err
+    assert "was saved with --fold 0, this run has none" in capsys.readouterr().err
     train.main([*command, "--overwrite"])
     assert not (tmp_path / "weights" / "refit_best.pth").exists()
     assert not (tmp_path / "logs" / "oof_refit.csv").exists()
