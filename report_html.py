@@ -301,11 +301,20 @@ def audit_section(audit: pd.DataFrame | None, source: str | None) -> str:
     return section("audit", "Artifact audit", body)
 
 
+def cam_caption(path: Path) -> tuple[str, str]:
+    """An overlay's file name <group>_<rank>_<image> read out: ("most confident correct #1", image name)."""
+    group, rank, name = (path.stem.split("_", 2) + ["", ""])[:3]
+    title = {"confident": "most confident correct", "wrong": "most wrong"}.get(group)
+    if title is None or not rank.isdigit():
+        return path.stem, ""
+    return f"{title} #{int(rank)}", name
+
+
 def cam_section(cams: Sequence[Path]) -> str:
     if not cams:
         note = "Not asked: pass --cam N with --model-path and --data-dir for Grad-CAM overlays."
         return section("cam", "Grad-CAM", paragraph(esc(note), "muted"))
-    images = "".join(figure(path, path.stem, "") for path in cams)
+    images = "".join(figure(path, *cam_caption(path)) for path in cams)
     return section(
         "cam", "Grad-CAM", paragraph(esc(FIGURE_MEANINGS["cam"]), "caption") + f'<div class="grid">{images}</div>'
     )

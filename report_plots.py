@@ -40,7 +40,8 @@ def plot_roc(frame: pd.DataFrame, metrics: dict, path: Path) -> None:
         label = f"threshold {point['threshold']:.3f} ({what})"
         axis.plot(1 - point["specificity"], point["sensitivity"], marker, label=label)
     axis.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", title="ROC curve", xlim=(0, 1), ylim=(0, 1))
-    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the plot: never over a point
+    # lower right, below the diagonal: empty for any model better than chance, and the plot keeps its full width
+    axis.legend(loc="lower right", fontsize=8)
     save_figure(figure, path)
 
 

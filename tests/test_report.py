@@ -4,6 +4,7 @@ import base64
 import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import evaluate
+import report_html
 from report_subgroups import MIN_PER_CLASS
 from result_files import AUDIT_COLUMNS
 
@@ -244,3 +246,12 @@ def test_subgroups_of_the_real_sample(real_data_dir, tmp_path):
     assert sexes == table["sex"].fillna("unknown").value_counts().to_dict()
     for name in ("sex", "age", "site"):
         assert sum(group["images"] for group in metrics["subgroups"]["by"][name]["groups"]) == len(table)
+
+
+def test_grad_cam_overlays_are_captioned_in_words():
+    assert report_html.cam_caption(Path("cam/confident_02_ISIC_0007528.png")) == (
+        "most confident correct #2",
+        "ISIC_0007528",
+    )
+    assert report_html.cam_caption(Path("cam/wrong_10_img_3.png")) == ("most wrong #10", "img_3")
+    assert report_html.cam_caption(Path("cam/other.png")) == ("other", "")
