@@ -44,10 +44,9 @@ from dataset import EpochSampler
 from engine import compile_for_training
 from image_files import MIN_IMAGE_SIZE
 from inference import LoadedModel, load_melanoma_model, predict_probabilities
-from loops import Images, Preparation, device_pipeline, image_dataset, image_loader, train_one_epoch
+from loops import Images, Preparation, device_pipeline, image_dataset, image_loader, melanoma_loss, train_one_epoch
 from models import ENET_TYPES, MelanomaNet, input_normalization
 from tables import MetaEncoder, read_melanoma_table
-from train import melanoma_loss
 from utils import (
     UserError,
     add_device_flags,

@@ -34,9 +34,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-import multi_classification
 from checkpoints import kind_of, load_checkpoint
+from config import DEFAULTS
 from dataset import Preprocessing
+from detector_inference import load_detectors
+from detector_inference import predict_probs as detector_probabilities
 from inference import LoadedModel, load_melanoma_model
 from inference import predict_probabilities as checkpoint_probabilities
 from models import model_from_checkpoint
@@ -53,7 +55,7 @@ from onnx_model import (
     load_exported_model,
     spec_path,
 )
-from synthetic import make_synthetic_dataset
+from synthetic_dataset import make_synthetic_dataset
 from tables import read_melanoma_table
 from utils import UserError, atomic_path, ensure_writable_dir, exit_on_user_error, write_text_atomic
 
@@ -303,10 +305,11 @@ def checkpoint_scores(model_path: Path, kind: str, frame: pd.DataFrame) -> np.nd
     if kind == "melanoma":
         loaded = load_melanoma_model(model_path, cpu)
         return checkpoint_probabilities(loaded, frame, cpu, None, batch_size=len(frame))
-    argv = ["--img_path", str(Path(frame["filepath"][0]).parent), "--mode", "test", "--model_path", str(model_path)]
-    config = multi_classification.parse_args([*argv, "--device", "cpu", "--precision", "fp32", "--num_workers", "0"])
-    ((model, checkpoint),) = multi_classification.load_models(config, cpu)
-    return multi_classification.predict_probs(model, list(frame["filepath"]), checkpoint, config, cpu, None)
+    # as multi_classification.py --mode test scores by default: channels-last, its --batch-size, one view
+    ((model, checkpoint),) = load_detectors([model_path], cpu, channels_last=True)
+    batch_size = DEFAULTS["artifact"]["any"]["batch_size"]
+    filepaths = list(frame["filepath"])
+    return detector_probabilities(model, filepaths, checkpoint, cpu, None, batch_size=batch_size, channels_last=True)
 
 
 def parity_check(model_path: Path, kind: str, files: list[Path], tolerance: float) -> dict[str, float]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -21,6 +22,14 @@ from utils import UserError, autocast
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Loader = torch.utils.data.DataLoader | dd.DeviceBatches  # what image_loader makes: the loops read either
+
+
+def melanoma_loss(out_dim: int) -> LossFn:
+    """The melanoma network's training loss (train.py, bench.py): binary cross-entropy on its one logit, or
+    cross-entropy over two classes."""
+    if out_dim == 1:
+        return lambda logits, target: F.binary_cross_entropy_with_logits(logits[:, 0], target)
+    return lambda logits, target: F.cross_entropy(logits, target.long())
 
 
 def make_loader(

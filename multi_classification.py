@@ -51,17 +51,18 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from annotations import PROB_SUFFIX, read_artifact_annotations
-from checkpoints import claim_outputs, load_checkpoint, require_resumable, rows_fingerprint
+from checkpoints import claim_outputs, require_resumable, rows_fingerprint
 from config import ArtifactConfig, add_artifact_flags
-from dataset import EpochSampler, Preprocessing
+from dataset import Preprocessing
+from detector_inference import Detector, ensemble_probs, load_detectors, thresholds_for
 from device_data import resolve_data_path
 from distributed import World
 from engine import Epoch, Scored, Task, fit, training_world
 from image_files import list_images
-from inference import TTAModel, image_name
-from loops import Images, Preparation, image_loader, predict_logits
+from inference import image_name
+from loops import Images, Preparation
 from metrics import choose_thresholds, format_table, mean_auc, metrics_table
-from models import ArtifactNet, input_normalization, model_from_checkpoint
+from models import ArtifactNet, input_normalization
 from utils import (
     UserError,
     ensure_writable_dir,
@@ -137,54 +138,10 @@ def output_paths(model_path: str | Path) -> dict[str, Path]:
     }
 
 
-def predict_probs(
-    model: torch.nn.Module,
-    filepaths: list[str],
-    checkpoint: dict,
-    config: ArtifactConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-) -> np.ndarray:
-    """Sigmoid probabilities (images x heads) at the model's own image size and normalisation, in file order, each
-    head's averaged over --n-tta dihedral views; --batch counts the images of a forward pass, views included (as
-    predict.py's --batch-size)."""
-    preprocessing = Preprocessing.from_checkpoint(checkpoint)
-    preparation = Preparation(
-        checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], preprocessing=preprocessing
-    )
-    sampler = EpochSampler(len(filepaths), shuffle=False, seed=0)
-    images_per_batch = max(1, config.batch_size // config.n_tta)
-    loader = image_loader(
-        Images(filepaths), preparation, sampler, images_per_batch, config.num_workers, device, config.data_path
-    )
-    tta_model = TTAModel(model, config.n_tta, independent_heads=True)
-    logits, _ = predict_logits(
-        tta_model, loader, device, amp_dtype, config.channels_last, config.progress, desc=config.mode
-    )
-    return torch.sigmoid(logits).numpy()
-
-
-def load_models(config: ArtifactConfig, device: torch.device) -> list[tuple[torch.nn.Module, dict]]:
-    """Every --model_path, each with its checkpoint; several must detect the same heads, in the same order."""
-    loaded = []
-    for path in config.model_paths:
-        checkpoint = load_checkpoint(path, "artifact")
-        model = model_from_checkpoint(checkpoint, path).to(device)
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if config.image_size is not None and config.image_size != checkpoint["image_size"]:
-            print(
-                f"notice: {path} was trained at {checkpoint['image_size']} px; using that, not --image-size "
-                f"{config.image_size}.",
-                flush=True,
-            )
-        first = loaded[0][1] if loaded else checkpoint
-        if checkpoint["heads"] != first["heads"]:
-            raise UserError(
-                f"{path} detects {', '.join(checkpoint['heads'])}, but {config.model_paths[0]} detects "
-                f"{', '.join(first['heads'])}: average only models trained on the same heads."
-            )
-        loaded.append((model, checkpoint))
+def load_models(config: ArtifactConfig, device: torch.device) -> list[Detector]:
+    """Every --model_path, each with its checkpoint (detector_inference.load_detectors), with a notice for each
+    preprocessing flag given that the checkpoint overrides."""
+    loaded = load_detectors(config.model_paths, device, config.channels_last, config.image_size)
     if len(loaded) > 1 and config.save_path is None:
         raise UserError(
             "several --model_path files write no report beside one of them: name the output with --save_path."
@@ -198,24 +155,17 @@ def load_models(config: ArtifactConfig, device: torch.device) -> list[tuple[torc
     return loaded
 
 
-def ensemble_probs(
-    models: list[tuple[torch.nn.Module, dict]],
-    filepaths: list[str],
-    config: ArtifactConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-) -> np.ndarray:
-    """Each head's probability averaged over the models (each at its own image size and normalisation)."""
-    return np.mean([predict_probs(m, filepaths, c, config, device, amp_dtype) for m, c in models], axis=0)
-
-
-def thresholds_for(checkpoints: list[dict], config: ArtifactConfig, heads: list[str]) -> list[float]:
-    """--threshold for every head, else the per-head cut-offs stored in the model; for several models the mean of
-    theirs (each was chosen for that model's own probabilities, which the ensemble averages)."""
-    if config.threshold is not None:
-        return [config.threshold] * len(heads)
-    stored = [dict(zip(c["heads"], c["thresholds"], strict=True)) for c in checkpoints]
-    return [float(np.mean([cut_offs[head] for cut_offs in stored])) for head in heads]
+def scoring_options(config: ArtifactConfig) -> dict:
+    """The runtime flags as detector_inference.predict_probs' keyword arguments."""
+    return {
+        "n_tta": config.n_tta,
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
+        "channels_last": config.channels_last,
+        "progress": config.progress,
+        "data_path": config.data_path,
+        "desc": config.mode,
+    }
 
 
 def claim_report(path: Path, overwrite: bool) -> None:
@@ -414,9 +364,9 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
             flush=True,
         )
 
-    probs = ensemble_probs(models, frame["filepath"].tolist(), config, device, amp_dtype)
+    probs = ensemble_probs(models, frame["filepath"].tolist(), device, amp_dtype, **scoring_options(config))
     probs = probs[:, [checkpoint["heads"].index(head) for head in common]]
-    table = metrics_table(common, labels, probs, thresholds_for(checkpoints, config, common))
+    table = metrics_table(common, labels, probs, thresholds_for(checkpoints, common, config.threshold))
     # the stored thresholds maximise F1 on the val split: scored there, the thresholded numbers flatter the model
     in_sample = config.threshold is None and bool(in_val.any())
     table["thresholds_in_sample"] = in_sample
@@ -447,10 +397,10 @@ def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtyp
     files = list_images(config.img_path)
     ensure_writable_dir(save_path.parent, "folder of --save_path")
     heads = checkpoints[0]["heads"]
-    probs = ensemble_probs(models, [str(path) for path in files], config, device, amp_dtype)
+    probs = ensemble_probs(models, [str(path) for path in files], device, amp_dtype, **scoring_options(config))
     if len(probs) != len(files):
         raise AssertionError(f"{len(probs)} predictions for {len(files)} images")
-    thresholds = np.asarray(thresholds_for(checkpoints, config, heads))
+    thresholds = np.asarray(thresholds_for(checkpoints, heads, config.threshold))
     # decided on the probabilities as written, so that <head> == (<head>_prob >= threshold) holds in the file
     probs = np.round(probs.astype(np.float64), 6)
     out = pd.DataFrame({"image_name": [path.name for path in files]})

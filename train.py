@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from baselines import baseline_aucs
 from checkpoints import (
@@ -36,7 +35,7 @@ from device_data import resolve_data_path
 from distributed import World
 from engine import Epoch, Scored, Task, fit, training_world
 from features import FeatureScaler, colour_statistics, lesion_features, side_inputs
-from loops import Images, LossFn, Preparation
+from loops import Images, Preparation, melanoma_loss
 from metrics import binary_metrics, safe_auc
 from models import MelanomaNet, MetadataLogit, input_normalization, melanoma_logit, melanoma_probability
 from tables import MetaEncoder, find_train_csv, make_folds, read_melanoma_table
@@ -58,12 +57,6 @@ def parse_args(argv: list[str] | None = None) -> MelanomaConfig:
 
 
 # --------------------------------------------------------------------------- pieces
-
-
-def melanoma_loss(out_dim: int) -> LossFn:
-    if out_dim == 1:
-        return lambda logits, target: F.binary_cross_entropy_with_logits(logits[:, 0], target)
-    return lambda logits, target: F.cross_entropy(logits, target.long())
 
 
 def run_paths(config: MelanomaConfig, run_name: str) -> dict[str, Path]:

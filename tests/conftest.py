@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from synthetic import make_synthetic_dataset  # noqa: E402
+from synthetic_dataset import make_synthetic_dataset  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -16,7 +16,7 @@ from torch import nn
 import multi_classification as mc
 from checkpoints import load_checkpoint
 from inference import TTAModel, dihedral
-from synthetic import make_synthetic_dataset
+from synthetic_dataset import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

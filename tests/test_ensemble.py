@@ -16,7 +16,7 @@ from inference import LoadedModel
 from metrics import safe_auc
 from patient_context import describe_context, has_patient_context, patient_context
 from stacking import StackInputs, StackOptions, fit_combiner, nested_oof, predict_combiner
-from synthetic import make_synthetic_dataset
+from synthetic_dataset import make_synthetic_dataset
 from tables import MetaEncoder
 from utils import UserError
 

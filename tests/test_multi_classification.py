@@ -24,7 +24,7 @@ from annotations import read_artifact_annotations  # noqa: E402
 from artifacts import DEFAULT_ARTIFACT_HEADS  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from metrics import best_f1_threshold, head_metrics  # noqa: E402
-from synthetic import make_synthetic_dataset  # noqa: E402
+from synthetic_dataset import make_synthetic_dataset  # noqa: E402
 from utils import UserError  # noqa: E402
 
 ISIC2018 = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic2018"

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import synthetic
+import synthetic_dataset
 import synthetic_image
 from artifacts import DEFAULT_ARTIFACT_HEADS, draw_other
 from synthetic_image import render_image
@@ -62,16 +63,16 @@ def test_a_folder_with_anyone_elses_files_is_never_written_into(tmp_path, capsys
 
 def test_an_earlier_synthetic_data_set_is_replaced_only_with_overwrite(tmp_path, capsys):
     out = tmp_path / "data"
-    first = synthetic.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, seed=0)
+    first = synthetic_dataset.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, seed=0)
     earlier = sorted(path.relative_to(out) for path in out.rglob("*.jpg"))
     with pytest.raises(UserError, match="pass --overwrite"):
-        synthetic.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, seed=1)
+        synthetic_dataset.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, seed=1)
     assert sorted(path.relative_to(out) for path in out.rglob("*.jpg")) == earlier
-    synthetic.make_synthetic_dataset(first, n_train=6, n_test=2, image_size=32, seed=1, overwrite=True)
+    synthetic_dataset.make_synthetic_dataset(first, n_train=6, n_test=2, image_size=32, seed=1, overwrite=True)
     now = sorted(path.relative_to(out) for path in out.rglob("*.jpg"))
     assert len(now) == 8 and not set(now) & set(earlier)  # the earlier images are gone, not mixed in
     assert len(pd.read_csv(out / "train.csv")) == 6
     (out / "train" / "train" / "mine.jpg").write_bytes(b"a user's file")
     with pytest.raises(UserError, match="did not write, e.g. .*mine.jpg"):
-        synthetic.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, overwrite=True)
+        synthetic_dataset.make_synthetic_dataset(out, n_train=8, n_test=2, image_size=32, overwrite=True)
     assert len(list(out.rglob("*.jpg"))) == 9

@@ -89,7 +89,7 @@ def test_resumed_run_shows_each_epoch_once(synthetic_dir, tmp_path, monkeypatch,
 
 
 def test_detector_logs_each_head_under_its_name(tmp_path):
-    from synthetic import make_synthetic_dataset
+    from synthetic_dataset import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "data", n_train=36, n_test=4, image_size=64, seed=3)
     mc.main(detector_command(data, tmp_path / "models" / "det.pth"))
