@@ -56,6 +56,7 @@ from inference import (
 )
 from metrics import binary_metrics
 from result_files import AUDIT_COLUMNS as COLUMNS
+from shared_flags import add_overwrite_flag
 from tables import read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
 
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the pasted artifacts")
     parser.add_argument("--out", default="audit.csv", help="the table as CSV (default audit.csv)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_flag(parser, "an existing --out")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     if args.images and not args.meta_csv:

@@ -39,19 +39,23 @@ import pandas as pd
 import torch
 
 import device_data as dd
-from config import add_compile_flag
 from dataset import EpochSampler
 from engine import compile_for_training
 from image_files import MIN_IMAGE_SIZE
 from inference import LoadedModel, load_melanoma_model, predict_probabilities
 from loops import Images, Preparation, device_pipeline, image_dataset, image_loader, melanoma_loss, train_one_epoch
 from models import ENET_TYPES, MelanomaNet, input_normalization
+from shared_flags import (
+    add_compile_flag,
+    add_data_path_flag,
+    add_device_flags,
+    add_num_workers_flag,
+    add_overwrite_flag,
+)
 from tables import MetaEncoder, read_melanoma_table
 from utils import (
     UserError,
-    add_device_flags,
     autocast,
-    default_num_workers,
     exit_on_user_error,
     make_grad_scaler,
     refuse_folder,
@@ -75,13 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data-dir", default=None, help="Kaggle-layout folder: train mode's data and loop parts, predict mode's images"
     )
-    parser.add_argument("--num-workers", type=int, default=default_num_workers(), help="data-loading processes")
-    parser.add_argument(
-        "--data-path",
-        default="auto",
-        choices=dd.DATA_PATHS,
-        help="train mode: decode and augment in the workers (cpu) or on the device (gpu); auto: gpu on CUDA",
-    )
+    add_num_workers_flag(parser)
+    add_data_path_flag(parser, scope="train mode: ")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--steps", type=int, default=10, help="train mode: timed steps per measurement (after warm-up)")
     parser.add_argument(
@@ -93,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-images", type=int, default=256, help="predict mode: test images per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="predict mode: rounds of measurements, best kept")
     parser.add_argument("--json", default=None, help="write the results here (default bench_results/<settings>.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    add_overwrite_flag(parser, "an existing results file")
     return parser.parse_args(argv)
 
 

@@ -35,6 +35,7 @@ from inference import check_output
 from metrics import format_table
 from report_metrics import group_bootstrap, json_ready, percentile_interval, weighted_auc
 from result_files import attach_patients, read_metadata, read_predictions
+from shared_flags import add_overwrite_flag
 from tables import patient_groups, read_csv
 from utils import UserError, exit_on_user_error, write_text_atomic
 
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--out", help="JSON file of every number printed")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_flag(parser, "an existing --out")
     return parser.parse_args(argv)
 
 

@@ -9,13 +9,19 @@ from dataclasses import asdict, dataclass
 
 from color import COLOR_CONSTANCY, DEFAULT_MINKOWSKI_P, check_minkowski_p
 from dataset import AUGMENTATIONS, RESIZE_MODES, Preprocessing
-from device_data import DATA_PATHS
 from image_files import MIN_IMAGE_SIZE, is_plain_name
 from inference import MAX_TTA
 from models import ENET_TYPES, is_lite
+from shared_flags import (
+    add_compile_flag,
+    add_data_path_flag,
+    add_device_flags,
+    add_num_workers_flag,
+    add_overwrite_flag,
+)
 from tables import META_FEATURES
 from tensorboard_log import check_tensorboard_request
-from utils import UserError, add_device_flags, default_num_workers, to_plain
+from utils import UserError, to_plain
 
 # Every default of both trainers, and the one place to change them. "any" holds those that do not depend on where
 # the backbone's weights start; the other rows those that do: "imagenet" for b0-b7 with ImageNet weights (the
@@ -126,20 +132,8 @@ def add_training_flags(parser: argparse.ArgumentParser, trainer: str) -> None:
         help=f"images per step and process (default {any_weights['batch_size']})",
     )
     add("--init-lr", type=float, default=None, help=f"peak learning rate ({default_note(trainer, 'init_lr')})")
-    add(
-        "--num-workers",
-        type=int,
-        default=default_num_workers(),
-        help="data-loading processes (default: half the cores, at most 8)",
-    )
-    add(
-        "--data-path",
-        default="auto",
-        choices=DATA_PATHS,
-        help="where images are decoded and augmented: cpu (in the data-loading processes), gpu (in batches on the "
-        "training device, nvJPEG on CUDA; the same code runs on the CPU) or auto (the path measured fastest: cpu "
-        "until the device path is timed on a GPU; default)",
-    )
+    add_num_workers_flag(parser, underscore_aliases=True)
+    add_data_path_flag(parser, underscore_aliases=True)
     add("--seed", type=int, default=any_weights["seed"], help="initialisation, shuffling and augmentation")
     scoring = " (val and test: the model's own)" if trainer == "artifact" else ""
     add(
@@ -208,7 +202,7 @@ def add_training_flags(parser: argparse.ArgumentParser, trainer: str) -> None:
         "tb/<run> (default: on where the tensorboard package is installed)",
     )
     add("--resume", action="store_true", help="continue an interrupted run from its _last.pth checkpoint")
-    add("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    add_overwrite_flag(parser, "the outputs of an earlier run")
     add_device_flags(parser, underscore_aliases=True)
 
 
@@ -309,16 +303,6 @@ def add_artifact_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help=f"val/test: dihedral test-time augmentations, 1..{MAX_TTA}, each head's probability averaged",
-    )
-
-
-def add_compile_flag(parser: argparse.ArgumentParser) -> None:
-    """--compile, for the trainers and bench.py; engine.compile_for_training applies it."""
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the training forward pass (its first step takes minutes; validation and the saved "
-        "weights stay uncompiled)",
     )
 
 

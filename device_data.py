@@ -21,9 +21,8 @@ from dataset import Preprocessing
 from device_augment import augment, augmentation_steps, batch_generators
 from device_ops import square
 from image_files import MIN_IMAGE_SIZE, REDUCE_MARGIN
+from shared_flags import DATA_PATHS
 from utils import UserError
-
-DATA_PATHS = ("auto", "cpu", "gpu")
 
 # --------------------------------------------------------------------------- reading, collating, decoding
 

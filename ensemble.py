@@ -50,6 +50,7 @@ from inference import (
 )
 from metrics import safe_auc
 from patient_context import describe_context, has_patient_context
+from shared_flags import add_overwrite_flag
 from stacking import (
     METHODS,
     UNFITTED,
@@ -103,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-missing-meta", action="store_true", help="encode absent metadata as missing")
     parser.add_argument("--n-tta", type=int, default=1, help=f"dihedral test-time augmentations, 1..{MAX_TTA}")
     parser.add_argument("--out", default="submission.csv", help="predictions CSV (default submission.csv)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier ensemble")
+    add_overwrite_flag(parser, "the files of an earlier ensemble")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     if args.combiner is None and not (args.runs and args.data_dir):

@@ -63,6 +63,7 @@ from report_metrics import IN_SAMPLE, compute_metrics, data_summary, json_ready
 from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_subgroups, plot_training_curves
 from report_subgroups import Grouping, group_rows, parse_by, subgroup_report
 from result_files import AUDIT_COLUMNS, attach_patients, read_metadata, read_predictions
+from shared_flags import add_overwrite_flag
 from tables import read_csv, read_melanoma_table
 from utils import UserError, ensure_writable_dir, exit_on_user_error, temp_files_of, write_text_atomic
 
@@ -114,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="with --cam: encode absent metadata, and a sex or site the model was not trained with, as missing",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier report")
+    add_overwrite_flag(parser, "the files of an earlier report")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     if args.cam > 0 and not (args.model_path and args.data_dir):

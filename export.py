@@ -55,6 +55,7 @@ from onnx_model import (
     load_exported_model,
     spec_path,
 )
+from shared_flags import add_overwrite_flag
 from synthetic_dataset import make_synthetic_dataset
 from tables import read_melanoma_table
 from utils import UserError, atomic_path, ensure_writable_dir, exit_on_user_error, write_text_atomic
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(default {DEFAULT_TOLERANCE:g})",
     )
     parser.add_argument("--check-only", action="store_true", help="export nothing: check the files at --out")
-    parser.add_argument("--overwrite", action="store_true", help="replace files exported earlier")
+    add_overwrite_flag(parser, "files exported earlier")
     return parser.parse_args(argv)
 
 

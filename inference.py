@@ -22,11 +22,10 @@ from features import FeatureScaler, side_inputs
 from image_files import IMAGE_EXTENSIONS, list_images
 from loops import make_loader, predict_logits
 from models import MetadataLogit, melanoma_probability, model_from_checkpoint
+from shared_flags import add_device_flags, add_num_workers_flag
 from tables import AGE_RULE, SITE_COLUMN, MetaEncoder, implausible_ages, read_csv
 from utils import (
     UserError,
-    add_device_flags,
-    default_num_workers,
     ensure_writable_dir,
     refuse_folder,
     resolve_precision,
@@ -435,12 +434,7 @@ def require_metadata(
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Device, precision and loading flags shared by predict.py, evaluate.py, audit.py and ensemble.py."""
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass, TTA views included")
-    parser.add_argument(
-        "--num-workers",
-        type=int,
-        default=default_num_workers(),
-        help="data-loading processes (default: cores / 2)",
-    )
+    add_num_workers_flag(parser)
     add_device_flags(parser)
 
 

@@ -51,6 +51,7 @@ from inference import (
     require_metadata,
 )
 from onnx_model import load_scoring_model, score_images
+from shared_flags import add_overwrite_flag
 from tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
@@ -102,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ensemble two or more models by mean rank instead of probability (column rank_score, not target)",
     )
     parser.add_argument("--out", default="submission.csv", help="output CSV (default submission.csv)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_flag(parser, "an existing --out")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     if args.data_dir and (args.meta_csv or args.sex or args.age is not None or args.site):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared_flags import add_overwrite_flag
 from synthetic_dataset import make_synthetic_dataset
 from utils import exit_on_user_error
 
@@ -26,7 +27,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-test", type=int, metavar="N", default=100, help="test images (100)")
     parser.add_argument("--image-size", type=int, metavar="PX", default=256, help="image side (256)")
     parser.add_argument("--seed", type=int, metavar="S", default=0, help="random seed (0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic data set in OUT_DIR")
+    add_overwrite_flag(parser, "an earlier synthetic data set in OUT_DIR")
     parser.add_argument(
         "--odd-one-out", action="store_true", help="patients whose lesions look alike, but for one melanoma"
     )

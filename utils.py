@@ -3,7 +3,6 @@ is passed what it needs; nothing is global."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
 import os
@@ -167,36 +166,6 @@ def select_device(request: str) -> torch.device:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def add_device_flags(parser: argparse.ArgumentParser, underscore_aliases: bool = False) -> None:
-    """The device, precision, layout and progress flags every script shares (one definition, one meaning)."""
-
-    def names(flag: str) -> list[str]:
-        return [flag, "--" + flag[2:].replace("-", "_")] if underscore_aliases and "-" in flag[2:] else [flag]
-
-    parser.add_argument("--CUDA_VISIBLE_DEVICES", default=None, help="GPU ids, e.g. 0 or 0,1, set before CUDA starts")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="auto: bf16 (or fp16 + GradScaler) autocast on a GPU; on the CPU bf16 from 192 px where the CPU has "
-        "native bf16, else fp32",
-    )
-    parser.add_argument(
-        *names("--channels-last"),
-        dest="channels_last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="NHWC memory layout (faster convolutions on GPUs and recent CPUs)",
-    )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="tqdm progress bars (default: only on a terminal)",
-    )
-
-
 CPU_BF16_MIN_SIZE = 192
 
 
@@ -248,8 +217,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def default_num_workers() -> int:
-    """Half the cores, at most 8: the torch threads need the rest, and a 2-core laptop must not thrash."""
-    return min(8, (os.cpu_count() or 2) // 2)
