@@ -91,10 +91,11 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def figure(path: Path, alt: str, caption: str) -> str:
+def figure(path: Path, alt: str, caption: str, title: str | None = None) -> str:
+    """An embedded image; its caption opens with `title` in bold (default: the alt text)."""
     return (
         f'<figure><img src="{data_uri(path)}" alt="{esc(alt)}">'
-        f"<figcaption><b>{esc(alt)}.</b> {esc(caption)}</figcaption></figure>"
+        f"<figcaption><b>{esc(title or alt)}.</b> {esc(caption)}</figcaption></figure>"
     )
 
 
@@ -314,7 +315,8 @@ def cam_section(cams: Sequence[Path]) -> str:
     if not cams:
         note = "Not asked: pass --cam N with --model-path and --data-dir for Grad-CAM overlays."
         return section("cam", "Grad-CAM", paragraph(esc(note), "muted"))
-    images = "".join(figure(path, *cam_caption(path)) for path in cams)
+    captions = [cam_caption(path) for path in cams]
+    images = "".join(figure(path, path.stem, name, title) for path, (title, name) in zip(cams, captions, strict=True))
     return section(
         "cam", "Grad-CAM", paragraph(esc(FIGURE_MEANINGS["cam"]), "caption") + f'<div class="grid">{images}</div>'
     )

@@ -345,9 +345,12 @@ def train_fold(
                 f"log {paths['log']}, metrics {paths['history']}",
                 flush=True,
             )
-        return {"oof": None, "baselines": {}, "net": fitted.net, "last_auc": float("nan")}
+        return {"oof": None, "baselines": {}, "net": fitted.net, "last_auc": float("nan"), "image_auc": float("nan")}
     history = fitted.progress.history
     last_auc = float(history[-1]["auc"])
+    # under late fusion, the image network's own AUC at the best epoch (the network saved); NaN otherwise
+    best_record = next(record for record in history if record["epoch"] == fitted.progress.best_epoch)
+    image_auc = float(best_record.get("image_auc", float("nan")))
     if world.is_main:
         print(
             f"fold {fold}: best valid auc {fitted.progress.best_score:.4f} (epoch {fitted.progress.best_epoch}), "
@@ -357,7 +360,13 @@ def train_fold(
             f"out-of-fold predictions {paths['oof']}",
             flush=True,
         )
-    return {"oof": fitted.progress.best["oof"], "baselines": baselines, "net": fitted.net, "last_auc": last_auc}
+    return {
+        "oof": fitted.progress.best["oof"],
+        "baselines": baselines,
+        "net": fitted.net,
+        "last_auc": last_auc,
+        "image_auc": image_auc,
+    }
 
 
 def check_outputs_free(config: MelanomaConfig, run_names: list[str]) -> None:
@@ -474,11 +483,13 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
         "folds": folds,
         "fold_auc": [binary_metrics(result["oof"]["target"], result["oof"]["prob"])["auc"] for result in results],
         "last_fold_auc": [result["last_auc"] for result in results],
+        "image_fold_auc": [result["image_auc"] for result in results],
         "baselines": [result["baselines"] for result in results],
         "models": [result["net"] for result in results],
     }
     summary["mean_auc"] = float(np.mean(summary["fold_auc"]))
     summary["last_mean_auc"] = float(np.mean(summary["last_fold_auc"]))
+    summary["image_mean_auc"] = float(np.mean(summary["image_fold_auc"]))
     if len(folds) > 1 and world.is_main:
         oof_path = pooled_oof_path(config)
         pooled = pooled_oof(config, data_sha256)

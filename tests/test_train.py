@@ -1,4 +1,5 @@
 import json
+import math
 import pickle
 
 import pandas as pd
@@ -34,6 +35,11 @@ def test_seed_commands_train_end_to_end(synthetic_dir, tmp_path, use_meta):
     assert len(log) == 1 and "Fold 0, Epoch 1, lr: " in log[0] and ", auc: " in log[0]
     record = json.loads((logs / "metrics_efficientnetb2_256_20ep.jsonl").read_text())
     assert {"train_loss", "valid_loss", "acc", "auc", "balanced_acc", "sensitivity", "specificity"} <= set(record)
+    # late fusion: the image network's own AUC at the best epoch (demo.py checks it); none without a metadata model
+    if use_meta:
+        assert summary["image_mean_auc"] == pytest.approx(record["image_auc"])
+    else:
+        assert "image_auc" not in record and math.isnan(summary["image_mean_auc"])
     oof = pd.read_csv(logs / "oof_efficientnetb2_256_20ep.csv")
     assert oof["prob"].between(0, 1).all() and set(oof["target"]) == {0, 1}
 
