@@ -22,7 +22,7 @@ from pathlib import Path
 import multi_classification
 import train
 from image_files import MIN_IMAGE_SIZE
-from synthetic import make_synthetic_dataset
+from synthetic_dataset import make_synthetic_dataset
 from utils import UserError, exit_on_user_error
 
 MARKER = "demo.json"  # written first into --out-dir: the folder is then known to hold this demo's outputs
