@@ -1,4 +1,5 @@
-"""The demo: makes a synthetic data set in the Kaggle layout, then runs the README's commands on it.
+"""The demo: makes a synthetic data set in the Kaggle layout, then runs the README's commands on it, each in its own
+process as a user would type it, and reads the results from the files they write.
 
     python demo.py                 # no downloads; its measured duration and CPU: docs/results.md, "Demo"
 
@@ -16,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import multi_classification
-import train
+import pandas as pd
+
+from checkpoints import load_checkpoint
 from image_files import MIN_IMAGE_SIZE
 from synthetic_dataset import make_synthetic_dataset
 from utils import UserError, exit_on_user_error
@@ -64,8 +68,27 @@ def claim_out_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def announce(script: str, argv: list[str]) -> None:
+def run_script(script: str, argv: list[str]) -> None:
+    """Runs `python SCRIPT ARGV...` as a user would type it, in its own process, and stops the demo if it fails."""
     print(f"\n$ python {script} {shlex.join(argv)}", flush=True)
+    path = Path(__file__).resolve().parent / script
+    returncode = subprocess.run([sys.executable, str(path), *argv], check=False).returncode
+    if returncode != 0:
+        raise UserError(
+            f"python {script} stopped with exit code {returncode} (its message is above): please report this."
+        )
+
+
+def melanoma_aucs(best_checkpoint: Path) -> dict[str, float]:
+    """The validation AUCs the best epoch's checkpoint records: the image network alone and fused with metadata."""
+    metrics = load_checkpoint(best_checkpoint, "melanoma")["metrics"]
+    return {"image_only": float(metrics["image_auc"]), "with_meta": float(metrics["auc"])}
+
+
+def artifact_aucs(metrics_csv: Path) -> dict[str, float]:
+    """Per-head validation AUC from the metrics file that multi_classification.py --mode val wrote."""
+    table = pd.read_csv(metrics_csv)
+    return {str(head): float(auc) for head, auc in zip(table["head"], table["auc"], strict=True)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,17 +112,17 @@ def main(argv: list[str] | None = None) -> dict:
 
         # one run for both melanoma models: under late fusion the image network trains exactly as it would without
         # --use-meta (same seed, same steps), and each epoch records its AUC alone ("image_auc") beside the fused one
+        run_name = f"demo_{args.enet_type.replace('-', '')}"
         command = [
-            "--save-name", f"demo_{args.enet_type.replace('-', '')}", "--data-dir", str(data_dir),
+            "--save-name", run_name, "--data-dir", str(data_dir),
             "--image-size", str(args.image_size), "--n-epochs", str(args.n_epochs),
             "--enet-type", args.enet_type, "--CUDA_VISIBLE_DEVICES", "0", "--use-meta", "--fusion", "late",
             *(["--no-pretrained"] if args.no_pretrained else []), "--batch-size", "32",
             "--model-dir", str(weights), "--log-dir", str(logs),
             "--seed", str(args.seed), "--overwrite",
         ]  # fmt: skip
-        announce("train.py", command)
-        summary = train.main(command)
-        results = {"image_only": summary["image_mean_auc"], "with_meta": summary["mean_auc"]}
+        run_script("train.py", command)
+        results = melanoma_aucs(weights / f"{run_name}_best.pth")
 
         artifact_model = weights / "demo_artifacts.pth"
         annotations = data_dir / "gans_biases.csv"
@@ -111,23 +134,22 @@ def main(argv: list[str] | None = None) -> dict:
         # b0 from random weights: on Lite0's ImageNet weights (lr 1e-4, 24 epochs) the "other" head's small drawn
         # ink marks stayed under the check's 0.9 at 64 px; from random weights every head clears it
         train_command += ["--enet_type", "efficientnet-b0", "--no-pretrained", "--seed", str(args.seed), "--overwrite"]
-        announce("multi_classification.py", train_command)
-        multi_classification.main(train_command)
-        val_command = [*common, "--mode", "val", "--overwrite"]
-        announce("multi_classification.py", val_command)
-        table = multi_classification.main(val_command)["table"]
-        head_auc = dict(zip(table["head"], table["auc"], strict=True))
+        run_script("multi_classification.py", train_command)
+        artifact_metrics = weights / "demo_artifacts_metrics.csv"
+        run_script(
+            "multi_classification.py", [*common, "--mode", "val", "--save_path", str(artifact_metrics), "--overwrite"]
+        )
+        head_auc = artifact_aucs(artifact_metrics)
         save_path = out / "annotations.csv"
         test_command = [*common, "--mode", "test", "--save_path", str(save_path), "--overwrite"]
         test_command[1] = str(data_dir / "test" / "test")
-        announce("multi_classification.py", test_command)
-        multi_classification.main(test_command)
+        run_script("multi_classification.py", test_command)
 
         print(f"\ndemo finished in {time.time() - started:.0f} s. Outputs:")
         print(f"  data set:            {data_dir}")
         print(f"  melanoma models:     {weights}/demo_*_best.pth, _final.pth, _last.pth")
         print(f"  logs and metrics:    {logs}/log_*.txt, metrics_*.jsonl, oof_*.csv")
-        print(f"  artifact model:      {artifact_model} (per-head metrics beside it)")
+        print(f"  artifact model:      {artifact_model} (per-head metrics {artifact_metrics})")
         print(f"  artifact labels:     {save_path}")
         print(
             f"melanoma validation AUC: image network alone {results['image_only']:.3f}, "

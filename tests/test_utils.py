@@ -35,7 +35,7 @@ def test_loader_workers_run_opencv_on_one_thread():
 def test_visible_devices_may_be_repeated_but_not_changed_after_cuda_started(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    set_visible_devices("0")  # demo.py runs train.py twice in one process
+    set_visible_devices("0")  # tests call train.main several times in one process
     with pytest.raises(UserError, match="--CUDA_VISIBLE_DEVICES 1 was given after CUDA started on devices 0"):
         set_visible_devices("1")
 
