@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
         # the default batch of 16 and twice the epochs: from random weights the small marks (ink, stubble)
         # need that many optimiser steps before every head clears 0.9 whatever the seed
         train_command = [*common, "--mode", "train", "--epochs", str(2 * args.n_epochs)]
-        # b0 from random weights: on Lite0's ImageNet weights (lr 1e-4, 24 epochs) the "other" head's small drawn
-        # ink marks stayed under the check's 0.9 at 64 px; from random weights every head clears it
+        # b0 from random weights: the one detector backbone whose every head clears the check at 64 px
+        # (what was tried: docs/results.md, "Demo")
         train_command += ["--enet_type", "efficientnet-b0", "--no-pretrained", "--seed", str(args.seed), "--overwrite"]
         run_script("multi_classification.py", train_command)
         artifact_metrics = weights / "demo_artifacts_metrics.csv"
