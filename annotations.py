@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from artifacts import DEFAULT_ARTIFACT_HEADS
 from image_files import IMAGE_EXTENSIONS, is_plain_name
 from utils import UserError
 
+# the artifact heads of the detector and the columns of the headerless annotation file, in this order
+DEFAULT_ARTIFACT_HEADS = ("hair_dense", "hair_short", "hair_medium", "black_frame", "ruler_mark", "other")
 PROB_SUFFIX = "_prob"
 _LABEL_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "": math.nan}
 

@@ -24,8 +24,8 @@ Both the metadata and the image carry signal about the target, neither perfectly
   irregular border and two or three colour patches (black, dark brown, blue-grey). About 12% of the images
   get the look of the other class, so the image alone cannot be perfect (the image itself: synthetic_image.py).
 
-Artifacts (hair in three kinds, dermoscope black frame, ruler strip, ink marks and stickers; artifacts.py) are
-drawn independently of the target, except the ruler, which is mildly more common on malignant images.
+Artifacts (hair in three kinds, dermoscope black frame, ruler strip, ink marks and stickers; synthetic_artifacts.py)
+are drawn independently of the target, except the ruler, which is mildly more common on malignant images.
 
 With odd_one_out (`--odd-one-out`) the images of one patient share a skin, a benign mole (synthetic_image's
 PatientStyle) and the artifacts (one skin, one dermoscope), and a patient with several images has at most one
@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from artifacts import DEFAULT_ARTIFACT_HEADS
+from annotations import DEFAULT_ARTIFACT_HEADS
 from synthetic_image import PatientStyle, draw_style, render_image
 from tables import SITE_COLUMN
 from utils import UserError
