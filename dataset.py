@@ -30,7 +30,6 @@ __all__ = [  # the preprocessing's names as well, for the modules that take them
     "EpochSampler",
     "ImageDataset",
     "Preprocessing",
-    "artifact_train_transforms",
     "exported_input_transforms",
     "resize_side",
     "square_image",
@@ -198,6 +197,10 @@ def _full_augmentations() -> list[A.BasicTransform]:
 
 
 def _artifact_augmentations() -> list[A.BasicTransform]:
+    """The artifact detector's: flips, transposes, colour and mild noise, nothing that adds or erases an artifact.
+    The melanoma pipeline's constant-border Affine paints black wedges (a fake black frame), its cutout hole can
+    erase a ruler or paint a patch, and its blurs wipe out marks a few pixels wide at small image sizes: each would
+    teach the detector wrong labels."""
     return [*_dihedral(), *_colour_jitter(), A.GaussNoise(std_range=NOISE_STD, p=0.3)]
 
 
@@ -223,7 +226,7 @@ def train_transforms(
     on a small set does not get past colour jitter, blur and cutout; "robust" is "light" with what differs between
     clinics and dermatoscopes: zoom in and out (ROBUST_SCALE, reflected borders), per-channel gains (illuminant,
     white balance), vignetting, a lower source resolution and JPEG re-compression; "none" only resizes and
-    normalises (valid_transforms); "artifact" is the detector's (artifact_train_transforms).
+    normalises (valid_transforms); "artifact" is the detector's (_artifact_augmentations).
 
     Colour constancy (in `preprocessing`) comes before every augmentation: it divides out per-channel gains
     almost exactly, so gains drawn before it would be undone, while gains after it stand for what it leaves
@@ -254,19 +257,6 @@ def exported_input_transforms(image_size: int) -> A.Compose:
     """valid_transforms without the normalisation (the same resize): the uint8 image an exported model (export.py)
     takes, which normalises inside its graph."""
     return A.Compose([A.Resize(image_size, image_size)])
-
-
-def artifact_train_transforms(
-    image_size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    preprocessing: Preprocessing = Preprocessing(),
-) -> A.Compose:
-    """Augmentations for the artifact detector: flips, transposes, colour and mild noise, nothing that adds or
-    erases an artifact. The melanoma pipeline's constant-border Affine paints black wedges (a fake black frame),
-    its cutout hole can erase a ruler or paint a patch, and its blurs wipe out marks a few pixels wide at small
-    image sizes: each would teach the detector wrong labels."""
-    return train_transforms(image_size, mean, std, "artifact", preprocessing)
 
 
 # --------------------------------------------------------------------------- the Dataset

@@ -23,7 +23,6 @@ from dataset import (
     TRAINING_AUGMENTATIONS,
     EpochSampler,
     ImageDataset,
-    artifact_train_transforms,
     train_transforms,
     valid_transforms,
 )
@@ -317,7 +316,7 @@ def test_distributions_match_albumentations(lesion_files, strength):
     files = [lesion_files[i % 4] for i in range(n)]
     inputs = to_pixels(torch.stack([ImageDataset(files, valid_transforms(64))[i]["image"] for i in range(4)]))
     inputs = inputs.repeat(n // 4, 1, 1, 1)
-    transform = artifact_train_transforms(64) if strength == "artifact" else train_transforms(64, strength=strength)
+    transform = train_transforms(64, strength=strength)
     cpu_set = ImageDataset(files, transform, augment_seed=1)
     cpu = _summary(to_pixels(torch.stack([cpu_set[(0, i)]["image"] for i in range(n)])), inputs)
     pipeline, dataset = _pipeline(strength, seed=1), dd.ByteDataset(files)
