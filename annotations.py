@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from artifacts import DEFAULT_ARTIFACT_HEADS
 from image_files import IMAGE_EXTENSIONS, is_plain_name
 from utils import UserError
 
+# the artifact heads of the detector and the columns of the headerless annotation file, in this order
+DEFAULT_ARTIFACT_HEADS = ("hair_dense", "hair_short", "hair_medium", "black_frame", "ruler_mark", "other")
 PROB_SUFFIX = "_prob"
 _LABEL_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "": math.nan}
 
@@ -57,44 +58,7 @@ def read_artifact_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd
         raise UserError(f"annotation file {path} does not exist: check --ann_path.")
     if not img_dir.is_dir():
         raise UserError(f"image folder {img_dir} does not exist: check --img_path.")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            separator = max(",;\t", key=handle.readline().count)  # Excel writes `;` in some locales
-            handle.seek(0)
-            lines = enumerate(csv.reader(handle, delimiter=separator), start=1)
-            rows = [(number, [cell.strip() for cell in row]) for number, row in lines]
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise UserError(f"{path} is not a readable CSV text file ({error}): save it as UTF-8 CSV.") from None
-    rows = [(number, row) for number, row in rows if any(row)]
-    if not rows:
-        raise UserError(f"annotation file {path} is empty: it needs one line per image, image name then 0/1 labels.")
-
-    first_number, first = rows[0]
-    if len(first) < 2:
-        raise UserError(
-            f"{path} line {first_number} has no label columns: each line needs the image name, then one 0/1 "
-            "value per artifact head."
-        )
-    # a line of blank labels (not annotated) is a row of the headerless form: a header names its heads
-    if any(first[1:]) and not any(_is_number(cell) for cell in first[1:]):
-        columns = first[1:]
-        rows = rows[1:]
-        for index, name in enumerate(columns, start=2):
-            if not name:
-                raise UserError(f"{path} line {first_number}: header column {index} has no name; name every head.")
-        repeated = sorted({name for name in columns if columns.count(name) > 1})
-        if repeated:
-            raise UserError(f"{path} line {first_number} names head {repeated[0]} twice: give each column one name.")
-        if not rows:
-            raise UserError(f"{path} has a header but no rows: add one line per image.")
-    else:
-        if len(first) != len(DEFAULT_ARTIFACT_HEADS) + 1:
-            raise UserError(
-                f"{path} line {first_number} has {len(first) - 1} labels without a header; the headerless form "
-                f"has {len(DEFAULT_ARTIFACT_HEADS)} ({','.join(DEFAULT_ARTIFACT_HEADS)}): fix the line or add a "
-                "header line naming the heads."
-            )
-        columns = list(DEFAULT_ARTIFACT_HEADS)
+    columns, rows = _split_header(path, _read_rows(path))
     keep = [
         i for i, name in enumerate(columns) if not (name.endswith(PROB_SUFFIX) and name[: -len(PROB_SUFFIX)] in columns)
     ]
@@ -103,28 +67,7 @@ def read_artifact_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd
     names, filepaths, numbers, labels = [], [], [], []
     seen: dict[str, int] = {}
     for number, row in rows:
-        if len(row) != len(columns) + 1:
-            raise UserError(
-                f"{path} line {number} has {len(row)} values, the file has {len(columns) + 1} columns: "
-                "give every line the image name and one value per head."
-            )
-        name = row[0]
-        if not name:
-            raise UserError(f"{path} line {number} has no image name: every line must start with its image file.")
-        if not is_plain_name(name):
-            raise UserError(
-                f"{path} line {number} names image {name!r}, a path rather than a file name: give the bare name of "
-                f"an image in {img_dir} (no /, \\ or ..)."
-            )
-        values = []
-        for i in keep:
-            value = _LABEL_VALUES.get(row[i + 1])
-            if value is None:
-                raise UserError(
-                    f"{path} line {number} has {row[i + 1]!r} for {columns[i]}: labels must be 0, 1 or blank "
-                    "(not annotated)."
-                )
-            values.append(value)
+        name, values = _read_row(path, number, row, columns, keep, img_dir)
         filepath = resolve_image(img_dir, name)
         if filepath is None:
             raise UserError(
@@ -142,3 +85,79 @@ def read_artifact_annotations(path: str | Path, img_dir: str | Path) -> tuple[pd
 
     frame = pd.DataFrame({"image_name": names, "filepath": filepaths, "line": numbers})
     return frame, heads, np.asarray(labels, dtype=np.float32).reshape(len(names), len(heads))
+
+
+def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The file's non-blank lines as (1-based line number, cells without surrounding spaces), in `,`, `;` or tab
+    separated form, whichever the first line holds most of (Excel writes `;` in some locales)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            separator = max(",;\t", key=handle.readline().count)
+            handle.seek(0)
+            lines = enumerate(csv.reader(handle, delimiter=separator), start=1)
+            rows = [(number, [cell.strip() for cell in row]) for number, row in lines]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path} is not a readable CSV text file ({error}): save it as UTF-8 CSV.") from None
+    rows = [(number, row) for number, row in rows if any(row)]
+    if not rows:
+        raise UserError(f"annotation file {path} is empty: it needs one line per image, image name then 0/1 labels.")
+    return rows
+
+
+def _split_header(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(the label columns' names, the image rows): the header's names, or DEFAULT_ARTIFACT_HEADS in the headerless
+    form."""
+    first_number, first = rows[0]
+    if len(first) < 2:
+        raise UserError(
+            f"{path} line {first_number} has no label columns: each line needs the image name, then one 0/1 "
+            "value per artifact head."
+        )
+    # a line of blank labels (not annotated) is a row of the headerless form: a header names its heads
+    if not (any(first[1:]) and not any(_is_number(cell) for cell in first[1:])):
+        if len(first) != len(DEFAULT_ARTIFACT_HEADS) + 1:
+            raise UserError(
+                f"{path} line {first_number} has {len(first) - 1} labels without a header; the headerless form "
+                f"has {len(DEFAULT_ARTIFACT_HEADS)} ({','.join(DEFAULT_ARTIFACT_HEADS)}): fix the line or add a "
+                "header line naming the heads."
+            )
+        return list(DEFAULT_ARTIFACT_HEADS), rows
+    columns = first[1:]
+    for index, name in enumerate(columns, start=2):
+        if not name:
+            raise UserError(f"{path} line {first_number}: header column {index} has no name; name every head.")
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path} line {first_number} names head {repeated[0]} twice: give each column one name.")
+    if len(rows) == 1:
+        raise UserError(f"{path} has a header but no rows: add one line per image.")
+    return columns, rows[1:]
+
+
+def _read_row(
+    path: Path, number: int, row: list[str], columns: list[str], keep: list[int], img_dir: Path
+) -> tuple[str, list[float]]:
+    """One image line's image name and its labels of the `keep` columns (NaN where blank), checked."""
+    if len(row) != len(columns) + 1:
+        raise UserError(
+            f"{path} line {number} has {len(row)} values, the file has {len(columns) + 1} columns: "
+            "give every line the image name and one value per head."
+        )
+    name = row[0]
+    if not name:
+        raise UserError(f"{path} line {number} has no image name: every line must start with its image file.")
+    if not is_plain_name(name):
+        raise UserError(
+            f"{path} line {number} names image {name!r}, a path rather than a file name: give the bare name of "
+            f"an image in {img_dir} (no /, \\ or ..)."
+        )
+    values = []
+    for i in keep:
+        value = _LABEL_VALUES.get(row[i + 1])
+        if value is None:
+            raise UserError(
+                f"{path} line {number} has {row[i + 1]!r} for {columns[i]}: labels must be 0, 1 or blank "
+                "(not annotated)."
+            )
+        values.append(value)
+    return name, values

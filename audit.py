@@ -36,7 +36,6 @@ import pandas as pd
 import torch
 
 from annotations import read_artifact_annotations
-from artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
 from dataset import square_image, valid_transforms
 from features import lesion_features
 from inference import (
@@ -57,6 +56,7 @@ from inference import (
 from metrics import binary_metrics
 from result_files import AUDIT_COLUMNS as COLUMNS
 from shared_flags import add_overwrite_flag
+from synthetic_artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
 from tables import read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
 

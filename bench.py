@@ -3,11 +3,12 @@
     python bench.py --enet-type efficientnet-b0 --image-size 128 --batch-size 32 --data-dir ../shared/data/isic2018
     python bench.py --mode predict --image-size 128 --batch-size 32 --data-dir ../shared/data/isic2018
 
---mode train (the default) measures (a) the bare model's train step (forward, backward, optimizer step) and
-inference on random tensors, (b) the data pipeline alone (JPEG decode + augmentation: images/s in one process = per
-worker, or with --data-path gpu the device pipeline's images/s on the device), (c) the end-to-end training loop of
-train.py (same loader, train_one_epoch) on a data dir, and (d) peak memory. The end-to-end figure over the bare step
-says how much the loop loses to its data. --data-path picks where (b) and (c) decode and augment, as in train.py.
+--mode train (the default) measures (a) the training loop's own step (loops.train_one_epoch: forward, backward,
+optimizer step) on one random batch and inference on random tensors, (b) the data pipeline alone (JPEG decode +
+augmentation: images/s in one process = per worker, or with --data-path gpu the device pipeline's images/s on the
+device), (c) the end-to-end training loop of train.py (same loader, train_one_epoch) on a data dir, and (d) peak
+memory. The end-to-end figure over the bare step says how much the loop loses to its data. --data-path picks where
+(b) and (c) decode and augment, as in train.py.
 
 --mode predict measures, interleaved (best of --repeats, after a warm-up of every shape):
   bare       the bare model's forward pass on random tensors of --batch-size images (no data loading)
@@ -30,7 +31,6 @@ import argparse
 import hashlib
 import json
 import platform
-import resource
 import time
 from pathlib import Path
 
@@ -53,9 +53,9 @@ from shared_flags import (
     add_overwrite_flag,
 )
 from tables import MetaEncoder, read_melanoma_table
+from throughput import forward_throughput, peak_memory_mb, random_batch, synchronize, training_step_throughput
 from utils import (
     UserError,
-    autocast,
     exit_on_user_error,
     make_grad_scaler,
     refuse_folder,
@@ -125,81 +125,23 @@ def settings_of(args: argparse.Namespace) -> dict:
     return settings
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
-
-
 def build_model(args: argparse.Namespace, device: torch.device, n_meta: int) -> MelanomaNet:
     model = MelanomaNet(args.enet_type, n_meta_features=n_meta, pretrained=False).to(device)
     return model.to(memory_format=torch.channels_last) if args.channels_last else model
-
-
-def random_batch(
-    batch: int, image_size: int, n_meta: int, device: torch.device, channels_last: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random images (in the model's memory layout) and side inputs, already on the device."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    image = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
-    return image, torch.randn(batch, n_meta, device=device) if n_meta else None
 
 
 # --------------------------------------------------------------------------- train mode
 
 
 def bench_model_step(args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None) -> float:
-    """Train img/s of forward + backward + Adam step on random tensors: the ceiling for the training loop."""
+    """Train img/s of the training loop's own step on one random batch already on the device: the ceiling for the
+    training loop."""
     n_meta = 12 if args.use_meta else 0
-    model = compile_for_training(build_model(args, device, n_meta).train(), args.compile)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = make_grad_scaler(device, amp_dtype)
-    image, meta = random_batch(args.batch_size, args.image_size, n_meta, device, args.channels_last)
-    target = torch.randint(0, 2, (args.batch_size,), device=device).float()
-    loss_fn = melanoma_loss(1)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            synchronize(device)
-            started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp_dtype):
-            logits = model(image, meta)
-        loss = loss_fn(logits.float(), target)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss.item()  # the training loop reads the loss every step too
-    synchronize(device)
-    return args.steps * args.batch_size / (time.perf_counter() - started)
-
-
-@torch.no_grad()
-def forward_throughput(
-    model: MelanomaNet,
-    batch: int,
-    image_size: int,
-    steps: int,
-    warmup: int,
-    args: argparse.Namespace,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-) -> float:
-    """Images per second of the model's forward pass alone on random input already on the device, the output
-    copied back as prediction does: `warmup` untimed passes, then `steps` timed ones."""
-    image, meta = random_batch(batch, image_size, model.n_meta_features, device, args.channels_last)
-    for step in range(warmup + steps):
-        if step == warmup:
-            synchronize(device)
-            started = time.perf_counter()
-        with autocast(device, amp_dtype):
-            model(image, meta).float().cpu()
-    synchronize(device)
-    return steps * batch / (time.perf_counter() - started)
+    model = compile_for_training(build_model(args, device, n_meta), args.compile)
+    batch = random_batch(args.batch_size, args.image_size, n_meta, device, args.channels_last)
+    return training_step_throughput(
+        model, batch, melanoma_loss(1), args.steps, args.warmup, device, amp_dtype, args.channels_last
+    )
 
 
 def training_images(args: argparse.Namespace, n_images: int) -> Images:
@@ -289,9 +231,8 @@ def bench_training(args: argparse.Namespace, device: torch.device, amp_dtype: to
         result["model_train_img_s"] = bench_model_step(args, device, amp_dtype)
     if "infer" in parts:
         model = build_model(args, device, 12 if args.use_meta else 0).eval()
-        result["model_infer_img_s"] = forward_throughput(
-            model, args.batch_size, args.image_size, args.steps, args.warmup, args, device, amp_dtype
-        )
+        batch = random_batch(args.batch_size, args.image_size, model.n_meta_features, device, args.channels_last)
+        result["model_infer_img_s"] = forward_throughput(model, batch, args.steps, args.warmup, device, amp_dtype)
     if "data" in parts:
         data_key = "data_img_s_per_worker" if data_path == "cpu" else "data_img_s_on_device"
         result[data_key] = bench_data_pipeline(args, device, data_path)
@@ -346,9 +287,15 @@ def bench_prediction(args: argparse.Namespace, device: torch.device, amp_dtype: 
     frame = read_melanoma_table(args.data_dir, "test", use_meta=False, require_target=False)
     frame = frame.head(args.n_images).reset_index(drop=True)
 
-    def bare(batch: int):
-        steps = max(1, round(len(frame) / batch))  # as many images as one predict measurement
-        return lambda: forward_throughput(loaded.model, batch, loaded.image_size, steps, 0, args, device, amp_dtype)
+    def bare(batch_size: int):
+        steps = max(1, round(len(frame) / batch_size))  # as many images as one predict measurement
+
+        def measure() -> float:
+            model, size = loaded.model, loaded.image_size
+            batch = random_batch(batch_size, size, model.n_meta_features, device, args.channels_last)
+            return forward_throughput(model, batch, steps, 0, device, amp_dtype)
+
+        return measure
 
     def predict(n_tta: int):
         return lambda: predict_throughput(loaded, frame, n_tta, args, device, amp_dtype)

@@ -1,13 +1,13 @@
 """What the networks are fed: the augmentations of both trainers (melanoma and artifact detector), and one Dataset
-that reads images, augments them reproducibly and pairs them with metadata and targets."""
+that reads images, augments them reproducibly and pairs them with metadata and targets. The preprocessing before
+the augmentations (colour constancy, the square rule) is preprocessing.py's; its names are importable from here too."""
 
 from __future__ import annotations
 
 import math
 import os
 import random
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise asks PyPI on import
 
@@ -16,127 +16,56 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from color import COLOR_CONSTANCY, DEFAULT_MINKOWSKI_P, check_minkowski_p, shades_of_gray  # noqa: E402
+from color import shades_of_gray  # noqa: E402
 from image_files import read_image  # noqa: E402
+from preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, Preprocessing, square_image  # noqa: E402
 from utils import UserError  # noqa: E402
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = [  # the preprocessing's names as well, for the modules that take them from here
+    "AUGMENTATIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RESIZE_MODES",
+    "TRAINING_AUGMENTATIONS",
+    "EpochSampler",
+    "ImageDataset",
+    "Preprocessing",
+    "exported_input_transforms",
+    "resize_side",
+    "square_image",
+    "train_transforms",
+    "valid_transforms",
+]
 
 AUGMENTATIONS = ("full", "light", "robust", "none")  # --augment's
 TRAINING_AUGMENTATIONS = (*AUGMENTATIONS, "artifact")  # and the artifact detector's own
-RESIZE_MODES = ("stretch", "crop", "pad")  # --resize-mode's
 
-# --------------------------------------------------------------------------- preprocessing
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What every image goes through before any augmentation, in training, validation and prediction alike: its
-    illuminant divided out (`color_constancy` "shades-of-gray" with Minkowski norm `minkowski_p`, on the whole
-    image as read), then made square (`resize_mode`: "stretch" leaves that to the resize, "crop" keeps the centre
-    square of the shorter side, "pad" extends the shorter side to the longer one with reflected borders, never
-    black ones, which would paint a fake dark frame). Stored in every checkpoint (`record`); a checkpoint written
-    before these settings reads as none / stretch, what it was trained with (`from_checkpoint`)."""
-
-    color_constancy: str = "none"
-    minkowski_p: float = DEFAULT_MINKOWSKI_P
-    resize_mode: str = "stretch"
-
-    def __post_init__(self) -> None:
-        if self.color_constancy not in COLOR_CONSTANCY:
-            raise UserError(
-                f"unknown --color-constancy {self.color_constancy!r}: choose one of {', '.join(COLOR_CONSTANCY)}."
-            )
-        if self.resize_mode not in RESIZE_MODES:
-            raise UserError(f"unknown --resize-mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}.")
-        check_minkowski_p(self.minkowski_p)
-
-    def record(self) -> dict:
-        """The checkpoint's fields, beside image_size, mean and std."""
-        return asdict(self)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: dict, path: object = "the checkpoint") -> Preprocessing:
-        """The checkpoint's own settings, checked as data: a value no run of this project writes names the file
-        (`path`), not a flag the user never gave."""
-        values = {
-            "color_constancy": checkpoint.get("color_constancy", "none"),
-            "minkowski_p": checkpoint.get("minkowski_p", DEFAULT_MINKOWSKI_P),
-            "resize_mode": checkpoint.get("resize_mode", "stretch"),
-        }
-        valid = {
-            "color_constancy": lambda value: isinstance(value, str) and value in COLOR_CONSTANCY,
-            "minkowski_p": lambda value: (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and 1.0 <= value < math.inf
-            ),
-            "resize_mode": lambda value: isinstance(value, str) and value in RESIZE_MODES,
-        }
-        for key, value in values.items():
-            if not valid[key](value):
-                raise UserError(
-                    f"{path} holds the preprocessing setting {key} = {repr(value)[:60]}, which is not a valid value: "
-                    "the file is damaged or was not written by this project."
-                )
-        return cls(values["color_constancy"], float(values["minkowski_p"]), values["resize_mode"])
-
-    def steps(self) -> list[A.BasicTransform]:
-        """The albumentations steps before the resize to the network's side."""
-        steps = [] if self.color_constancy == "none" else [ShadesOfGray(self.minkowski_p)]
-        return steps + ([] if self.resize_mode == "stretch" else [SquareImage(self.resize_mode)])
-
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        """The same on one RGB uint8 image: the picture the network is shown before its resize (for Grad-CAM)."""
-        return square_image(self.correct_colour(image), self.resize_mode)
-
-    def correct_colour(self, image: np.ndarray) -> np.ndarray:
-        """The colour constancy alone, on one RGB uint8 image (what the lesion features see)."""
-        return shades_of_gray(image, self.minkowski_p) if self.color_constancy == "shades-of-gray" else image
+# --------------------------------------------------------------------------- pipeline steps
 
 
-def square_image(image: np.ndarray, mode: str) -> np.ndarray:
-    """An image (H, W, C) made square by `mode` (RESIZE_MODES); "stretch" returns it as it is, for the resize to
-    stretch. Centred; an odd difference puts the extra row or column at the bottom or right."""
-    height, width = image.shape[:2]
-    if mode == "stretch" or height == width:
-        return image
-    if mode == "crop":
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        return np.ascontiguousarray(image[top : top + side, left : left + side])
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    # numpy's "reflect" mirrors about the edge pixels (OpenCV's BORDER_REFLECT_101), repeatedly where a side
-    # is padded by more than its length
-    return np.pad(image, ((top, side - height - top), (left, side - width - left), (0, 0)), mode="reflect")
+class FixedStep(A.ImageOnlyTransform):
+    """`function(image, **options)` as a pipeline step: no random parameters, always applied (the pipelines carry
+    images only, no masks or boxes). The preprocessing's colour constancy and square rule."""
 
-
-class ShadesOfGray(A.ImageOnlyTransform):
-    """color.shades_of_gray as a pipeline step: no random parameters, always applied."""
-
-    def __init__(self, minkowski_p: float = DEFAULT_MINKOWSKI_P) -> None:
+    def __init__(self, function: Callable[..., np.ndarray], **options) -> None:
         super().__init__(p=1.0)
-        self.minkowski_p = minkowski_p
+        self.function, self.options = function, options
 
     def apply(self, img: np.ndarray, **params) -> np.ndarray:
-        return shades_of_gray(img, self.minkowski_p)
+        return self.function(img, **self.options)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("minkowski_p",)
+        return ("function", "options")
 
 
-class SquareImage(A.ImageOnlyTransform):
-    """square_image as a pipeline step (the pipelines carry images only, no masks or boxes)."""
-
-    def __init__(self, mode: str) -> None:
-        super().__init__(p=1.0)
-        self.mode = mode
-
-    def apply(self, img: np.ndarray, **params) -> np.ndarray:
-        return square_image(img, self.mode)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("mode",)
+def preprocessing_steps(preprocessing: Preprocessing) -> list[A.BasicTransform]:
+    """The albumentations steps of `preprocessing`, before the resize to the network's side."""
+    steps = []
+    if preprocessing.color_constancy != "none":
+        steps.append(FixedStep(shades_of_gray, p=preprocessing.minkowski_p))
+    if preprocessing.resize_mode != "stretch":
+        steps.append(FixedStep(square_image, mode=preprocessing.resize_mode))
+    return steps
 
 
 # radial darkening of "robust": at most this much at the corners (albumentations has no vignetting)
@@ -178,11 +107,110 @@ ROBUST_GAINS = (0.85, 1.15)  # a gain per channel: another illuminant or white b
 ROBUST_DOWNSCALE = (0.5, 0.9)  # down then up again: a lower source resolution (HAM10000's 200x150)
 ROBUST_JPEG_QUALITY = (40, 95)  # re-compression
 ROBUST_P = {"gains": 0.75, "vignette": 0.5, "downscale": 0.3, "jpeg": 0.5}
+NOISE_STD = (math.sqrt(5) / 255, math.sqrt(30) / 255)  # GaussNoise's, on the 0-1 scale
 
 
 def _input_steps(image_size: int, preprocessing: Preprocessing) -> list[A.BasicTransform]:
     """Preprocessing on the image as read, then the resize to image_size x image_size."""
-    return [*preprocessing.steps(), A.Resize(image_size, image_size)]
+    return [*preprocessing_steps(preprocessing), A.Resize(image_size, image_size)]
+
+
+def _dihedral() -> list[A.BasicTransform]:
+    """The eight flips and transposes of a square, each equally likely."""
+    return [A.Transpose(p=0.5), A.VerticalFlip(p=0.5), A.HorizontalFlip(p=0.5)]
+
+
+def _colour_jitter() -> list[A.BasicTransform]:
+    return [
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75),
+        A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
+    ]
+
+
+def _any_rotation(scale: tuple[float, float], keep_ratio: bool = False) -> A.Affine:
+    """Any rotation with a small shift and the scale drawn from `scale`. Reflected borders: a black constant
+    border paints fake dark corners, a melanoma confound in real data."""
+    return A.Affine(
+        translate_percent=(-0.05, 0.05),
+        scale=scale,
+        keep_ratio=keep_ratio,
+        rotate=(-180, 180),
+        border_mode=cv2.BORDER_REFLECT_101,
+        p=0.85,
+    )
+
+
+def _light_augmentations() -> list[A.BasicTransform]:
+    return [*_dihedral(), _any_rotation((0.9, 1.1))]
+
+
+def _robust_augmentations() -> list[A.BasicTransform]:
+    return [
+        *_dihedral(),
+        _any_rotation(ROBUST_SCALE, keep_ratio=True),
+        A.MultiplicativeNoise(multiplier=ROBUST_GAINS, per_channel=True, p=ROBUST_P["gains"]),
+        Vignette(p=ROBUST_P["vignette"]),
+        A.Downscale(
+            scale_range=ROBUST_DOWNSCALE,
+            interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR},
+            p=ROBUST_P["downscale"],
+        ),
+        A.ImageCompression(quality_range=ROBUST_JPEG_QUALITY, p=ROBUST_P["jpeg"]),
+    ]
+
+
+def _full_augmentations() -> list[A.BasicTransform]:
+    brightness_contrast, hue_saturation = _colour_jitter()
+    blur_or_noise = A.OneOf(
+        [
+            A.MotionBlur(blur_limit=5),
+            A.MedianBlur(blur_limit=5),
+            A.GaussianBlur(blur_limit=(3, 5)),
+            A.GaussNoise(std_range=NOISE_STD),
+        ],
+        p=0.7,
+    )
+    distortion = A.OneOf(
+        [
+            A.OpticalDistortion(distort_limit=0.5),
+            A.GridDistortion(num_steps=5, distort_limit=0.5),
+            A.ElasticTransform(alpha=3, approximate=True),
+        ],
+        p=0.7,
+    )
+    affine = A.Affine(
+        translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), border_mode=cv2.BORDER_CONSTANT, p=0.85
+    )
+    cutout = A.CoarseDropout(
+        num_holes_range=(1, 1), hole_height_range=(0.375, 0.375), hole_width_range=(0.375, 0.375), p=0.7
+    )
+    return [
+        *_dihedral(),
+        brightness_contrast,
+        blur_or_noise,
+        distortion,
+        A.CLAHE(clip_limit=4.0, p=0.7),
+        hue_saturation,
+        affine,
+        cutout,
+    ]
+
+
+def _artifact_augmentations() -> list[A.BasicTransform]:
+    """The artifact detector's: flips, transposes, colour and mild noise, nothing that adds or erases an artifact.
+    The melanoma pipeline's constant-border Affine paints black wedges (a fake black frame), its cutout hole can
+    erase a ruler or paint a patch, and its blurs wipe out marks a few pixels wide at small image sizes: each would
+    teach the detector wrong labels."""
+    return [*_dihedral(), *_colour_jitter(), A.GaussNoise(std_range=NOISE_STD, p=0.3)]
+
+
+AUGMENTATION_STEPS = {
+    "none": list,
+    "light": _light_augmentations,
+    "robust": _robust_augmentations,
+    "full": _full_augmentations,
+    "artifact": _artifact_augmentations,
+}
 
 
 def train_transforms(
@@ -198,7 +226,7 @@ def train_transforms(
     on a small set does not get past colour jitter, blur and cutout; "robust" is "light" with what differs between
     clinics and dermatoscopes: zoom in and out (ROBUST_SCALE, reflected borders), per-channel gains (illuminant,
     white balance), vignetting, a lower source resolution and JPEG re-compression; "none" only resizes and
-    normalises (valid_transforms); "artifact" is the detector's (artifact_train_transforms).
+    normalises (valid_transforms); "artifact" is the detector's (_artifact_augmentations).
 
     Colour constancy (in `preprocessing`) comes before every augmentation: it divides out per-channel gains
     almost exactly, so gains drawn before it would be undone, while gains after it stand for what it leaves
@@ -206,86 +234,13 @@ def train_transforms(
     pixels instead of the file's, which is several times cheaper when training below the stored resolution, and
     equivalent in distribution. ElasticTransform uses its approximate form (about 5x faster, same look).
     """
-    if strength == "artifact":
-        return artifact_train_transforms(image_size, mean, std, preprocessing)
-    first, normalize = _input_steps(image_size, preprocessing), A.Normalize(mean=tuple(mean), std=tuple(std))
-    dihedral = [A.Transpose(p=0.5), A.VerticalFlip(p=0.5), A.HorizontalFlip(p=0.5)]
-    jitter = A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75)
-    hsv = A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5)
-    affine = A.Affine(
-        translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15), border_mode=cv2.BORDER_CONSTANT, p=0.85
-    )
-    # reflected borders: a black constant border paints fake dark corners, a melanoma confound in real data
-    rotate = A.Affine(
-        translate_percent=(-0.05, 0.05),
-        scale=(0.9, 1.1),
-        rotate=(-180, 180),
-        border_mode=cv2.BORDER_REFLECT_101,
-        p=0.85,
-    )
-    if strength == "none":
-        return A.Compose([*first, normalize])
-    if strength == "light":
-        return A.Compose([*first, *dihedral, rotate, normalize])
-    if strength == "robust":
-        zoom = A.Affine(
-            translate_percent=(-0.05, 0.05),
-            scale=ROBUST_SCALE,
-            keep_ratio=True,
-            rotate=(-180, 180),
-            border_mode=cv2.BORDER_REFLECT_101,
-            p=0.85,
-        )
-        return A.Compose(
-            [
-                *first,
-                *dihedral,
-                zoom,
-                A.MultiplicativeNoise(multiplier=ROBUST_GAINS, per_channel=True, p=ROBUST_P["gains"]),
-                Vignette(p=ROBUST_P["vignette"]),
-                A.Downscale(
-                    scale_range=ROBUST_DOWNSCALE,
-                    interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR},
-                    p=ROBUST_P["downscale"],
-                ),
-                A.ImageCompression(quality_range=ROBUST_JPEG_QUALITY, p=ROBUST_P["jpeg"]),
-                normalize,
-            ]
-        )
-    if strength != "full":
+    if strength not in AUGMENTATION_STEPS:
         raise UserError(
             f"unknown augmentation strength {strength!r}: choose one of {', '.join(TRAINING_AUGMENTATIONS)}."
         )
+    augmentations = AUGMENTATION_STEPS[strength]()
     return A.Compose(
-        [
-            *first,
-            *dihedral,
-            jitter,
-            A.OneOf(
-                [
-                    A.MotionBlur(blur_limit=5),
-                    A.MedianBlur(blur_limit=5),
-                    A.GaussianBlur(blur_limit=(3, 5)),
-                    A.GaussNoise(std_range=(math.sqrt(5) / 255, math.sqrt(30) / 255)),
-                ],
-                p=0.7,
-            ),
-            A.OneOf(
-                [
-                    A.OpticalDistortion(distort_limit=0.5),
-                    A.GridDistortion(num_steps=5, distort_limit=0.5),
-                    A.ElasticTransform(alpha=3, approximate=True),
-                ],
-                p=0.7,
-            ),
-            A.CLAHE(clip_limit=4.0, p=0.7),
-            hsv,
-            affine,
-            A.CoarseDropout(
-                num_holes_range=(1, 1), hole_height_range=(0.375, 0.375), hole_width_range=(0.375, 0.375), p=0.7
-            ),
-            normalize,
-        ]
+        [*_input_steps(image_size, preprocessing), *augmentations, A.Normalize(mean=tuple(mean), std=tuple(std))]
     )
 
 
@@ -295,37 +250,13 @@ def valid_transforms(
     std: Sequence[float] = IMAGENET_STD,
     preprocessing: Preprocessing = Preprocessing(),
 ) -> A.Compose:
-    return A.Compose([*_input_steps(image_size, preprocessing), A.Normalize(mean=tuple(mean), std=tuple(std))])
+    return train_transforms(image_size, mean, std, "none", preprocessing)
 
 
 def exported_input_transforms(image_size: int) -> A.Compose:
     """valid_transforms without the normalisation (the same resize): the uint8 image an exported model (export.py)
     takes, which normalises inside its graph."""
     return A.Compose([A.Resize(image_size, image_size)])
-
-
-def artifact_train_transforms(
-    image_size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    preprocessing: Preprocessing = Preprocessing(),
-) -> A.Compose:
-    """Augmentations for the artifact detector: flips, transposes, colour and mild noise, nothing that adds or
-    erases an artifact. The melanoma pipeline's constant-border Affine paints black wedges (a fake black frame),
-    its cutout hole can erase a ruler or paint a patch, and its blurs wipe out marks a few pixels wide at small
-    image sizes: each would teach the detector wrong labels."""
-    return A.Compose(
-        [
-            *_input_steps(image_size, preprocessing),
-            A.Transpose(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.HorizontalFlip(p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75),
-            A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
-            A.GaussNoise(std_range=(math.sqrt(5) / 255, math.sqrt(30) / 255), p=0.3),
-            A.Normalize(mean=tuple(mean), std=tuple(std)),
-        ]
-    )
 
 
 # --------------------------------------------------------------------------- the Dataset

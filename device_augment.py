@@ -1,5 +1,5 @@
 """The training augmentations of the device data path: dataset.py's albumentations pipelines (`train_transforms`
-for each strength of TRAINING_AUGMENTATIONS, "artifact" being `artifact_train_transforms`) on a batch of float
+for each strength of TRAINING_AUGMENTATIONS, "artifact" being the detector's) on a batch of float
 images on the training device, with the same parameter ranges, probabilities and borders, every image drawing its
 own parameters. Parameters are drawn on the CPU from a torch.Generator seeded from (seed, epoch, batch index,
 rank), per-pixel noise on the device from a second one: a batch's augmentation is reproducible and touches no global

@@ -80,7 +80,7 @@ def reflect_index(positions: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def square(images: torch.Tensor, mode: str) -> torch.Tensor:
-    """dataset.square_image on a batch of one shape: "crop" the centre square, "pad" with reflected borders to
+    """preprocessing.square_image on a batch of one shape: "crop" the centre square, "pad" with reflected borders to
     the longer side, "stretch" unchanged (the resize stretches)."""
     height, width = images.shape[-2:]
     if mode == "stretch" or height == width:

@@ -39,16 +39,14 @@ from config import DEFAULTS
 from dataset import Preprocessing
 from detector_inference import load_detectors
 from detector_inference import predict_probs as detector_probabilities
-from inference import LoadedModel, load_melanoma_model
+from exported_graph import build_graph
+from inference import load_melanoma_model
 from inference import predict_probabilities as checkpoint_probabilities
-from models import model_from_checkpoint
 from onnx_model import (
     ARTIFACT_OUTPUTS,
     FORMAT_SUFFIXES,
     IMAGE_INPUT,
-    LESION_INPUT,
     MELANOMA_OUTPUTS,
-    META_INPUT,
     SPEC_FORMAT,
     export_base,
     exported_probabilities,
@@ -87,176 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# --------------------------------------------------------------------------- what the exported graph computes
-
-
-class Normalise(nn.Module):
-    """uint8 (or 0-255 float) RGB NCHW to the network's input: (x / 255 - mean) / std per channel."""
-
-    def __init__(self, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return (image.float() - self.mean) / self.std
-
-
-class MelanomaGraph(nn.Module):
-    """A train.py model as predict.py scores one view: the normalisation, the lesion features' scaling, the network
-    and, under late fusion, the metadata logistic regression's log-odds added to the network's. Returns
-    MELANOMA_OUTPUTS: P(melanoma), the network's log-odds and the metadata's (zero without late fusion)."""
-
-    def __init__(self, loaded: LoadedModel) -> None:
-        super().__init__()
-        self.normalise = Normalise(loaded.mean, loaded.std)
-        self.net = loaded.model
-        self.out_dim = loaded.model.fc.out_features
-        self.meta_in_network = loaded.encoder is not None and loaded.meta_model is None
-        self.lesion = loaded.feature_scaler is not None
-        if self.lesion:
-            scaler = loaded.feature_scaler
-            # a scaler stored before the unmeasurable flag (no fill): the flag column is dropped, the mean fills
-            self.drop_flag = scaler.fill is None
-            fill = scaler.mean if scaler.fill is None else scaler.fill
-            for name, values in (("lesion_mean", scaler.mean), ("lesion_std", scaler.std), ("lesion_fill", fill)):
-                self.register_buffer(name, torch.tensor(np.asarray(values), dtype=torch.float32))
-        self.late = loaded.meta_model is not None
-        if self.late:
-            regression = loaded.meta_model
-            self.register_buffer("meta_mean", torch.tensor(regression.mean, dtype=torch.float32))
-            self.register_buffer("meta_scale", torch.tensor(regression.scale, dtype=torch.float32))
-            self.register_buffer("meta_coef", torch.tensor(regression.coef, dtype=torch.float32))
-            self.meta_offset = regression.intercept - regression.prior_logit
-
-    def scaled_lesion(self, features: torch.Tensor) -> torch.Tensor:
-        """features.FeatureScaler.transform."""
-        if self.drop_flag:
-            features = features[:, :-1]
-        features = torch.where(torch.isfinite(features), features, self.lesion_fill)
-        return ((features - self.lesion_mean) / self.lesion_std).clamp(-6.0, 6.0)
-
-    def forward(
-        self, image: torch.Tensor, meta: torch.Tensor | None = None, lesion_features: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        side = []
-        if self.meta_in_network:
-            side.append(meta)
-        if self.lesion:
-            side.append(self.scaled_lesion(lesion_features))
-        logits = self.net(self.normalise(image), torch.cat(side, dim=1) if side else None)
-        network = logits[:, 0] if self.out_dim == 1 else logits[:, 1] - logits[:, 0]  # models.melanoma_logit
-        if self.late:  # models.MetadataLogit.evidence
-            metadata = ((meta - self.meta_mean) / self.meta_scale) @ self.meta_coef + self.meta_offset
-        else:
-            metadata = torch.zeros_like(network)
-        return torch.sigmoid(network + metadata), network, metadata
-
-
-class ArtifactGraph(nn.Module):
-    """A detector as multi_classification.py scores it: ARTIFACT_OUTPUTS, the per-head probabilities and logits."""
-
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.normalise, self.net = Normalise(mean, std), model
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(self.normalise(image))
-        return torch.sigmoid(logits), logits
-
-
-# --------------------------------------------------------------------------- the JSON
+# --------------------------------------------------------------------------- export
 
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def image_spec(size: int, mean: list[float], std: list[float]) -> dict:
-    return {
-        "dtype": "uint8",
-        "shape": ["batch", 3, size, size],
-        "height": size,
-        "width": size,
-        "layout": "NCHW, RGB channel order, values 0-255",
-        "preprocessing": f"decode the image as RGB and resize it to {size} x {size} (bilinear, OpenCV INTER_LINEAR; "
-        "no crop, the aspect ratio is not kept); do not scale or normalise: the graph does",
-        "normalisation_in_graph": {"formula": "(image / 255 - mean) / std, per channel", "mean": mean, "std": std},
-    }
-
-
-def melanoma_spec(loaded: LoadedModel, checkpoint: dict) -> dict:
-    inputs = {IMAGE_INPUT: image_spec(loaded.image_size, loaded.mean, loaded.std)}
-    if loaded.encoder is not None:
-        late = loaded.meta_model is not None
-        inputs[META_INPUT] = {
-            "dtype": "float32",
-            "shape": ["batch", loaded.encoder.n_features],
-            "used_by": "the metadata logistic regression, whose log-odds the graph adds to the network's (late fusion)"
-            if late
-            else "the network's metadata branch (concat fusion)",
-            "feature_names": loaded.encoder.feature_names,
-            "encoding": loaded.encoder.describe(),
-            "encoder": loaded.encoder.state_dict(),  # tables.MetaEncoder.from_state_dict rebuilds it
-        }
-    if loaded.feature_scaler is not None:
-        width = loaded.feature_scaler.n_features + (1 if loaded.feature_scaler.fill is None else 0)
-        inputs[LESION_INPUT] = {
-            "dtype": "float32",
-            "shape": ["batch", width],
-            "computed_by": "features.lesion_features([image file paths]) of this project, unscaled: the graph "
-            "standardises and clips them with the training fold's statistics",
-        }
-    meanings = {
-        "probability": "P(melanoma) in [0, 1]: what predict.py writes as target for one view (with --n-tta, "
-        "predict.py averages the network's probability over the views before adding the metadata's log-odds)",
-        "network_log_odds": "the image network's log-odds of melanoma (with the metadata inside it under concat "
-        "fusion)",
-        "metadata_log_odds": "what late fusion's metadata logistic regression adds to the log-odds (its logit minus "
-        "the training prevalence's); 0 without late fusion",
-    }
-    return {
-        "kind": "melanoma",
-        "fusion": checkpoint.get("fusion") if loaded.encoder is not None else None,
-        "inputs": inputs,
-        "outputs": [{"name": name, "shape": ["batch"], "meaning": meanings[name]} for name in MELANOMA_OUTPUTS],
-        "fold": checkpoint.get("fold"),
-        "n_folds": checkpoint.get("n_folds"),
-        "validation_images": checkpoint.get("val_images"),
-    }
-
-
-def artifact_spec(checkpoint: dict) -> dict:
-    heads = list(checkpoint["heads"])
-    return {
-        "kind": "artifact",
-        "heads": heads,
-        "thresholds": dict(zip(heads, map(float, checkpoint["thresholds"]), strict=True)),
-        "threshold_rule": checkpoint.get("threshold_rule", "max F1 on the val split")
-        + "; a head is present when its probability >= its threshold",
-        "inputs": {IMAGE_INPUT: image_spec(int(checkpoint["image_size"]), checkpoint["mean"], checkpoint["std"])},
-        "outputs": [
-            {
-                "name": "probabilities",
-                "shape": ["batch", len(heads)],
-                "meaning": "sigmoid per head, columns in the order of heads",
-            },
-            {"name": "logits", "shape": ["batch", len(heads)], "meaning": "the heads' logits"},
-        ],  # fmt: skip
-        "validation_images": checkpoint.get("val_images"),
-    }
-
-
-# --------------------------------------------------------------------------- export
-
-
-def build_graph(checkpoint: dict, path: Path) -> tuple[nn.Module, dict]:
-    """The module to export and the JSON's model-specific part."""
-    if kind_of(checkpoint["kind"]) == "artifact":
-        model = model_from_checkpoint(checkpoint, path)
-        return ArtifactGraph(model, checkpoint["mean"], checkpoint["std"]).eval(), artifact_spec(checkpoint)
-    loaded = load_melanoma_model(path, torch.device("cpu"))
-    return MelanomaGraph(loaded).eval(), melanoma_spec(loaded, checkpoint)
 
 
 def example_inputs(spec: dict) -> dict[str, torch.Tensor]:
@@ -369,60 +202,75 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.tolerance >= 0:
             raise UserError(f"--tolerance {args.tolerance} must be 0 or more, e.g. {DEFAULT_TOLERANCE:g}.")
         if args.check_only:
-            if not spec_file.is_file():
-                raise UserError(f"{spec_file} does not exist: export the model first (drop --check-only) or fix --out.")
-            files = listed_files(spec_file)
-            missing = [path for path in files if not path.is_file()]
-            if missing:
-                raise UserError(f"{missing[0]} does not exist: export the model again or fix --out.")
-            differences = parity_check(model_path, kind, files, args.tolerance)
-            print(f"parity check passed: {format_differences(differences)} (tolerance {args.tolerance:g})")
-            return {"files": files, "spec": spec_file, "differences": differences}
-
+            return check_exported(model_path, kind, spec_file, args.tolerance)
         formats = output_files(base, args.format)
         files = list(formats.values())
         existing = [path for path in [*files, spec_file] if path.exists()]
         if existing and not args.overwrite:
             raise UserError(f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out.")
         ensure_writable_dir(base.parent, "folder of --out")
-        graph, spec = build_graph(checkpoint, model_path)
-        inputs = example_inputs(spec)
-        output_names = list(ARTIFACT_OUTPUTS if kind == "artifact" else MELANOMA_OUTPUTS)
-        spec = {
-            "format": SPEC_FORMAT,
-            **spec,
-            "checkpoint": str(model_path),
-            "checkpoint_sha256": file_sha256(model_path),
-            "enet_type": checkpoint["model"]["enet_type"],
-            "epoch": checkpoint.get("epoch"),
-            "files": {name: path.name for name, path in formats.items()},
-            "batch": "dynamic: the first axis of every input and output",
-        }
-        print(f"exporting {model_path} ({kind}, {spec['enet_type']}) to {', '.join(map(str, files))}", flush=True)
-        try:
-            if "onnx" in formats:
-                export_onnx(graph, inputs, output_names, formats["onnx"])
-            if "torchscript" in formats:
-                export_torchscript(graph, inputs, formats["torchscript"])
-            write_text_atomic(spec_file, json.dumps(spec, indent=2) + "\n")
-            differences = parity_check(model_path, kind, files, args.tolerance)
-        except BaseException:
-            for path in [*files, spec_file]:  # never leave an unchecked export where predict.py would take it
-                path.unlink(missing_ok=True)
-            raise
-        spec["parity"] = {
-            "tolerance": args.tolerance,
-            "max_abs_difference": differences,
-            "check": f"{N_CHECK} synthetic images (synthetic.py, seed 0) with their metadata: the checkpoint in "
-            "PyTorch (fp32, CPU) against each file (onnxruntime on the CPU; TorchScript)",
-        }
-        write_text_atomic(spec_file, json.dumps(spec, indent=2) + "\n")
+        differences = export_checked(checkpoint, model_path, formats, spec_file, args.tolerance)
         print(
             f"wrote {', '.join(map(str, files))} and {spec_file}; parity check passed: "
             f"{format_differences(differences)} (tolerance {args.tolerance:g})",
             flush=True,
         )
         return {"files": files, "spec": spec_file, "differences": differences}
+
+
+def check_exported(model_path: Path, kind: str, spec_file: Path, tolerance: float) -> dict:
+    """--check-only: the parity check of the files exported earlier that `spec_file` lists."""
+    if not spec_file.is_file():
+        raise UserError(f"{spec_file} does not exist: export the model first (drop --check-only) or fix --out.")
+    files = listed_files(spec_file)
+    missing = [path for path in files if not path.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} does not exist: export the model again or fix --out.")
+    differences = parity_check(model_path, kind, files, tolerance)
+    print(f"parity check passed: {format_differences(differences)} (tolerance {tolerance:g})")
+    return {"files": files, "spec": spec_file, "differences": differences}
+
+
+def export_checked(
+    checkpoint: dict, model_path: Path, formats: dict[str, Path], spec_file: Path, tolerance: float
+) -> dict[str, float]:
+    """Writes the exported files and their JSON, then checks them against the checkpoint (parity_check) and adds
+    the result to the JSON. Returns the check's differences; on any failure the files are removed again."""
+    kind = kind_of(checkpoint["kind"])
+    files = list(formats.values())
+    graph, model_spec = build_graph(checkpoint, model_path)
+    inputs = example_inputs(model_spec)
+    output_names = list(ARTIFACT_OUTPUTS if kind == "artifact" else MELANOMA_OUTPUTS)
+    spec = {
+        "format": SPEC_FORMAT,
+        **model_spec,
+        "checkpoint": str(model_path),
+        "checkpoint_sha256": file_sha256(model_path),
+        "enet_type": checkpoint["model"]["enet_type"],
+        "epoch": checkpoint.get("epoch"),
+        "files": {name: path.name for name, path in formats.items()},
+        "batch": "dynamic: the first axis of every input and output",
+    }
+    print(f"exporting {model_path} ({kind}, {spec['enet_type']}) to {', '.join(map(str, files))}", flush=True)
+    try:
+        if "onnx" in formats:
+            export_onnx(graph, inputs, output_names, formats["onnx"])
+        if "torchscript" in formats:
+            export_torchscript(graph, inputs, formats["torchscript"])
+        write_text_atomic(spec_file, json.dumps(spec, indent=2) + "\n")
+        differences = parity_check(model_path, kind, files, tolerance)
+    except BaseException:
+        for path in [*files, spec_file]:  # never leave an unchecked export where predict.py would take it
+            path.unlink(missing_ok=True)
+        raise
+    spec["parity"] = {
+        "tolerance": tolerance,
+        "max_abs_difference": differences,
+        "check": f"{N_CHECK} synthetic images (synthetic.py, seed 0) with their metadata: the checkpoint in "
+        "PyTorch (fp32, CPU) against each file (onnxruntime on the CPU; TorchScript)",
+    }
+    write_text_atomic(spec_file, json.dumps(spec, indent=2) + "\n")
+    return differences
 
 
 def format_differences(differences: dict[str, float]) -> str:

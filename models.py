@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from checkpoints import kind_of
-from dataset import IMAGENET_MEAN, IMAGENET_STD
+from preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from utils import UserError
 
 SWISH_TYPES = (MemoryEfficientSwish, Swish)

@@ -24,8 +24,8 @@ Both the metadata and the image carry signal about the target, neither perfectly
   irregular border and two or three colour patches (black, dark brown, blue-grey). About 12% of the images
   get the look of the other class, so the image alone cannot be perfect (the image itself: synthetic_image.py).
 
-Artifacts (hair in three kinds, dermoscope black frame, ruler strip, ink marks and stickers; artifacts.py) are
-drawn independently of the target, except the ruler, which is mildly more common on malignant images.
+Artifacts (hair in three kinds, dermoscope black frame, ruler strip, ink marks and stickers; synthetic_artifacts.py)
+are drawn independently of the target, except the ruler, which is mildly more common on malignant images.
 
 With odd_one_out (`--odd-one-out`) the images of one patient share a skin, a benign mole (synthetic_image's
 PatientStyle) and the artifacts (one skin, one dermoscope), and a patient with several images has at most one
@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from artifacts import DEFAULT_ARTIFACT_HEADS
+from annotations import DEFAULT_ARTIFACT_HEADS
 from synthetic_image import PatientStyle, draw_style, render_image
 from tables import SITE_COLUMN
 from utils import UserError
@@ -69,9 +69,7 @@ _MAX_IMAGES_PER_PATIENT = 6
 _JPEG_QUALITY = 90
 
 
-# ----------------------------------------------------------------------------------------------------
-# Metadata
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- metadata
 
 
 def _patient_sizes(rng: np.random.Generator, n_rows: int, n_patients: int) -> np.ndarray:
@@ -208,9 +206,7 @@ def _artifact_flags(rng: np.random.Generator, target: np.ndarray, rate: float, f
     return flags
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data set
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- the data set
 
 
 def _write_images(
@@ -291,6 +287,37 @@ def make_synthetic_dataset(
     odd_one_out: patients whose images share a look, with at most one melanoma each (the module's docstring); the
     default draws exactly the data set it drew before the option existed.
     """
+    _check_settings(n_train, n_test, image_size, malignant_fraction, artifact_rate, n_patients)
+    out = Path(out_dir)
+    claim_folder(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
+    rng = np.random.default_rng(meta_seq)
+
+    n_train_patients = n_patients if n_patients is not None else max(1, round(n_train / 3))
+    per_image = n_train_patients / n_train if n_train else 1.0 / 3.0
+    n_split_patients = (n_train_patients, max(1, round(n_test * per_image)))
+    tables, owners = _draw_tables(rng, (n_train, n_test), n_split_patients, malignant_fraction, odd_one_out)
+    looks, flags = _draw_looks_and_artifacts(rng, tables, owners, artifact_rate, odd_one_out)
+
+    settings = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size}
+    _write_tables(out, settings, *tables, flags[0])
+    styles = _draw_styles(rng, owners, n_split_patients) if odd_one_out else (None, None)
+    for split, table, look, flag, style, seed_seq in zip(
+        ("train", "test"), tables, looks, flags, styles, (train_seq, test_seq), strict=True
+    ):
+        _write_images(out / split / split, list(table["image_name"]), look, flag, image_size, seed_seq, style)
+    return out
+
+
+def _check_settings(
+    n_train: int,
+    n_test: int,
+    image_size: int,
+    malignant_fraction: float,
+    artifact_rate: float,
+    n_patients: int | None,
+) -> None:
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be >= 0")
     if image_size < 16:
@@ -302,21 +329,18 @@ def make_synthetic_dataset(
     if n_patients is not None and n_patients < 1:
         raise ValueError("n_patients must be >= 1")
 
-    out = Path(out_dir)
-    claim_folder(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    meta_seq, train_seq, test_seq = np.random.SeedSequence(seed).spawn(3)
-    rng = np.random.default_rng(meta_seq)
 
-    n_train_patients = n_patients if n_patients is not None else max(1, round(n_train / 3))
-    per_image = n_train_patients / n_train if n_train else 1.0 / 3.0
-    n_test_patients = max(1, round(n_test * per_image))
-
+def _draw_tables(
+    rng: np.random.Generator,
+    n_rows: tuple[int, int],
+    n_patients: tuple[int, int],
+    malignant_fraction: float,
+    odd_one_out: bool,
+) -> tuple[tuple[pd.DataFrame, pd.DataFrame], tuple[np.ndarray, np.ndarray]]:
+    """The train and test tables (image names sorted, test patients after the train ones) and each row's patient."""
+    (n_train, n_test), (n_train_patients, n_test_patients) = n_rows, n_patients
     ids = rng.choice(10_000_000, size=n_train + n_test, replace=False)
     names = np.array([f"SYN_{i:07d}" for i in ids], dtype=object)
-    train_names = np.sort(names[:n_train])
-    test_names = np.sort(names[n_train:])
-
     train, train_high, train_owner = _make_metadata(rng, n_train, n_train_patients, malignant_fraction, 0)
     test, _, test_owner = _make_metadata(rng, n_test, n_test_patients, malignant_fraction, n_train_patients)
     if odd_one_out:  # only here: the default data set stays the one drawn before this option
@@ -324,23 +348,46 @@ def make_synthetic_dataset(
             frame["target"] = _one_melanoma_per_patient(rng, frame["target"].to_numpy(dtype=int), owner)
     if n_train:
         train["target"] = _force_both(rng, train["target"].to_numpy(), train_high, min(3, n_train // 2))
-    train.insert(0, "image_name", train_names)
-    test.insert(0, "image_name", test_names)
+    train.insert(0, "image_name", np.sort(names[:n_train]))
+    test.insert(0, "image_name", np.sort(names[n_train:]))
+    return (train, test), (train_owner, test_owner)
 
-    train_target = train["target"].to_numpy(dtype=int)
-    test_target = test["target"].to_numpy(dtype=int)
-    train_looks = train_target ^ (rng.random(n_train) < _LOOK_FLIP_RATE)
-    test_looks = test_target ^ (rng.random(n_test) < _LOOK_FLIP_RATE)
-    train_flags = _artifact_flags(rng, train_target, artifact_rate, force=True)
-    test_flags = _artifact_flags(rng, test_target, artifact_rate, force=False)
+
+def _draw_looks_and_artifacts(
+    rng: np.random.Generator,
+    tables: tuple[pd.DataFrame, pd.DataFrame],
+    owners: tuple[np.ndarray, np.ndarray],
+    artifact_rate: float,
+    odd_one_out: bool,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per split: each image's look (its target's, _LOOK_FLIP_RATE of them the other class's) and its artifact
+    flags (at least one positive per head in train)."""
+    targets = [table["target"].to_numpy(dtype=int) for table in tables]
+    looks = [target ^ (rng.random(len(target)) < _LOOK_FLIP_RATE) for target in targets]
+    flags = [
+        _artifact_flags(rng, targets[0], artifact_rate, force=True),
+        _artifact_flags(rng, targets[1], artifact_rate, force=False),
+    ]
     if odd_one_out:
-        train_flags = _shared_by_patient(rng, train_flags, train_owner)
-        test_flags = _shared_by_patient(rng, test_flags, test_owner)
+        flags = [_shared_by_patient(rng, split_flags, owner) for split_flags, owner in zip(flags, owners, strict=True)]
+    return looks, flags
 
+
+def _draw_styles(
+    rng: np.random.Generator, owners: tuple[np.ndarray, np.ndarray], n_patients: tuple[int, int]
+) -> tuple[list[PatientStyle], list[PatientStyle]]:
+    """Per split, each image's patient style (odd_one_out): the test patients numbered after the train ones."""
+    (train_owner, test_owner), (n_train_patients, n_test_patients) = owners, n_patients
+    styles = [draw_style(rng) for _ in range(n_train_patients + n_test_patients)]
+    return [styles[patient] for patient in train_owner], [styles[n_train_patients + patient] for patient in test_owner]
+
+
+def _write_tables(out: Path, settings: dict, train: pd.DataFrame, test: pd.DataFrame, train_flags: np.ndarray) -> None:
+    """synthetic.json (first: a run killed half-way leaves a folder that is still known to be this script's), the
+    two CSVs and the headerless annotation file of the train images."""
+    train_names, test_names = list(train["image_name"]), list(test["image_name"])
     files = ["train.csv", "test.csv", "gans_biases.csv"]
     files += [f"train/train/{name}.jpg" for name in train_names] + [f"test/test/{name}.jpg" for name in test_names]
-    settings = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": image_size}
-    # first: a run killed half-way leaves a folder that is still known to be this script's
     (out / MANIFEST).write_text(json.dumps({"written_by": "synthetic.py", **settings, "files": files}, indent=1))
     train.to_csv(out / "train.csv", index=False, columns=list(TRAIN_COLUMNS))
     test.to_csv(out / "test.csv", index=False, columns=list(TRAIN_COLUMNS[:-1]))
@@ -349,14 +396,3 @@ def make_synthetic_dataset(
             f"{name}.jpg," + ",".join(str(int(v)) for v in row) + "\n"
             for name, row in zip(train_names, train_flags, strict=True)
         )
-
-    train_styles = test_styles = None
-    if odd_one_out:
-        styles = [draw_style(rng) for _ in range(n_train_patients + n_test_patients)]
-        train_styles = [styles[patient] for patient in train_owner]
-        test_styles = [styles[n_train_patients + patient] for patient in test_owner]
-    _write_images(
-        out / "train" / "train", list(train_names), train_looks, train_flags, image_size, train_seq, train_styles
-    )
-    _write_images(out / "test" / "test", list(test_names), test_looks, test_flags, image_size, test_seq, test_styles)
-    return out

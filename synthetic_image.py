@@ -1,6 +1,6 @@
 """One synthetic dermoscopy-like image: skin with tone variation, texture and light fall-off, a benign-looking
 (small, regular, one brown) or malignant-looking (larger, irregular, two or three colours) lesion, and the
-artifacts of artifacts.py. Deterministic for a given numpy Generator."""
+artifacts of synthetic_artifacts.py. Deterministic for a given numpy Generator."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from artifacts import (
-    DEFAULT_ARTIFACT_HEADS,
+from annotations import DEFAULT_ARTIFACT_HEADS
+from synthetic_artifacts import (
     HAIR_KINDS,
     blend,
     draw_black_frame,

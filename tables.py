@@ -96,15 +96,7 @@ def read_melanoma_table(
     UserError naming the file and the fix.
     """
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        problem = "is a file, not a folder" if data_dir.exists() else "does not exist"
-        raise UserError(f"data folder {data_dir} {problem}: pass --data-dir with the unpacked Kaggle folder.")
-    if split == "train":
-        csv_path = find_train_csv(data_dir)
-    else:
-        csv_path = data_dir / "test.csv"
-        if not csv_path.is_file():
-            raise UserError(f"no test.csv in {data_dir}: the Kaggle folder has test.csv beside train.csv.")
+    csv_path = _table_path(data_dir, split)
     frame = read_csv(csv_path)
     required = ["image_name"]
     if require_target:
@@ -112,7 +104,34 @@ def read_melanoma_table(
     if use_meta:
         required += ["sex", "age_approx", SITE_COLUMN]
     _require_columns(frame, required, csv_path)
+    _check_image_names(frame, csv_path, split)
+    if require_target:
+        frame["target"] = _checked_targets(frame, csv_path)
+    if use_meta:
+        bad = unknown_sex(frame["sex"])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{csv_path} line {row + 2} has sex {_cell_text(frame['sex'].iloc[row])!r}: {SEX_RULE}.")
+    if "age_approx" in frame.columns:
+        frame["age_approx"] = _checked_ages(frame, csv_path)
+    return _with_image_files(frame, data_dir, split, csv_path, bad_images).reset_index(drop=True)
 
+
+def _table_path(data_dir: Path, split: str) -> Path:
+    """The CSV of `split` ("train" or "test") in the Kaggle-layout folder `data_dir`."""
+    if not data_dir.is_dir():
+        problem = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise UserError(f"data folder {data_dir} {problem}: pass --data-dir with the unpacked Kaggle folder.")
+    if split == "train":
+        return find_train_csv(data_dir)
+    csv_path = data_dir / "test.csv"
+    if not csv_path.is_file():
+        raise UserError(f"no test.csv in {data_dir}: the Kaggle folder has test.csv beside train.csv.")
+    return csv_path
+
+
+def _check_image_names(frame: pd.DataFrame, csv_path: Path, split: str) -> None:
+    """Every row names one image, by a bare file name, and no image twice."""
     if frame["image_name"].isna().any():
         row = int(np.flatnonzero(frame["image_name"].isna())[0]) + 2
         raise UserError(f"{csv_path} line {row} has no image_name: every row must name its image.")
@@ -126,32 +145,37 @@ def read_melanoma_table(
     if duplicated.any():
         name = frame["image_name"][duplicated].iloc[0]
         raise UserError(f"{csv_path} lists image {name} twice: remove the duplicate row.")
-    if require_target:
-        target = pd.to_numeric(frame["target"], errors="coerce")
-        bad = ~target.isin([0, 1])
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            cell = frame["target"].iloc[row]
-            has = "no target" if pd.isna(cell) else f"target {_cell_text(cell)!r}"
-            raise UserError(f"{csv_path} line {row + 2} has {has}: targets must be 0 or 1.")
-        frame["target"] = target.astype(int)
-    if use_meta:
-        bad = unknown_sex(frame["sex"])
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise UserError(f"{csv_path} line {row + 2} has sex {_cell_text(frame['sex'].iloc[row])!r}: {SEX_RULE}.")
-    if "age_approx" in frame.columns:
-        # refused rather than treated as missing: an age of -5, 999 or inf is a typo or a unit mix-up that
-        # only the user can resolve, and a silently dropped age would change the model's input unnoticed
-        bad = implausible_ages(frame["age_approx"])
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise UserError(
-                f"{csv_path} line {row + 2} has age_approx {_cell_text(frame['age_approx'].iloc[row])!r}: "
-                f"{AGE_RULE}, or empty."
-            )
-        frame["age_approx"] = pd.to_numeric(frame["age_approx"], errors="coerce")
 
+
+def _checked_targets(frame: pd.DataFrame, csv_path: Path) -> pd.Series:
+    """The target column as 0/1 integers; any other cell is a UserError naming its line."""
+    target = pd.to_numeric(frame["target"], errors="coerce")
+    bad = ~target.isin([0, 1])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        cell = frame["target"].iloc[row]
+        has = "no target" if pd.isna(cell) else f"target {_cell_text(cell)!r}"
+        raise UserError(f"{csv_path} line {row + 2} has {has}: targets must be 0 or 1.")
+    return target.astype(int)
+
+
+def _checked_ages(frame: pd.DataFrame, csv_path: Path) -> pd.Series:
+    """age_approx as numbers, NaN where empty. Refused rather than treated as missing: an age of -5, 999 or inf is
+    a typo or a unit mix-up that only the user can resolve, and a silently dropped age would change the model's
+    input unnoticed."""
+    bad = implausible_ages(frame["age_approx"])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise UserError(
+            f"{csv_path} line {row + 2} has age_approx {_cell_text(frame['age_approx'].iloc[row])!r}: "
+            f"{AGE_RULE}, or empty."
+        )
+    return pd.to_numeric(frame["age_approx"], errors="coerce")
+
+
+def _with_image_files(frame: pd.DataFrame, data_dir: Path, split: str, csv_path: Path, bad_images: str) -> pd.DataFrame:
+    """`frame` with each row's `filepath`, every listed file present; damaged files stop the run, or with
+    bad_images="skip" their rows are left out with a notice."""
     image_dir = data_dir / split / split
     if not image_dir.is_dir():
         raise UserError(f"image folder {image_dir} does not exist: the Kaggle layout keeps images in {split}/{split}/.")
@@ -174,7 +198,7 @@ def read_melanoma_table(
         frame = frame[~frame["filepath"].isin({path for path, _ in damaged})]
         if frame.empty:
             raise UserError(f"every image listed in {csv_path} is damaged: re-download the data set.")
-    return frame.reset_index(drop=True)
+    return frame
 
 
 def canonical_sex(values: pd.Series) -> pd.Series:

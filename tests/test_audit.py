@@ -8,7 +8,7 @@ import torch
 
 import audit
 import train
-from artifacts import DEFAULT_ARTIFACT_HEADS
+from annotations import DEFAULT_ARTIFACT_HEADS
 from audit import PasteThenTransform, paste_artifact
 from dataset import EpochSampler, ImageDataset, valid_transforms
 from inference import make_dataset

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from image_helpers import CPU, byte_batch, to_pixels, write_image
 
 import device_data as dd
 import multi_classification
@@ -18,23 +19,12 @@ import source_shift
 import train
 from checkpoints import load_checkpoint, save_checkpoint
 from color import illuminant, shades_of_gray, shades_of_gray_batch
-from dataset import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RESIZE_MODES,
-    ImageDataset,
-    Preprocessing,
-    square_image,
-    train_transforms,
-    valid_transforms,
-)
+from dataset import ImageDataset, train_transforms, valid_transforms
 from inference import LoadedModel, load_melanoma_model, make_dataset
 from loops import Images, Preparation, image_dataset
+from preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, Preprocessing, square_image
 from utils import UserError
 
-CPU = torch.device("cpu")
-MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 SOG = Preprocessing("shades-of-gray")
 CAST = (0.8, 1.0, 1.2)  # a bluish illuminant: red down, blue up
 
@@ -55,28 +45,14 @@ def _cast(image: np.ndarray, gains=CAST) -> np.ndarray:
     return np.clip(image * np.array(gains) + 0.5, 0, 255).astype(np.uint8)
 
 
-def _write(path, rgb: np.ndarray) -> str:
-    options = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.suffix == ".jpg" else []
-    ok, encoded = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), options)
-    assert ok
-    path.write_bytes(encoded.tobytes())
-    return str(path)
-
-
-def _pixels(normalized: torch.Tensor) -> torch.Tensor:
-    return (normalized * STD + MEAN) * 255
-
-
 def _cpu_inputs(files: list[str], size: int, preprocessing: Preprocessing) -> torch.Tensor:
     dataset = ImageDataset(files, valid_transforms(size, preprocessing=preprocessing))
-    return _pixels(torch.stack([dataset[i]["image"] for i in range(len(files))]))
+    return to_pixels(torch.stack([dataset[i]["image"] for i in range(len(files))]))
 
 
 def _device_inputs(files: list[str], size: int, preprocessing: Preprocessing, strength="none", **seeds):
-    dataset = dd.ByteDataset(files)
-    batch = dd.collate_bytes([dataset[i] for i in range(len(files))])
     pipeline = dd.DevicePipeline(size, strength, IMAGENET_MEAN, IMAGENET_STD, CPU, preprocessing=preprocessing)
-    return _pixels(pipeline(batch, **seeds)["image"])
+    return to_pixels(pipeline(byte_batch(files), **seeds)["image"])
 
 
 # --------------------------------------------------------------------------- colour constancy
@@ -88,7 +64,7 @@ def test_a_colour_cast_is_divided_out(tmp_path, path):
     gains are divided out; what is left is the copy's overall brightness, which the correction keeps: 3 % here),
     and a clearly different one without."""
     image = _skin(48, 64)
-    files = [_write(tmp_path / "original.png", image), _write(tmp_path / "cast.png", _cast(image))]
+    files = [write_image(tmp_path / "original.png", image), write_image(tmp_path / "cast.png", _cast(image))]
     inputs = _cpu_inputs if path == "cpu" else _device_inputs
     corrected, plain = inputs(files, 32, SOG), inputs(files, 32, Preprocessing())
     assert (corrected[0] - corrected[1]).abs().mean() <= 6.0
@@ -125,11 +101,11 @@ def test_cpu_and_device_paths_prepare_alike(tmp_path, mode):
     the 2.5 levels (0.5 on average) that the resize alone differs by (test_device_data), plus the 0.5 by which the
     CPU path rounds the corrected image to uint8."""
     files = [
-        _write(tmp_path / "square.jpg", _skin(64, 64)),
-        _write(tmp_path / "wide.jpg", _skin(48, 64, 1)),
-        _write(tmp_path / "tall.png", _skin(64, 48, 2)),
-        _write(tmp_path / "strip.png", _skin(32, 120, 3)),
-        _write(tmp_path / "large.jpg", cv2.resize(_skin(96, 128, 4), (512, 384), interpolation=cv2.INTER_CUBIC)),
+        write_image(tmp_path / "square.jpg", _skin(64, 64)),
+        write_image(tmp_path / "wide.jpg", _skin(48, 64, 1)),
+        write_image(tmp_path / "tall.png", _skin(64, 48, 2)),
+        write_image(tmp_path / "strip.png", _skin(32, 120, 3)),
+        write_image(tmp_path / "large.jpg", cv2.resize(_skin(96, 128, 4), (512, 384), interpolation=cv2.INTER_CUBIC)),
     ]
     preprocessing = Preprocessing("shades-of-gray", 6.0, mode)
     for size in (48, 32):
@@ -167,7 +143,7 @@ def test_training_and_prediction_see_the_same_input(tmp_path, mode):
     """The training loader at --augment none, the validation loader and prediction's make_dataset give the same
     tensor for a 4:3 image, in each mode; pad and crop keep the lesion's shape (4:3 wide, as in the file),
     stretch squeezes it round."""
-    files = [_write(tmp_path / f"wide{i}.png", _skin(48, 64, i)) for i in range(2)]
+    files = [write_image(tmp_path / f"wide{i}.png", _skin(48, 64, i)) for i in range(2)]
     preprocessing = Preprocessing("none", 6.0, mode)
     training = image_dataset(Images(files), Preparation(32, IMAGENET_MEAN, IMAGENET_STD, "none", 5, preprocessing))
     loaded = LoadedModel(tmp_path, torch.nn.Identity(), 32, list(IMAGENET_MEAN), list(IMAGENET_STD), None)
@@ -187,7 +163,7 @@ def test_training_and_prediction_see_the_same_input(tmp_path, mode):
 
 
 def test_robust_augmentation_is_seeded_per_image_on_the_cpu_path(tmp_path):
-    files = [_write(tmp_path / "same.png", _skin(48, 64))] * 2
+    files = [write_image(tmp_path / "same.png", _skin(48, 64))] * 2
     dataset = ImageDataset(files, train_transforms(32, strength="robust", preprocessing=SOG), augment_seed=3)
     first = dataset[(1, 0)]["image"]
     assert torch.equal(dataset[(1, 0)]["image"], first)  # the same (seed, epoch, index): the same image
@@ -198,7 +174,7 @@ def test_robust_augmentation_is_seeded_per_image_on_the_cpu_path(tmp_path):
 
 
 def test_robust_augmentation_is_seeded_per_image_on_the_device_path(tmp_path):
-    files = [_write(tmp_path / "same.png", _skin(48, 64))] * 6
+    files = [write_image(tmp_path / "same.png", _skin(48, 64))] * 6
     first = _device_inputs(files, 32, SOG, "robust", epoch=1, batch_index=2)
     assert torch.equal(_device_inputs(files, 32, SOG, "robust", epoch=1, batch_index=2), first)
     assert not torch.equal(_device_inputs(files, 32, SOG, "robust", epoch=1, batch_index=3), first)
@@ -213,10 +189,10 @@ def test_robust_changes_colour_and_scale_without_black_borders(tmp_path, path):
     borders the zoom-out opens are reflected: on skin at 40-200 levels no pixel turns black (vignetting darkens
     the corners by at most half)."""
     n = 48
-    files = [_write(tmp_path / "same.png", _skin(64, 64))] * n
+    files = [write_image(tmp_path / "same.png", _skin(64, 64))] * n
     if path == "cpu":
         dataset = ImageDataset(files, train_transforms(32, strength="robust"), augment_seed=0)
-        images = _pixels(torch.stack([dataset[(0, i)]["image"] for i in range(n)]))
+        images = to_pixels(torch.stack([dataset[(0, i)]["image"] for i in range(n)]))
     else:
         images = _device_inputs(files, 32, Preprocessing(), "robust")
     assert images.amin() >= 15

@@ -12,6 +12,7 @@ import torch
 from albumentations.augmentations.blur import functional as blur_f
 from albumentations.augmentations.geometric import functional as geometric_f
 from albumentations.augmentations.pixel import functional as pixel_f
+from image_helpers import CPU, MEAN, STD, byte_batch, to_pixels, write_image
 
 import device_augment as da
 import device_data as dd
@@ -22,16 +23,11 @@ from dataset import (
     TRAINING_AUGMENTATIONS,
     EpochSampler,
     ImageDataset,
-    artifact_train_transforms,
     train_transforms,
     valid_transforms,
 )
 from image_files import read_image
 from utils import UserError
-
-CPU = torch.device("cpu")
-MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def _lesion(size: int, variant: int = 0, width: int | None = None) -> np.ndarray:
@@ -46,30 +42,13 @@ def _lesion(size: int, variant: int = 0, width: int | None = None) -> np.ndarray
     return cv2.GaussianBlur(np.clip(image, 0, 255).astype(np.uint8), (0, 0), 1.0)
 
 
-def _write(path, rgb: np.ndarray) -> str:
-    image = rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(path.suffix, image, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    assert ok
-    path.write_bytes(encoded.tobytes())
-    return str(path)
-
-
 @pytest.fixture()
 def lesion_files(tmp_path) -> list[str]:
-    return [_write(tmp_path / f"lesion{i}.jpg", _lesion(64, i)) for i in range(4)]
-
-
-def _batch(files: list[str]) -> dict:
-    dataset = dd.ByteDataset(files)
-    return dd.collate_bytes([dataset[i] for i in range(len(files))])
+    return [write_image(tmp_path / f"lesion{i}.jpg", _lesion(64, i)) for i in range(4)]
 
 
 def _pipeline(strength: str, size: int = 64, seed: int = 0, rank: int = 0) -> dd.DevicePipeline:
     return dd.DevicePipeline(size, strength, IMAGENET_MEAN, IMAGENET_STD, CPU, seed=seed, rank=rank)
-
-
-def _pixels(normalized: torch.Tensor) -> torch.Tensor:
-    return (normalized * STD + MEAN) * 255
 
 
 # --------------------------------------------------------------------------- reading and collating
@@ -93,11 +72,11 @@ def test_workers_read_bytes_and_the_collate_keeps_them_a_list(lesion_files):
 @pytest.mark.parametrize("strength", TRAINING_AUGMENTATIONS)
 def test_shapes_dtype_and_range(tmp_path, strength):
     files = [
-        _write(tmp_path / "square.jpg", _lesion(64)),
-        _write(tmp_path / "wide.jpg", _lesion(48, 1, width=80)),
-        _write(tmp_path / "grey.jpg", cv2.cvtColor(_lesion(40, 2), cv2.COLOR_RGB2GRAY)),
+        write_image(tmp_path / "square.jpg", _lesion(64)),
+        write_image(tmp_path / "wide.jpg", _lesion(48, 1, width=80)),
+        write_image(tmp_path / "grey.jpg", cv2.cvtColor(_lesion(40, 2), cv2.COLOR_RGB2GRAY)),
     ]
-    batch = _batch(files)
+    batch = byte_batch(files)
     batch["target"] = torch.tensor([0.0, 1.0, 0.0])
     out = _pipeline(strength, size=48)(batch, epoch=1, batch_index=2)
     image = out["image"]
@@ -116,15 +95,17 @@ def test_none_is_valid_transforms(tmp_path):
     (within 2 levels). Tolerance: 2.5 levels per pixel, 0.5 on average."""
     rng = np.random.default_rng(0)
     files = [
-        _write(tmp_path / "same.jpg", _lesion(64)),
-        _write(tmp_path / "wide.jpg", _lesion(64, 1, width=80)),
-        _write(tmp_path / "grey.jpg", cv2.cvtColor(_lesion(64, 2), cv2.COLOR_RGB2GRAY)),
-        _write(tmp_path / "large.jpg", cv2.resize(_lesion(64, 3), (512, 512), interpolation=cv2.INTER_CUBIC)),
-        _write(tmp_path / "noise.jpg", cv2.GaussianBlur(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), (3, 3), 0)),
+        write_image(tmp_path / "same.jpg", _lesion(64)),
+        write_image(tmp_path / "wide.jpg", _lesion(64, 1, width=80)),
+        write_image(tmp_path / "grey.jpg", cv2.cvtColor(_lesion(64, 2), cv2.COLOR_RGB2GRAY)),
+        write_image(tmp_path / "large.jpg", cv2.resize(_lesion(64, 3), (512, 512), interpolation=cv2.INTER_CUBIC)),
+        write_image(
+            tmp_path / "noise.jpg", cv2.GaussianBlur(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), (3, 3), 0)
+        ),
     ]
     for size in (64, 48, 40):
         expected = torch.stack([ImageDataset(files, valid_transforms(size))[i]["image"] for i in range(len(files))])
-        difference = (_pixels(_pipeline("none", size)(_batch(files))["image"]) - _pixels(expected)).abs()
+        difference = (to_pixels(_pipeline("none", size)(byte_batch(files))["image"]) - to_pixels(expected)).abs()
         assert difference.max() <= 2.5, size
         assert difference.mean() <= 0.5, size
 
@@ -137,7 +118,7 @@ def _gen(seed: int) -> da.Generators:
 
 
 def test_seed_epoch_batch_and_rank_fix_the_augmentation(lesion_files):
-    batch = _batch(lesion_files * 2)
+    batch = byte_batch(lesion_files * 2)
     torch.manual_seed(1)
     state = torch.get_rng_state()
     first = _pipeline("full", seed=7)(batch, epoch=3, batch_index=5)["image"]
@@ -178,7 +159,7 @@ def test_device_batches_is_a_drop_in_loader(lesion_files):
 
 @pytest.mark.parametrize("strength", ["full", "light", "artifact"])
 def test_each_image_draws_its_own_parameters(lesion_files, strength):
-    images = _pipeline(strength)(_batch(lesion_files[:1] * 8))["image"]
+    images = _pipeline(strength)(byte_batch(lesion_files[:1] * 8))["image"]
     for i in range(8):
         for j in range(i + 1, 8):
             assert not torch.allclose(images[i], images[j]), (i, j)
@@ -333,15 +314,15 @@ def test_distributions_match_albumentations(lesion_files, strength):
     256 draws is about 4.4 %, of a ratio of two about 6 %). The seeds are fixed, so the test cannot flake."""
     n = 256
     files = [lesion_files[i % 4] for i in range(n)]
-    inputs = _pixels(torch.stack([ImageDataset(files, valid_transforms(64))[i]["image"] for i in range(4)]))
+    inputs = to_pixels(torch.stack([ImageDataset(files, valid_transforms(64))[i]["image"] for i in range(4)]))
     inputs = inputs.repeat(n // 4, 1, 1, 1)
-    transform = artifact_train_transforms(64) if strength == "artifact" else train_transforms(64, strength=strength)
+    transform = train_transforms(64, strength=strength)
     cpu_set = ImageDataset(files, transform, augment_seed=1)
-    cpu = _summary(_pixels(torch.stack([cpu_set[(0, i)]["image"] for i in range(n)])), inputs)
+    cpu = _summary(to_pixels(torch.stack([cpu_set[(0, i)]["image"] for i in range(n)])), inputs)
     pipeline, dataset = _pipeline(strength, seed=1), dd.ByteDataset(files)
     batches = [dd.collate_bytes([dataset[i] for i in range(start, start + 64)]) for start in range(0, n, 64)]
     device = torch.cat([pipeline(batch, 0, index)["image"] for index, batch in enumerate(batches)])
-    ours = _summary(_pixels(device), inputs)
+    ours = _summary(to_pixels(device), inputs)
     for name in cpu:
         standard_error = math.sqrt((cpu[name].var() + ours[name].var()).item() / n)
         floor = 0.01 if name in ("right", "lower", "black") else 0.5
@@ -361,22 +342,22 @@ def test_distributions_match_albumentations(lesion_files, strength):
 
 
 def test_bad_files_are_named(tmp_path):
-    good = _write(tmp_path / "good.jpg", _lesion(64))
+    good = write_image(tmp_path / "good.jpg", _lesion(64))
     png = tmp_path / "png.jpg"  # a PNG under a .jpg name: decoded on the CPU instead
     png.write_bytes(cv2.imencode(".png", cv2.cvtColor(_lesion(64), cv2.COLOR_RGB2BGR))[1].tobytes())
-    images = dd.decode_images(_batch([good, str(png)])["data"], CPU)
+    images = dd.decode_images(byte_batch([good, str(png)])["data"], CPU)
     assert np.array_equal(images[1].permute(1, 2, 0).numpy(), _lesion(64))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(UserError, match="broken.jpg cannot be decoded"):
-        _pipeline("none")(_batch([good, str(broken)]))
-    small = _write(tmp_path / "small.jpg", _lesion(16))
+        _pipeline("none")(byte_batch([good, str(broken)]))
+    small = write_image(tmp_path / "small.jpg", _lesion(16))
     with pytest.raises(UserError, match="small.jpg is 16x16 px, below the 32 px minimum"):
-        _pipeline("none")(_batch([small]))
+        _pipeline("none")(byte_batch([small]))
     with pytest.raises(UserError, match="missing.jpg cannot be read"):
         dd.ByteDataset([str(tmp_path / "missing.jpg")])[0]
     with pytest.raises(UserError, match="unknown augmentation strength 'strong'"):
-        _pipeline("strong")(_batch([good]))
+        _pipeline("strong")(byte_batch([good]))
 
 
 def test_a_16_bit_png_reads_as_on_the_cpu_path_also_in_a_mixed_batch(tmp_path):
@@ -385,12 +366,12 @@ def test_a_16_bit_png_reads_as_on_the_cpu_path_also_in_a_mixed_batch(tmp_path):
     deep = (_lesion(64).astype(np.uint16) * 257 + np.random.default_rng(0).integers(0, 257, (64, 64, 3))).astype(
         np.uint16
     )
-    png = _write(tmp_path / "deep.png", deep)
-    good = _write(tmp_path / "good.jpg", _lesion(64, 1))
-    images = dd.decode_images(_batch([png, good])["data"], CPU)
+    png = write_image(tmp_path / "deep.png", deep)
+    good = write_image(tmp_path / "good.jpg", _lesion(64, 1))
+    images = dd.decode_images(byte_batch([png, good])["data"], CPU)
     assert images[0].dtype == torch.uint8
     assert np.array_equal(images[0].permute(1, 2, 0).numpy(), read_image(png))
-    batch = _pipeline("none")(_batch([png, good]))["image"]
+    batch = _pipeline("none")(byte_batch([png, good]))["image"]
     expected = torch.from_numpy(valid_transforms(64)(image=read_image(png))["image"]).permute(2, 0, 1)
     torch.testing.assert_close(batch[0], expected, atol=1e-5, rtol=0)
 

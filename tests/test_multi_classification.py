@@ -20,8 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import engine  # noqa: E402
 import multi_classification as mc  # noqa: E402
-from annotations import read_artifact_annotations  # noqa: E402
-from artifacts import DEFAULT_ARTIFACT_HEADS  # noqa: E402
+from annotations import DEFAULT_ARTIFACT_HEADS, read_artifact_annotations  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from metrics import best_f1_threshold, head_metrics  # noqa: E402
 from synthetic_dataset import make_synthetic_dataset  # noqa: E402

@@ -9,7 +9,8 @@ import pytest
 import synthetic
 import synthetic_dataset
 import synthetic_image
-from artifacts import DEFAULT_ARTIFACT_HEADS, draw_other
+from annotations import DEFAULT_ARTIFACT_HEADS
+from synthetic_artifacts import draw_other
 from synthetic_image import render_image
 from utils import UserError
 

@@ -13,9 +13,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-# the artifact heads of the detector and the columns of the headerless annotation file, in this order
-DEFAULT_ARTIFACT_HEADS = ("hair_dense", "hair_short", "hair_medium", "black_frame", "ruler_mark", "other")
-HAIR_KINDS = ("hair_dense", "hair_short", "hair_medium")
+HAIR_KINDS = ("hair_dense", "hair_short", "hair_medium")  # the first three of annotations.DEFAULT_ARTIFACT_HEADS
 
 
 def blend(image: np.ndarray, alpha: np.ndarray, color: np.ndarray | Sequence[float]) -> None:
