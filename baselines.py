@@ -16,8 +16,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from features import colour_statistics
+from metadata import MetaEncoder
 from metrics import safe_auc
-from tables import SITE_COLUMN, MetaEncoder
+from tables import SITE_COLUMN
 
 BASELINE_META_FEATURES = ("sex", "age", "site")
 

@@ -44,6 +44,7 @@ from engine import compile_for_training
 from image_files import MIN_IMAGE_SIZE
 from inference import LoadedModel, load_melanoma_model, predict_probabilities
 from loops import Images, Preparation, device_pipeline, image_dataset, image_loader, melanoma_loss, train_one_epoch
+from metadata import MetaEncoder
 from models import ENET_TYPES, MelanomaNet, input_normalization
 from shared_flags import (
     add_compile_flag,
@@ -52,7 +53,7 @@ from shared_flags import (
     add_num_workers_flag,
     add_overwrite_flag,
 )
-from tables import MetaEncoder, read_melanoma_table
+from tables import read_melanoma_table
 from throughput import forward_throughput, peak_memory_mb, random_batch, synchronize, training_step_throughput
 from utils import (
     UserError,

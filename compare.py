@@ -33,10 +33,11 @@ import scipy.stats
 
 from inference import check_output
 from metrics import format_table
+from patients import patient_groups
 from report_metrics import group_bootstrap, json_ready, percentile_interval, weighted_auc
 from result_files import attach_patients, read_metadata, read_predictions
 from shared_flags import add_overwrite_flag
-from tables import patient_groups, read_csv
+from tables import read_csv
 from utils import UserError, exit_on_user_error, write_text_atomic
 
 Z_95 = float(scipy.stats.norm.ppf(0.975))

@@ -11,6 +11,7 @@ from color import COLOR_CONSTANCY, DEFAULT_MINKOWSKI_P, check_minkowski_p
 from dataset import AUGMENTATIONS, RESIZE_MODES, Preprocessing
 from image_files import MIN_IMAGE_SIZE, is_plain_name
 from inference import MAX_TTA
+from metadata import META_FEATURES
 from models import ENET_TYPES, is_lite
 from shared_flags import (
     add_compile_flag,
@@ -19,7 +20,6 @@ from shared_flags import (
     add_num_workers_flag,
     add_overwrite_flag,
 )
-from tables import META_FEATURES
 from tensorboard_log import check_tensorboard_request
 from utils import UserError, to_plain
 

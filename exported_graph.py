@@ -121,7 +121,7 @@ def melanoma_spec(loaded: LoadedModel, checkpoint: dict) -> dict:
             else "the network's metadata branch (concat fusion)",
             "feature_names": loaded.encoder.feature_names,
             "encoding": loaded.encoder.describe(),
-            "encoder": loaded.encoder.state_dict(),  # tables.MetaEncoder.from_state_dict rebuilds it
+            "encoder": loaded.encoder.state_dict(),  # metadata.MetaEncoder.from_state_dict rebuilds it
         }
     if loaded.feature_scaler is not None:
         width = loaded.feature_scaler.n_features + (1 if loaded.feature_scaler.fill is None else 0)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from dataset import Preprocessing
 from image_files import read_image
-from tables import MetaEncoder
+from metadata import MetaEncoder
 
 STATS_SIZE = 64
 SHAPE_SIZE = 128

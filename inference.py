@@ -21,9 +21,10 @@ from dataset import EpochSampler, ImageDataset, Preprocessing, valid_transforms
 from features import FeatureScaler, side_inputs
 from image_files import IMAGE_EXTENSIONS, list_images
 from loops import make_loader, predict_logits
+from metadata import MetaEncoder
 from models import MetadataLogit, melanoma_probability, model_from_checkpoint
 from shared_flags import add_device_flags, add_num_workers_flag
-from tables import AGE_RULE, SITE_COLUMN, MetaEncoder, implausible_ages, read_csv
+from tables import AGE_RULE, SITE_COLUMN, implausible_ages, read_csv
 from utils import (
     UserError,
     ensure_writable_dir,

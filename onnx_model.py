@@ -32,7 +32,7 @@ from inference import (
 )
 from inference import predict_probabilities as predict_checkpoint_probabilities
 from loops import make_loader
-from tables import MetaEncoder
+from metadata import MetaEncoder
 from utils import UserError
 
 SPEC_FORMAT = "melanoma-audit export 1"

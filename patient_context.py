@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tables import images_per_patient, patient_groups
+from patients import images_per_patient, patient_groups
 
 
 def has_patient_context(frame: pd.DataFrame) -> bool:

@@ -15,7 +15,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from metrics import binary_metrics
-from tables import patient_groups
+from patients import patient_groups
 
 MIN_TPR = 0.8
 TARGET_SENSITIVITY = 0.9

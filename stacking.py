@@ -30,8 +30,8 @@ from scipy.special import expit, logit
 from baselines import BASELINE_META_FEATURES, has_baseline_metadata
 from features import FeatureScaler
 from inference import combine
+from metadata import MetaEncoder
 from patient_context import patient_context
-from tables import MetaEncoder
 from utils import UserError, write_text_atomic
 
 METHODS = ("mean", "rank", "weights", "stack")

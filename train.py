@@ -36,9 +36,11 @@ from distributed import World
 from engine import Epoch, Scored, Task, fit, training_world
 from features import FeatureScaler, colour_statistics, lesion_features, side_inputs
 from loops import Images, Preparation, melanoma_loss
+from metadata import MetaEncoder
 from metrics import binary_metrics, safe_auc
 from models import MelanomaNet, MetadataLogit, input_normalization, melanoma_logit, melanoma_probability
-from tables import MetaEncoder, find_train_csv, make_folds, read_melanoma_table
+from patients import make_folds
+from tables import find_train_csv, read_melanoma_table
 from utils import (
     UserError,
     ensure_writable_dir,

@@ -12,7 +12,8 @@ from annotations import DEFAULT_ARTIFACT_HEADS
 from audit import PasteThenTransform, paste_artifact
 from dataset import EpochSampler, ImageDataset, valid_transforms
 from inference import make_dataset
-from tables import make_folds, read_melanoma_table
+from patients import make_folds
+from tables import read_melanoma_table
 
 
 @pytest.fixture(scope="module")

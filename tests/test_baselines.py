@@ -1,6 +1,7 @@
 from baselines import baseline_aucs
 from features import colour_statistics
-from tables import make_folds, read_melanoma_table
+from patients import make_folds
+from tables import read_melanoma_table
 
 
 def test_baselines_fit_on_the_training_fold_and_score_the_validation_fold(synthetic_dir):

@@ -9,7 +9,9 @@ import torch
 from annotations import read_artifact_annotations
 from dataset import EpochSampler, ImageDataset, train_transforms, valid_transforms
 from image_files import image_dimensions, image_file_problem, read_image
-from tables import MetaEncoder, images_per_patient, make_folds, patient_groups, read_melanoma_table
+from metadata import MetaEncoder
+from patients import images_per_patient, make_folds, patient_groups
+from tables import read_melanoma_table
 from utils import UserError
 
 

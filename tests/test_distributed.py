@@ -72,7 +72,8 @@ def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthe
 
     # validation covered every row of the fold, not one rank's half
     import train
-    from tables import make_folds, read_melanoma_table
+    from patients import make_folds
+    from tables import read_melanoma_table
 
     frame = read_melanoma_table(synthetic_dir, "train", use_meta=False, require_target=True)
     fold_rows = frame["image_name"][make_folds(frame, 3, 0) == 0]

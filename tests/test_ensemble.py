@@ -13,11 +13,11 @@ import stacking
 import train
 from features import FeatureScaler, lesion_features
 from inference import LoadedModel
+from metadata import MetaEncoder
 from metrics import safe_auc
 from patient_context import describe_context, has_patient_context, patient_context
 from stacking import StackInputs, StackOptions, fit_combiner, nested_oof, predict_combiner
 from synthetic_dataset import make_synthetic_dataset
-from tables import MetaEncoder
 from utils import UserError
 
 

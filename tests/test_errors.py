@@ -26,7 +26,7 @@ import multi_classification
 import predict
 import train
 from checkpoints import load_checkpoint
-from tables import make_folds
+from patients import make_folds
 from utils import UserError
 
 

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from features import DERMOSCOPIC_COLOURS, FeatureScaler, colour_statistics, lesion_features, side_inputs
-from tables import MetaEncoder, read_melanoma_table
+from metadata import MetaEncoder
+from tables import read_melanoma_table
 
 
 def disc_image(path, radius: int, colour, size: int = 128) -> str:

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from features import FeatureScaler
 from image_files import image_file_problem, read_image
-from tables import MetaEncoder, make_folds, patient_groups, read_melanoma_table
+from metadata import MetaEncoder
+from patients import make_folds, patient_groups
+from tables import read_melanoma_table
 from utils import UserError
 
 QUICK = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
