@@ -267,17 +267,12 @@ def make_dataset(
 
 
 @dataclass
-class MelanomaPredictor:
-    """A train.py checkpoint ready to score images: its network with the input encoding it trained with
-    (LoadedModel: size, normalisation, preprocessing, metadata encoder, lesion-feature scaler, late-fusion
-    regression) and the runtime it scores under (device, precision, TTA views, loader)."""
+class Predictor:
+    """What every melanoma predictor holds: the model it loaded (a LoadedModel, or onnx_model's ExportedModel) and
+    the runtime it scores under. A subclass adds encode_metadata and probabilities."""
 
-    loaded: LoadedModel
+    loaded: Any
     runtime: ScoringRuntime
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, runtime: ScoringRuntime) -> MelanomaPredictor:
-        return cls(load_melanoma_model(path, runtime.device, runtime.channels_last), runtime)
 
     @property
     def path(self) -> Path:
@@ -290,6 +285,19 @@ class MelanomaPredictor:
     @property
     def uses_lesion_features(self) -> bool:
         return self.loaded.uses_lesion_features
+
+
+@dataclass
+class MelanomaPredictor(Predictor):
+    """A train.py checkpoint ready to score images: its network with the input encoding it trained with
+    (LoadedModel: size, normalisation, preprocessing, metadata encoder, lesion-feature scaler, late-fusion
+    regression) and the runtime it scores under (device, precision, TTA views, loader)."""
+
+    loaded: LoadedModel
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, runtime: ScoringRuntime) -> MelanomaPredictor:
+        return cls(load_melanoma_model(path, runtime.device, runtime.channels_last), runtime)
 
     def encode_metadata(self, frame: pd.DataFrame) -> np.ndarray | None:
         return encode_metadata(self.loaded, frame)

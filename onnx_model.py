@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints import kind_of
 from dataset import EpochSampler, ImageDataset, Preprocessing, exported_input_transforms
 from features import lesion_features
-from inference import MelanomaPredictor, dihedral, mean_probability_logit, meta_columns
+from inference import MelanomaPredictor, Predictor, dihedral, mean_probability_logit, meta_columns
 from loops import make_loader
 from scoring_runtime import ScoringRuntime, check_n_tta
 from tables import MetaEncoder
@@ -159,24 +159,11 @@ def load_exported_model(path: str | Path, device: torch.device | None = None) ->
 
 
 @dataclass
-class ExportedPredictor:
+class ExportedPredictor(Predictor):
     """An exported melanoma model ready to score images under a runtime, as inference.MelanomaPredictor is for a
     checkpoint (its device, precision and channels-last are the checkpoint's; onnxruntime runs the graph as it is)."""
 
     loaded: ExportedModel
-    runtime: ScoringRuntime
-
-    @property
-    def path(self) -> Path:
-        return self.loaded.path
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self.loaded.preprocessing
-
-    @property
-    def uses_lesion_features(self) -> bool:
-        return self.loaded.uses_lesion_features
 
     def encode_metadata(self, frame: pd.DataFrame) -> None:
         return None  # the graph's metadata is encoded from each scored table with the JSON's encoder
