@@ -19,7 +19,7 @@ from torch import nn
 from checkpoints import describe_split, fold_split, load_checkpoint
 from dataset import EpochSampler, ImageDataset, Preprocessing, valid_transforms
 from features import FeatureScaler, side_inputs
-from loops import make_loader, predict_logits
+from loops import Loader, make_loader, predict_logits
 from models import MetadataLogit, melanoma_probability, model_from_checkpoint
 
 # image_name, MAX_TTA and check_output are imported from here by multi_classification.py, config.py and compare.py
@@ -246,6 +246,26 @@ def mean_probability_logit(log_odds: torch.Tensor) -> torch.Tensor:
     return torch.logit(torch.sigmoid(log_odds.double()).mean(0))
 
 
+def tta_logits(
+    network: nn.Module,
+    batches: Callable[[EpochSampler, int], Loader],
+    n_items: int,
+    runtime: ScoringRuntime,
+    independent_heads: bool = False,
+    desc: str = "predict",
+) -> torch.Tensor:
+    """The TTAModel logits of `n_items` images, in order: the one prediction loop of both checkpoint kinds.
+    `batches(sampler, images_per_batch)` is the kind's loader; each of its batches holds batch_size / n_tta images,
+    so that a forward pass of the views holds runtime.batch_size."""
+    sampler = EpochSampler(n_items, shuffle=False, seed=0)
+    loader = batches(sampler, max(1, runtime.batch_size // runtime.n_tta))
+    tta_model = TTAModel(network, runtime.n_tta, independent_heads)
+    logits, _ = predict_logits(
+        tta_model, loader, runtime.device, runtime.amp_dtype, runtime.channels_last, runtime.progress, desc
+    )
+    return logits
+
+
 def make_dataset(
     loaded: LoadedModel,
     frame: pd.DataFrame,
@@ -319,13 +339,11 @@ class MelanomaPredictor(Predictor):
         if meta is None:
             meta = encode_metadata(loaded, frame)
         dataset = make_dataset(loaded, frame, transform, augment_seed, lesion, meta)
-        images_per_batch = max(1, runtime.batch_size // runtime.n_tta)
-        sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
-        loader = make_loader(dataset, sampler, images_per_batch, runtime.num_workers, runtime.device)
-        tta_model = TTAModel(loaded.model, runtime.n_tta)
-        logits, _ = predict_logits(
-            tta_model, loader, runtime.device, runtime.amp_dtype, runtime.channels_last, runtime.progress, "predict"
-        )
+
+        def batches(sampler: EpochSampler, images_per_batch: int) -> Loader:
+            return make_loader(dataset, sampler, images_per_batch, runtime.num_workers, runtime.device)
+
+        logits = tta_logits(loaded.model, batches, len(dataset), runtime)
         evidence = loaded.meta_model.evidence(meta) if loaded.meta_model is not None else None
         return melanoma_probability(logits, evidence)
 

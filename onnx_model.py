@@ -224,7 +224,7 @@ def exported_probabilities(
     lesion: np.ndarray | None = None,
 ) -> np.ndarray:
     """P(melanoma) per row of `frame` (column filepath and the metadata columns), as
-    inference.predict_probabilities computes it from the checkpoint: the network's probability averaged over the
+    inference.MelanomaPredictor computes it from the checkpoint: the network's probability averaged over the
     `n_tta` dihedral views, then the late-fusion metadata's log-odds added. The detector's rows: (images x heads)
     probabilities, no TTA. `batch_size` counts TTA views, as there."""
     check_n_tta(n_tta)
