@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 
 from features import lesion_features
-from inference import LoadedModel, MelanomaPredictor, combine, held_out_images, load_melanoma_models
-from onnx_model import ExportedPredictor, scoring_predictor
+from inference import LoadedModel, Predictor, combine, held_out_images, load_melanoma_models
+from onnx_model import scoring_predictor
 from scoring_inputs import attach_metadata, frame_from_images, require_metadata
 from scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
 from shared_flags import add_overwrite_flag
@@ -145,7 +145,7 @@ def scored_images(args: argparse.Namespace, models: list[LoadedModel]) -> tuple[
 
 
 def model_probabilities(
-    predictors: list[MelanomaPredictor | ExportedPredictor], frame: pd.DataFrame, held_out: np.ndarray | None
+    predictors: list[Predictor], frame: pd.DataFrame, held_out: np.ndarray | None
 ) -> list[np.ndarray]:
     """Each predictor's P(melanoma) per row of `frame`; NaN where `held_out` says it may not score the row."""
     # models that read lesion features under the same preprocessing read the same ones: compute them once
