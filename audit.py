@@ -21,40 +21,28 @@ One table, printed and written to --out as CSV (reproducible for a given --seed)
 
 test is `all` (every audited image), `with` / `without` (images labelled 1 / 0 for that artifact), or
 `inserted <kind>`: the images without that artifact (the `without` row's images), each with a synthetic
-black_frame, ruler or hair pasted on (drawn by artifacts.py, as in the synthetic data, on a 256 px canvas, seeded
-per image).
+black_frame, ruler or hair pasted on (drawn by synthetic_artifacts.py, as in the synthetic data, on a 256 px
+canvas, seeded per image).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 
 from annotations import read_artifact_annotations
 from dataset import square_image, valid_transforms
 from features import lesion_features
-from inference import (
-    LoadedModel,
-    add_runtime_args,
-    attach_metadata,
-    check_output,
-    encode_metadata,
-    frame_from_images,
-    held_out_images,
-    image_name,
-    load_melanoma_model,
-    predict_probabilities,
-    prediction_options,
-    prepare_runtime,
-    require_metadata,
-)
+from inference import LoadedModel, MelanomaPredictor, held_out_images
 from metrics import binary_metrics
 from result_files import AUDIT_COLUMNS as COLUMNS
+from scoring_inputs import attach_metadata, frame_from_images, image_name, require_metadata
+from scoring_runtime import add_runtime_args, check_output, scoring_runtime
 from shared_flags import add_overwrite_flag
 from synthetic_artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
 from tables import read_melanoma_table
@@ -216,61 +204,76 @@ def metric_row(artifact: str, test: str, targets: np.ndarray, probs: np.ndarray,
     }
 
 
-def run_audit(
-    args: argparse.Namespace,
-    loaded: LoadedModel,
-    frame: pd.DataFrame,
-    labels: pd.DataFrame,
-    heads: list[str],
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-) -> pd.DataFrame:
-    """The audit table: overall, with / without each labelled artifact, and the pasted (counterfactual) rows."""
-    base_transform = valid_transforms(loaded.image_size, loaded.mean, loaded.std, loaded.preprocessing)
-    canvas = max(CANVAS, loaded.image_size)
+@dataclass
+class PastedScoring:
+    """Scores subsets of the audited rows with an artifact pasted on (or none). The lesion features and the
+    metadata encoding are computed once for every audited row: the features from the files, so pasted artifacts do
+    not reach them (docs/training.md), and the encoding over all rows, as a subset's own would recount each
+    patient's images."""
 
-    # from the files, so pasted artifacts do not reach them (docs/training.md): computed once for every pass
-    lesion = (
-        lesion_features(list(frame["filepath"]), preprocessing=loaded.preprocessing) if loaded.feature_scaler else None
-    )
-    # encoded once for every audited row: a subset's own encoding would recount each patient's images
-    meta = encode_metadata(loaded, frame)
+    predictor: MelanomaPredictor
+    frame: pd.DataFrame
+    lesion: np.ndarray | None
+    meta: np.ndarray | None
 
-    def probabilities(index: np.ndarray, kind: str | None, seed: int | None) -> np.ndarray:
+    @classmethod
+    def of(cls, predictor: MelanomaPredictor, frame: pd.DataFrame) -> PastedScoring:
+        loaded = predictor.loaded
+        files = list(frame["filepath"])
+        lesion = lesion_features(files, preprocessing=loaded.preprocessing) if loaded.feature_scaler else None
+        return cls(predictor, frame, lesion, predictor.encode_metadata(frame))
+
+    def probabilities(self, index: np.ndarray, kind: str | None, seed: int | None) -> np.ndarray:
+        """P(melanoma) of the rows `index` with `kind` pasted (None: nothing), each image's artifact drawn from
+        `seed`. Every image, also the reference, is resized to the same canvas, so only the artifact differs."""
         if not len(index):
             return np.zeros(0)
-        return predict_probabilities(
-            loaded,
-            frame.iloc[index].reset_index(drop=True),
-            device,
-            amp_dtype,
+        loaded = self.predictor.loaded
+        base_transform = valid_transforms(loaded.image_size, loaded.mean, loaded.std, loaded.preprocessing)
+        canvas = max(CANVAS, loaded.image_size)
+        return self.predictor.probabilities(
+            self.frame.iloc[index].reset_index(drop=True),
             transform=PasteThenTransform(kind, canvas, base_transform, loaded.preprocessing.resize_mode),
             augment_seed=seed,
-            lesion=None if lesion is None else lesion[index],
-            meta=None if meta is None else meta[index],
-            **prediction_options(args),
+            lesion=None if self.lesion is None else self.lesion[index],
+            meta=None if self.meta is None else self.meta[index],
         )
 
+
+def inserted_row(
+    args: argparse.Namespace,
+    scoring: PastedScoring,
+    base: np.ndarray,
+    kind: str,
+    artifact: str,
+    without: np.ndarray,
+) -> dict:
+    """The counterfactual row: `kind` pasted onto the images labelled `without` the artifact, scored against their
+    unedited scores `base` (the flips across the threshold and the mean shift)."""
+    targets = scoring.frame["target"].to_numpy()
+    index = np.flatnonzero(without)
+    seed = args.seed * 1000 + list(INSERTIONS).index(kind)
+    pasted = scoring.probabilities(index, kind, seed)
+    before, after = base[index], pasted
+    row = metric_row(artifact, f"inserted {kind}", targets[index], pasted, args.threshold)
+    if not len(index):  # every audited image has the artifact already: nothing to paste it onto
+        print(f"notice: no audited image is labelled without {artifact}: inserted {kind} is not measurable.")
+        return row
+    row["benign_to_malignant"] = int(np.sum((before < args.threshold) & (after >= args.threshold)))
+    row["malignant_to_benign"] = int(np.sum((before >= args.threshold) & (after < args.threshold)))
+    row["mean_shift"] = float(np.mean(after - before))
+    return row
+
+
+def run_audit(
+    args: argparse.Namespace, predictor: MelanomaPredictor, frame: pd.DataFrame, labels: pd.DataFrame, heads: list[str]
+) -> pd.DataFrame:
+    """The audit table: overall, with / without each labelled artifact, and the pasted (counterfactual) rows."""
+    scoring = PastedScoring.of(predictor, frame)
     targets = frame["target"].to_numpy()
-    # the reference goes through the same resize to the canvas as the pasted images, so only the artifact differs
-    base = probabilities(np.arange(len(frame)), None, None)
+    base = scoring.probabilities(np.arange(len(frame)), None, None)
     rows = [metric_row("(all)", "all", targets, base, args.threshold)]
     kinds = [kind for kind in args.insert.split(",") if kind]
-
-    def inserted_row(kind: str, artifact: str, without: np.ndarray) -> dict:
-        index = np.flatnonzero(without)
-        seed = args.seed * 1000 + list(INSERTIONS).index(kind)
-        pasted = probabilities(index, kind, seed)
-        before, after = base[index], pasted
-        row = metric_row(artifact, f"inserted {kind}", targets[index], pasted, args.threshold)
-        if not len(index):  # every audited image has the artifact already: nothing to paste it onto
-            print(f"notice: no audited image is labelled without {artifact}: inserted {kind} is not measurable.")
-            return row
-        row["benign_to_malignant"] = int(np.sum((before < args.threshold) & (after >= args.threshold)))
-        row["malignant_to_benign"] = int(np.sum((before >= args.threshold) & (after < args.threshold)))
-        row["mean_shift"] = float(np.mean(after - before))
-        return row
-
     for head in heads:
         values = labels[head].to_numpy()
         for test, mask in (("with", values == 1), ("without", values == 0)):
@@ -278,10 +281,12 @@ def run_audit(
         for kind in kinds:
             related = [h for h in heads if h in INSERTIONS[kind]]
             if related and related[-1] == head:  # after the last label column of that artifact
-                rows.append(inserted_row(kind, "|".join(related), (labels[related] == 0).all(axis=1).to_numpy()))
+                without = (labels[related] == 0).all(axis=1).to_numpy()
+                rows.append(inserted_row(args, scoring, base, kind, "|".join(related), without))
     for kind in kinds:
         if not any(h in INSERTIONS[kind] for h in heads):  # no label says which images have it: paste onto all
-            rows.append(inserted_row(kind, f"{kind} (unlabelled)", np.ones(len(frame), dtype=bool)))
+            everything = np.ones(len(frame), dtype=bool)
+            rows.append(inserted_row(args, scoring, base, kind, f"{kind} (unlabelled)", everything))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     # counts stay integers, blank where they do not apply
     return table.astype({"benign_to_malignant": "Int64", "malignant_to_benign": "Int64"})
@@ -311,8 +316,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             raise UserError(f"--seed {args.seed} is negative: use 0 or more.")
         if not 0.0 <= args.threshold <= 1.0:
             raise UserError(f"--threshold {args.threshold} is outside 0..1: it applies to P(melanoma).")
-        device, amp_dtype = prepare_runtime(args)
-        loaded = load_melanoma_model(args.model_path, device, args.channels_last)
+        predictor = MelanomaPredictor.from_checkpoint(args.model_path, scoring_runtime(args))
+        loaded = predictor.loaded
         frame, image_dir, described = audited_rows(args, loaded)
         source = args.meta_csv if args.images else f"the train CSV of {args.data_dir}"
         require_metadata(frame, [loaded], args.allow_missing_meta, source)
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             f"seed {args.seed}",
             flush=True,
         )
-        table = run_audit(args, loaded, frame, labels, heads, device, amp_dtype)
+        table = run_audit(args, predictor, frame, labels, heads)
         write_csv_atomic(table, out)
         print(format_table(table), f"\nwrote {out}", sep="", flush=True)
         return table

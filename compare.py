@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from inference import check_output
 from metrics import format_table
 from patients import patient_groups
 from report_metrics import group_bootstrap, json_ready, percentile_interval, weighted_auc
 from result_files import attach_patients, read_metadata, read_predictions
+from scoring_runtime import check_output
 from shared_flags import add_overwrite_flag
 from tables import read_csv
 from utils import UserError, exit_on_user_error, write_text_atomic

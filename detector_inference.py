@@ -14,9 +14,10 @@ from torch import nn
 
 from checkpoints import load_checkpoint
 from dataset import EpochSampler, Preprocessing
-from inference import TTAModel
-from loops import Images, Preparation, image_loader, predict_logits
+from inference import tta_logits
+from loops import Images, Loader, Preparation, image_loader
 from models import model_from_checkpoint
+from scoring_runtime import ScoringRuntime
 from utils import UserError
 
 Detector = tuple[nn.Module, dict]  # a network and the checkpoint it was rebuilt from
@@ -71,11 +72,12 @@ def predict_probs(
     preparation = Preparation(
         checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], preprocessing=preprocessing
     )
-    sampler = EpochSampler(len(filepaths), shuffle=False, seed=0)
-    images_per_batch = max(1, batch_size // n_tta)
-    loader = image_loader(Images(filepaths), preparation, sampler, images_per_batch, num_workers, device, data_path)
-    tta_model = TTAModel(model, n_tta, independent_heads=True)
-    logits, _ = predict_logits(tta_model, loader, device, amp_dtype, channels_last, progress, desc=desc)
+    runtime = ScoringRuntime(device, amp_dtype, n_tta, batch_size, num_workers, channels_last, progress)
+
+    def batches(sampler: EpochSampler, images_per_batch: int) -> Loader:
+        return image_loader(Images(filepaths), preparation, sampler, images_per_batch, num_workers, device, data_path)
+
+    logits = tta_logits(model, batches, len(filepaths), runtime, independent_heads=True, desc=desc)
     return torch.sigmoid(logits).numpy()
 
 

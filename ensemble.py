@@ -32,24 +32,11 @@ import pandas as pd
 
 from checkpoints import load_checkpoint
 from features import lesion_features
-from inference import (
-    MAX_TTA,
-    LoadedModel,
-    add_runtime_args,
-    attach_metadata,
-    check_output,
-    combine,
-    expand_model_paths,
-    frame_from_images,
-    held_out_images,
-    load_melanoma_model,
-    predict_probabilities,
-    prediction_options,
-    prepare_runtime,
-    require_metadata,
-)
+from inference import LoadedModel, MelanomaPredictor, combine, expand_model_paths, held_out_images
 from metrics import safe_auc
 from patient_context import describe_context, has_patient_context
+from scoring_inputs import attach_metadata, frame_from_images, require_metadata
+from scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
 from shared_flags import add_overwrite_flag
 from stacking import (
     METHODS,
@@ -222,14 +209,14 @@ def without_metadata(loaded: LoadedModel) -> LoadedModel:
 
 def image_only_oof(runs: list[Run], frame: pd.DataFrame, args: argparse.Namespace) -> np.ndarray:
     """(images, runs): each fold model's network alone on the images it held out, with --n-tta views."""
-    device, amp_dtype = prepare_runtime(args)
+    runtime = scoring_runtime(args)
     probs = np.full((len(frame), len(runs)), np.nan)
     for index, run in enumerate(runs):
         for path in run.checkpoints:
-            loaded = without_metadata(load_melanoma_model(path, device, args.channels_last))
+            predictor = MelanomaPredictor.from_checkpoint(path, runtime)
+            loaded = without_metadata(predictor.loaded)
             rows = frame["image_name"].isin(held_out_images(loaded, "ensemble a cross-validated run")).to_numpy()
-            rescored = frame[rows].reset_index(drop=True)
-            probs[rows, index] = predict_probabilities(loaded, rescored, device, amp_dtype, **prediction_options(args))
+            probs[rows, index] = predictor.probabilities(frame[rows].reset_index(drop=True))
         print(f"  {run.prefix}: out-of-fold images rescored without metadata ({args.n_tta} TTA view(s))", flush=True)
     return probs
 
@@ -256,21 +243,21 @@ def score_images(
 ) -> np.ndarray:
     """P(melanoma) of each row of `frame`: every run's fold models (TTA), the mean over a run's folds, combined.
     `run_paths`: each run's name and fold checkpoints."""
-    device, amp_dtype = prepare_runtime(args)
+    runtime = scoring_runtime(args)
     state = record["combiner"]
     require_stack_metadata(state, frame, args.allow_missing_meta, source)
-    models = [[load_melanoma_model(path, device, args.channels_last) for path in paths] for paths in run_paths.values()]
+    models = [[MelanomaPredictor.from_checkpoint(path, runtime) for path in paths] for paths in run_paths.values()]
     if record.get("image_only"):
-        models = [[without_metadata(model) for model in run] for run in models]
-    require_metadata(frame, [model for run in models for model in run], args.allow_missing_meta, source)
-    needs_lesion = state["method"] == "stack" or any(model.feature_scaler for run in models for model in run)
+        for predictor in (predictor for run in models for predictor in run):
+            without_metadata(predictor.loaded)
+    loaded = [predictor.loaded for run in models for predictor in run]
+    require_metadata(frame, loaded, args.allow_missing_meta, source)
+    needs_lesion = state["method"] == "stack" or any(model.feature_scaler for model in loaded)
     lesion = lesion_features(list(frame["filepath"])) if needs_lesion else None
-    print(f"{len(frame)} images, {len(models)} run(s), {args.n_tta} TTA view(s), on {device}", flush=True)
+    print(f"{len(frame)} images, {len(models)} run(s), {args.n_tta} TTA view(s), on {runtime.device}", flush=True)
     probs = []
     for name, run in zip(run_paths, models, strict=True):
-        options = prediction_options(args)
-        folds = [predict_probabilities(model, frame, device, amp_dtype, lesion=lesion, **options) for model in run]
-        probs.append(combine(folds))
+        probs.append(combine([predictor.probabilities(frame, lesion=lesion) for predictor in run]))
         print(f"  {name}: mean P(melanoma) {probs[-1].mean():.4f} over its {len(run)} fold models", flush=True)
     if state["method"] == "stack" and not record.get("image_only"):
         print(describe_context(frame) if state["context"] else "patient context: off (as when it was fitted)")

@@ -57,12 +57,14 @@ import pandas as pd
 
 from cam import CAM_GROUPS, select_cam_images, write_cams
 from checkpoints import load_checkpoint
-from inference import add_runtime_args, check_runtime_counts, load_melanoma_model, prepare_runtime, require_metadata
+from inference import MelanomaPredictor
 from report_html import build_report
 from report_metrics import IN_SAMPLE, compute_metrics, data_summary, json_ready
 from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_subgroups, plot_training_curves
 from report_subgroups import Grouping, group_rows, parse_by, subgroup_report
 from result_files import AUDIT_COLUMNS, attach_patients, read_metadata, read_predictions
+from scoring_inputs import require_metadata
+from scoring_runtime import ScoringRuntime, add_runtime_args, check_runtime_counts, prepare_runtime
 from shared_flags import add_overwrite_flag
 from tables import read_csv, read_melanoma_table
 from utils import UserError, ensure_writable_dir, exit_on_user_error, temp_files_of, write_text_atomic
@@ -298,7 +300,8 @@ def write_figures(inputs: Inputs, metrics: dict, threshold: float, out_dir: Path
 
 def write_cam_overlays(args: argparse.Namespace, frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     device, _ = prepare_runtime(args)
-    loaded = load_melanoma_model(args.model_path, device)
+    # Grad-CAM takes gradients in float32 in the default memory layout: the runtime's other settings do not apply
+    loaded = MelanomaPredictor.from_checkpoint(args.model_path, ScoringRuntime(device)).loaded
     table = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
     require_metadata(table, [loaded], args.allow_missing_meta, source=f"the {args.split} CSV of {args.data_dir}")
     chosen = select_cam_images(frame, args.threshold, args.cam)

@@ -1,10 +1,10 @@
 """Inference shared by predict.py, evaluate.py, audit.py and ensemble.py: a melanoma model rebuilt from its
-checkpoint with its own input encoding, test-time augmentation over the eight symmetries of the square, image
-tables with metadata from a CSV or from flags, ensembling, and the runtime flags of the scripts that score."""
+checkpoint with its own input encoding, test-time augmentation over the eight symmetries of the square, the
+MelanomaPredictor that scores images with it, and ensembling. The images and metadata to score are read by
+scoring_inputs.py, the runtime flags by scoring_runtime.py."""
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,23 +19,18 @@ from torch import nn
 from checkpoints import describe_split, fold_split, load_checkpoint
 from dataset import EpochSampler, ImageDataset, Preprocessing, valid_transforms
 from features import FeatureScaler, side_inputs
-from image_files import IMAGE_EXTENSIONS, list_images
-from loops import make_loader, predict_logits
+from loops import Loader, make_loader, predict_logits
 from metadata import MetaEncoder
 from models import MetadataLogit, melanoma_probability, model_from_checkpoint
-from shared_flags import add_device_flags, add_num_workers_flag
-from tables import AGE_RULE, SITE_COLUMN, implausible_ages, read_csv
-from utils import (
-    UserError,
-    ensure_writable_dir,
-    refuse_folder,
-    resolve_precision,
-    select_device,
-    set_visible_devices,
-    temp_files_of,
-)
 
-MAX_TTA = 8
+# image_name, MAX_TTA and check_output are imported from here by multi_classification.py, config.py and compare.py
+from scoring_inputs import image_name as image_name
+from scoring_runtime import MAX_TTA as MAX_TTA
+from scoring_runtime import ScoringRuntime, check_n_tta
+from scoring_runtime import check_output as check_output
+from tables import SITE_COLUMN
+from utils import UserError
+
 # the CSV column each metadata feature is encoded from (n_images falls back to one image per patient)
 META_COLUMNS = {"sex": "sex", "age": "age_approx", "site": SITE_COLUMN}
 
@@ -182,22 +177,19 @@ def check_one_split(spec: str, folds: Sequence[LoadedModel]) -> None:
 
 
 def load_melanoma_models(
-    specs: Sequence[str],
-    which: str,
-    device: torch.device,
-    channels_last: bool = False,
-    load: Callable[[Path, torch.device, bool], Any] = load_melanoma_model,
+    specs: Sequence[str], which: str, runtime: ScoringRuntime, load: Callable[[Path, ScoringRuntime], Any] | None = None
 ) -> list:
-    """The models `specs` name (files, or run prefixes: expand_model_paths), each read by `load` (predict.py's
-    also reads exported files: onnx_model.load_scoring_model); the folds of one run prefix must be one run
-    (check_one_split)."""
-    models = []
+    """The predictors of the models `specs` name (files, or run prefixes: expand_model_paths), each made by `load`
+    (MelanomaPredictor.from_checkpoint; predict.py's also reads exported files: onnx_model.scoring_predictor); the
+    folds of one run prefix must be one run (check_one_split)."""
+    load = load or MelanomaPredictor.from_checkpoint
+    predictors = []
     for spec in specs:
-        loaded = [load(path, device, channels_last) for path in expand_model_paths([spec], which)]
+        loaded = [load(path, runtime) for path in expand_model_paths([spec], which)]
         if not Path(spec).is_file():
-            check_one_split(spec, loaded)
-        models += loaded
-    return models
+            check_one_split(spec, [predictor.loaded for predictor in loaded])
+        predictors += loaded
+    return predictors
 
 
 # --------------------------------------------------------------------------- test-time augmentation
@@ -213,11 +205,6 @@ def dihedral(images: torch.Tensor, index: int) -> torch.Tensor:
     if index % 4 in (2, 3):
         images = images.flip(3)
     return images
-
-
-def check_n_tta(n_tta: int) -> None:
-    if not 1 <= n_tta <= MAX_TTA:
-        raise UserError(f"--n-tta {n_tta} is outside 1..{MAX_TTA}: the square has {MAX_TTA} symmetries.")
 
 
 class TTAModel(nn.Module):
@@ -260,6 +247,26 @@ def mean_probability_logit(log_odds: torch.Tensor) -> torch.Tensor:
     return torch.logit(torch.sigmoid(log_odds.double()).mean(0))
 
 
+def tta_logits(
+    network: nn.Module,
+    batches: Callable[[EpochSampler, int], Loader],
+    n_items: int,
+    runtime: ScoringRuntime,
+    independent_heads: bool = False,
+    desc: str = "predict",
+) -> torch.Tensor:
+    """The TTAModel logits of `n_items` images, in order: the one prediction loop of both checkpoint kinds.
+    `batches(sampler, images_per_batch)` is the kind's loader; each of its batches holds batch_size / n_tta images,
+    so that a forward pass of the views holds runtime.batch_size."""
+    sampler = EpochSampler(n_items, shuffle=False, seed=0)
+    loader = batches(sampler, max(1, runtime.batch_size // runtime.n_tta))
+    tta_model = TTAModel(network, runtime.n_tta, independent_heads)
+    logits, _ = predict_logits(
+        tta_model, loader, runtime.device, runtime.amp_dtype, runtime.channels_last, runtime.progress, desc
+    )
+    return logits
+
+
 def make_dataset(
     loaded: LoadedModel,
     frame: pd.DataFrame,
@@ -280,6 +287,68 @@ def make_dataset(
     return ImageDataset(frame["filepath"], transform, meta, augment_seed=augment_seed)
 
 
+@dataclass
+class Predictor:
+    """What every melanoma predictor holds: the model it loaded (a LoadedModel, or onnx_model's ExportedModel) and
+    the runtime it scores under. A subclass adds encode_metadata and probabilities."""
+
+    loaded: Any
+    runtime: ScoringRuntime
+
+    @property
+    def path(self) -> Path:
+        return self.loaded.path
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.loaded.preprocessing
+
+    @property
+    def uses_lesion_features(self) -> bool:
+        return self.loaded.uses_lesion_features
+
+
+@dataclass
+class MelanomaPredictor(Predictor):
+    """A train.py checkpoint ready to score images: its network with the input encoding it trained with
+    (LoadedModel: size, normalisation, preprocessing, metadata encoder, lesion-feature scaler, late-fusion
+    regression) and the runtime it scores under (device, precision, TTA views, loader)."""
+
+    loaded: LoadedModel
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, runtime: ScoringRuntime) -> MelanomaPredictor:
+        return cls(load_melanoma_model(path, runtime.device, runtime.channels_last), runtime)
+
+    def encode_metadata(self, frame: pd.DataFrame) -> np.ndarray | None:
+        return encode_metadata(self.loaded, frame)
+
+    def probabilities(
+        self,
+        frame: pd.DataFrame,
+        transform=None,
+        augment_seed: int | None = None,
+        lesion: np.ndarray | None = None,
+        meta: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """P(melanoma) per row of `frame`, in row order, averaged over the runtime's TTA views, the late-fusion
+        metadata's log-odds added. `lesion` and `meta`: the rows' lesion features and encoded metadata when
+        computed beforehand (see make_dataset). With n_tta views a forward pass of batch_size images costs what a
+        bare one does; eight times larger passes run slower per image on a CPU (the activations outgrow its
+        caches)."""
+        runtime, loaded = self.runtime, self.loaded
+        if meta is None:
+            meta = encode_metadata(loaded, frame)
+        dataset = make_dataset(loaded, frame, transform, augment_seed, lesion, meta)
+
+        def batches(sampler: EpochSampler, images_per_batch: int) -> Loader:
+            return make_loader(dataset, sampler, images_per_batch, runtime.num_workers, runtime.device)
+
+        logits = tta_logits(loaded.model, batches, len(dataset), runtime)
+        evidence = loaded.meta_model.evidence(meta) if loaded.meta_model is not None else None
+        return melanoma_probability(logits, evidence)
+
+
 def predict_probabilities(
     loaded: LoadedModel,
     frame: pd.DataFrame,
@@ -295,22 +364,9 @@ def predict_probabilities(
     lesion: np.ndarray | None = None,
     meta: np.ndarray | None = None,
 ) -> np.ndarray:
-    """P(melanoma) per row of `frame`, in row order, averaged over `n_tta` dihedral transforms. `lesion` and `meta`:
-    the rows' lesion features and encoded metadata when computed beforehand (see make_dataset).
-
-    `batch_size` counts the images of one forward pass, TTA views included: each loader batch holds
-    batch_size / n_tta images. A forward pass then costs what a bare one of batch_size images does; eight times
-    larger passes run slower per image on a CPU (the activations outgrow its caches)."""
-    if meta is None:
-        meta = encode_metadata(loaded, frame)
-    dataset = make_dataset(loaded, frame, transform, augment_seed, lesion, meta)
-    images_per_batch = max(1, batch_size // n_tta)
-    sampler = EpochSampler(len(dataset), shuffle=False, seed=0)
-    loader = make_loader(dataset, sampler, images_per_batch, num_workers, device)
-    tta_model = TTAModel(loaded.model, n_tta)
-    logits, _ = predict_logits(tta_model, loader, device, amp_dtype, channels_last, progress, desc="predict")
-    evidence = loaded.meta_model.evidence(meta) if loaded.meta_model is not None else None
-    return melanoma_probability(logits, evidence)
+    """MelanomaPredictor.probabilities of a loaded model under the runtime these arguments describe."""
+    runtime = ScoringRuntime(device, amp_dtype, n_tta, batch_size, num_workers, channels_last, progress)
+    return MelanomaPredictor(loaded, runtime).probabilities(frame, transform, augment_seed, lesion, meta)
 
 
 def combine(probabilities: Sequence[np.ndarray], rank_average: bool = False) -> np.ndarray:
@@ -322,161 +378,3 @@ def combine(probabilities: Sequence[np.ndarray], rank_average: bool = False) -> 
     if rank_average:
         stack = np.stack([pd.Series(probs).rank(pct=True).to_numpy() for probs in stack])
     return np.nanmean(stack, axis=0)
-
-
-# --------------------------------------------------------------------------- image tables and metadata
-
-
-def image_name(path: str | Path) -> str:
-    """An image's name as the Kaggle CSVs write it: the file name without an image extension."""
-    path = Path(path)
-    return path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else path.name
-
-
-def frame_from_images(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """image_name and filepath of image files and of every image directly in given folders, in the given order
-    (folders sorted by name)."""
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += list_images(path)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"image {path} does not exist: give image files or folders of images.")
-    frame = pd.DataFrame({"image_name": [image_name(path) for path in files], "filepath": [str(p) for p in files]})
-    repeated = frame["image_name"][frame["image_name"].duplicated()]
-    if not repeated.empty:
-        raise UserError(
-            f"two images are named {repeated.iloc[0]} (e.g. a .jpg and a .png): give each image a unique name."
-        )
-    return frame
-
-
-def attach_metadata(
-    frame: pd.DataFrame, meta_csv: str | Path | None = None, values: dict[str, object] | None = None
-) -> pd.DataFrame:
-    """Adds metadata columns to an image table: from a CSV keyed by image_name (with or without extension), or
-    the same values for every image (`values`, column -> value, None meaning not given)."""
-    frame = frame.copy()
-    if meta_csv is not None:
-        meta_csv = Path(meta_csv)
-        if not meta_csv.is_file():
-            raise UserError(f"metadata CSV {meta_csv} does not exist: check --meta-csv.")
-        table = read_csv(meta_csv)
-        if "image_name" not in table.columns:
-            raise UserError(f"{meta_csv} lacks the column image_name: name each row's image in a column image_name.")
-        table = table.drop(columns=[c for c in ("filepath",) if c in table.columns])
-        table["image_name"] = table["image_name"].astype(str).map(image_name)
-        repeated = table["image_name"][table["image_name"].duplicated()]
-        if not repeated.empty:
-            raise UserError(f"{meta_csv} lists image {repeated.iloc[0]} twice: remove the duplicate row.")
-        absent = sorted(set(frame["image_name"]) - set(table["image_name"]))
-        if absent:
-            raise UserError(
-                f"{meta_csv} has no row for {len(absent)} image(s), first {absent[0]}: add their rows or leave those "
-                "images out."
-            )
-        frame = frame.merge(table, on="image_name", how="left", validate="one_to_one")
-        if "age_approx" in frame.columns:
-            # the rule of the data folder's CSV reader: an impossible age is a typo only the user can resolve
-            bad = implausible_ages(frame["age_approx"])
-            if bad.any():
-                raise UserError(
-                    f"{meta_csv} gives age_approx {frame['age_approx'][bad].iloc[0]!r} for image "
-                    f"{frame['image_name'][bad].iloc[0]}: {AGE_RULE}, or empty."
-                )
-            frame["age_approx"] = pd.to_numeric(frame["age_approx"], errors="coerce")
-    for column, value in (values or {}).items():
-        if value is not None:
-            frame[column] = value
-    return frame
-
-
-def require_metadata(
-    frame: pd.DataFrame,
-    models: Sequence[LoadedModel],
-    allow_missing: bool,
-    source: str,
-    flags: dict[str, str] | None = None,
-) -> None:
-    """A model trained with --use-meta needs its metadata columns: refuse without them, or (when the user asks
-    for it) add them empty so that the encoder's missing-value codes are used. A value its encoding does not know
-    (a site it never trained with, a sex that is no spelling of male or female) is refused in the same way, or
-    encoded as missing after a notice that names it: never silently. `flags` names the command-line flag a
-    column's value came from (e.g. {SITE_COLUMN: "--site"}), for the messages."""
-    flags = flags or {}
-    for loaded in models:
-        absent = [column for column in loaded.meta_columns if column not in frame.columns]
-        if absent and not allow_missing:
-            raise UserError(
-                f"{loaded.path} was trained with --use-meta and {source} has no {', '.join(absent)}: give the "
-                "metadata (--meta-csv, or --sex/--age/--site), or --allow-missing-meta to encode it as missing."
-            )
-        for column in absent:
-            frame[column] = np.nan
-        for column, value, rows in loaded.encoder.unrecognised(frame) if loaded.encoder is not None else []:
-            known = ", ".join(loaded.encoder.known_values(column)) or "none"
-            known += ", or M/F" if column == "sex" else ""
-            if column in flags:
-                given = f"{flags[column]} {value!r}"
-            else:
-                first = frame["image_name"][rows].iloc[0]
-                given = f"{source} gives {column} {value!r} (for {int(rows.sum())} image(s), first {first}), which"
-            unknown = f"{given} is not a value {loaded.path} was trained with (it knows {known}, in any case)"
-            if not allow_missing:
-                raise UserError(f"{unknown}: use one of those, or pass --allow-missing-meta to encode it as missing.")
-            print(f"notice: {unknown}: encoded as missing.", flush=True)
-
-
-# --------------------------------------------------------------------------- runtime flags
-
-
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """Device, precision and loading flags shared by predict.py, evaluate.py, audit.py and ensemble.py."""
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass, TTA views included")
-    add_num_workers_flag(parser)
-    add_device_flags(parser)
-
-
-def prediction_options(args: argparse.Namespace) -> dict:
-    """The runtime flags as predict_probabilities' keyword arguments (predict.py's, audit.py's, ensemble.py's)."""
-    return {
-        "n_tta": args.n_tta,
-        "batch_size": args.batch_size,
-        "num_workers": args.num_workers,
-        "channels_last": args.channels_last,
-        "progress": args.progress,
-    }
-
-
-def check_runtime_counts(args: argparse.Namespace) -> None:
-    """--batch-size, --num-workers and (where the script has it) --n-tta, refused in one sentence when they would
-    score nothing or fail in the loader."""
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be at least 1.")
-    if args.num_workers < 0:
-        raise UserError(f"--num-workers {args.num_workers} must be 0 or more.")
-    check_n_tta(getattr(args, "n_tta", 1))
-
-
-def prepare_runtime(args: argparse.Namespace):
-    """Device and autocast dtype from the shared flags, after the counts among them are checked."""
-    check_runtime_counts(args)
-    set_visible_devices(args.CUDA_VISIBLE_DEVICES)
-    device = select_device(args.device)
-    return device, resolve_precision(args.precision, device)
-
-
-def check_output(
-    path: Path, overwrite: bool, alternative: str = "choose another --out", example: str = "predictions.csv"
-) -> None:
-    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work (a
-    folder given as the file is refused with `example` as a file name). Deletes the temporary files that a killed
-    earlier write of `path` left beside it: they are never a finished result."""
-    refuse_folder(path, "--out", example)
-    for leftover in temp_files_of(path):
-        leftover.unlink(missing_ok=True)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists: pass --overwrite to replace it, or {alternative}.")
-    ensure_writable_dir(path.parent, "output folder")

@@ -22,17 +22,10 @@ from tqdm import tqdm
 from checkpoints import kind_of
 from dataset import EpochSampler, ImageDataset, Preprocessing, exported_input_transforms
 from features import lesion_features
-from inference import (
-    LoadedModel,
-    check_n_tta,
-    dihedral,
-    load_melanoma_model,
-    mean_probability_logit,
-    meta_columns,
-)
-from inference import predict_probabilities as predict_checkpoint_probabilities
+from inference import MelanomaPredictor, Predictor, dihedral, mean_probability_logit, meta_columns
 from loops import make_loader
 from metadata import MetaEncoder
+from scoring_runtime import ScoringRuntime, check_n_tta
 from utils import UserError
 
 SPEC_FORMAT = "melanoma-audit export 1"
@@ -165,16 +158,33 @@ def load_exported_model(path: str | Path, device: torch.device | None = None) ->
     return ExportedModel(path, spec, run, encoder, info)
 
 
-def load_scoring_model(
-    path: str | Path, device: torch.device, channels_last: bool = False
-) -> LoadedModel | ExportedModel:
+@dataclass
+class ExportedPredictor(Predictor):
+    """An exported melanoma model ready to score images under a runtime, as inference.MelanomaPredictor is for a
+    checkpoint (its device, precision and channels-last are the checkpoint's; onnxruntime runs the graph as it is)."""
+
+    loaded: ExportedModel
+
+    def encode_metadata(self, frame: pd.DataFrame) -> None:
+        return None  # the graph's metadata is encoded from each scored table with the JSON's encoder
+
+    def probabilities(
+        self, frame: pd.DataFrame, lesion: np.ndarray | None = None, meta: np.ndarray | None = None
+    ) -> np.ndarray:
+        runtime = self.runtime
+        return exported_probabilities(
+            self.loaded, frame, runtime.n_tta, runtime.batch_size, runtime.num_workers, runtime.progress, lesion
+        )
+
+
+def scoring_predictor(path: str | Path, runtime: ScoringRuntime) -> MelanomaPredictor | ExportedPredictor:
     """A melanoma model from a train.py checkpoint or from an exported file (export.py): what predict.py scores with."""
     if not is_exported(path):
-        return load_melanoma_model(path, device, channels_last)
-    exported = load_exported_model(path, device)
+        return MelanomaPredictor.from_checkpoint(path, runtime)
+    exported = load_exported_model(path, runtime.device)
     if kind_of(exported.kind) != "melanoma":
         raise UserError(f"{path} is an exported artifact detector, not a melanoma model: pass a melanoma model.")
-    return exported
+    return ExportedPredictor(exported, runtime)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -214,7 +224,7 @@ def exported_probabilities(
     lesion: np.ndarray | None = None,
 ) -> np.ndarray:
     """P(melanoma) per row of `frame` (column filepath and the metadata columns), as
-    inference.predict_probabilities computes it from the checkpoint: the network's probability averaged over the
+    inference.MelanomaPredictor computes it from the checkpoint: the network's probability averaged over the
     `n_tta` dihedral views, then the late-fusion metadata's log-odds added. The detector's rows: (images x heads)
     probabilities, no TTA. `batch_size` counts TTA views, as there."""
     check_n_tta(n_tta)
@@ -237,34 +247,3 @@ def exported_probabilities(
         log_odds = mean_probability_logit(network).numpy() + outputs["metadata_log_odds"][:n_images]
         results.append(1.0 / (1.0 + np.exp(-log_odds)))
     return np.concatenate(results) if results else np.empty(0)
-
-
-def score_images(
-    model: LoadedModel | ExportedModel,
-    frame: pd.DataFrame,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    n_tta: int = 1,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    channels_last: bool = False,
-    progress: bool | None = None,
-    lesion: np.ndarray | None = None,
-    meta: np.ndarray | None = None,
-) -> np.ndarray:
-    """P(melanoma) per row of `frame` with a checkpoint (inference.predict_probabilities) or an exported model."""
-    if isinstance(model, ExportedModel):
-        return exported_probabilities(model, frame, n_tta, batch_size, num_workers, progress, lesion)
-    return predict_checkpoint_probabilities(
-        model,
-        frame,
-        device,
-        amp_dtype,
-        n_tta=n_tta,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        channels_last=channels_last,
-        progress=progress,
-        lesion=lesion,
-        meta=meta,
-    )

@@ -35,22 +35,10 @@ import numpy as np
 import pandas as pd
 
 from features import lesion_features
-from inference import (
-    MAX_TTA,
-    LoadedModel,
-    add_runtime_args,
-    attach_metadata,
-    check_output,
-    combine,
-    encode_metadata,
-    frame_from_images,
-    held_out_images,
-    load_melanoma_models,
-    prediction_options,
-    prepare_runtime,
-    require_metadata,
-)
-from onnx_model import load_scoring_model, score_images
+from inference import LoadedModel, Predictor, combine, held_out_images, load_melanoma_models
+from onnx_model import scoring_predictor
+from scoring_inputs import attach_metadata, frame_from_images, require_metadata
+from scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
 from shared_flags import add_overwrite_flag
 from tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
 from utils import (
@@ -137,6 +125,74 @@ def held_out_rows(frame: pd.DataFrame, models: list[LoadedModel], source: str) -
     return frame[kept].reset_index(drop=True), held_out[:, kept]
 
 
+def scored_images(args: argparse.Namespace, models: list[LoadedModel]) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The rows to score (image_name, filepath, metadata) with the metadata the models need, and with --split train
+    the (model, row) mask of which models may score each row (held_out_rows), else None."""
+    if args.data_dir:
+        frame = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
+        source = f"the {args.split} CSV of {args.data_dir}"
+    else:
+        values = {"sex": args.sex, "age_approx": args.age, SITE_COLUMN: args.site}
+        frame = attach_metadata(frame_from_images(args.images), args.meta_csv, values)
+        source = str(args.meta_csv) if args.meta_csv else "the command line"
+    held_out = None
+    if args.data_dir and args.split == "train":
+        frame, held_out = held_out_rows(frame, models, source)
+    flags = {"sex": ("--sex", args.sex), SITE_COLUMN: ("--site", args.site)}
+    given = {column: flag for column, (flag, value) in flags.items() if value is not None}
+    require_metadata(frame, models, args.allow_missing_meta, source, given)
+    return frame, held_out
+
+
+def model_probabilities(
+    predictors: list[Predictor], frame: pd.DataFrame, held_out: np.ndarray | None
+) -> list[np.ndarray]:
+    """Each predictor's P(melanoma) per row of `frame`; NaN where `held_out` says it may not score the row."""
+    # models that read lesion features under the same preprocessing read the same ones: compute them once
+    lesion = {
+        preprocessing: lesion_features(list(frame["filepath"]), preprocessing=preprocessing)
+        for preprocessing in dict.fromkeys(p.preprocessing for p in predictors if p.uses_lesion_features)
+    }
+    probabilities = []
+    for index, predictor in enumerate(predictors):
+        rows = held_out[index] if held_out is not None else np.ones(len(frame), dtype=bool)
+        probs = np.full(len(frame), np.nan)  # NaN: not scored by this model, left out of the row's mean
+        if rows.any():
+            # over every row: a patient's images are counted in full (an exported model encodes its own)
+            meta = predictor.encode_metadata(frame)
+            probs[rows] = predictor.probabilities(
+                frame[rows].reset_index(drop=True),
+                lesion=lesion[predictor.preprocessing][rows] if predictor.uses_lesion_features else None,
+                meta=None if meta is None else meta[rows],
+            )
+            scope = f" on the {int(rows.sum())} images it held out" if held_out is not None else ""
+            print(f"  {predictor.path}: mean P(melanoma) {np.nanmean(probs):.4f}{scope}", flush=True)
+        else:
+            print(f"  {predictor.path}: held out none of these images, not used", flush=True)
+        probabilities.append(probs)
+    return probabilities
+
+
+def write_result(
+    args: argparse.Namespace, frame: pd.DataFrame, score: np.ndarray, held_out: np.ndarray | None, out: Path
+) -> pd.DataFrame:
+    """Writes the predictions CSV (image_name, filepath with --images, target or rank_score, n_models with
+    --split train) and prints its summary."""
+    result = pd.DataFrame({"image_name": frame["image_name"]})
+    if not args.data_dir:
+        result["filepath"] = frame["filepath"]
+    result["rank_score" if args.rank_average else "target"] = score
+    if held_out is not None:
+        result["n_models"] = held_out.sum(axis=0)
+    write_csv_atomic(result, out)
+    if args.rank_average:  # ranks say nothing about a threshold of 0.5
+        summary = "column rank_score: mean ranks in (0, 1], not probabilities"
+    else:
+        summary = f"{int(np.sum(score >= 0.5))} at or above 0.5, mean {score.mean():.4f}"
+    print(f"wrote {out}: {len(result)} rows, {summary}", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     with exit_on_user_error():
@@ -144,75 +200,22 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         check_output(out, args.overwrite)
         if args.age is not None and not 0 <= args.age <= MAX_AGE:  # also refuses nan
             raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
-        device, amp_dtype = prepare_runtime(args)
+        runtime = scoring_runtime(args)
         # a run prefix's fold checkpoints must be one run: one split, each fold once (check_one_split)
-        models = load_melanoma_models(args.model_path, args.which, device, args.channels_last, load_scoring_model)
-        if args.rank_average and len(models) < 2:
+        predictors = load_melanoma_models(args.model_path, args.which, runtime, scoring_predictor)
+        if args.rank_average and len(predictors) < 2:
             raise UserError(
-                f"--rank-average ensembles two or more models, --model-path gives {len(models)}: leave it out to "
-                "write the model's P(melanoma)."
+                f"--rank-average ensembles two or more models, --model-path gives {len(predictors)}: leave it out "
+                "to write the model's P(melanoma)."
             )
-
-        if args.data_dir:
-            frame = read_melanoma_table(args.data_dir, args.split, use_meta=False, require_target=False)
-            source = f"the {args.split} CSV of {args.data_dir}"
-        else:
-            values = {"sex": args.sex, "age_approx": args.age, SITE_COLUMN: args.site}
-            frame = attach_metadata(frame_from_images(args.images), args.meta_csv, values)
-            source = str(args.meta_csv) if args.meta_csv else "the command line"
-        held_out = None  # with --split train: which models may score each row
-        if args.data_dir and args.split == "train":
-            frame, held_out = held_out_rows(frame, models, source)
-        flags = {"sex": ("--sex", args.sex), SITE_COLUMN: ("--site", args.site)}
-        given = {column: flag for column, (flag, value) in flags.items() if value is not None}
-        require_metadata(frame, models, args.allow_missing_meta, source, given)
-
+        frame, held_out = scored_images(args, [predictor.loaded for predictor in predictors])
         print(
-            f"{len(frame)} images, {len(models)} model(s), {args.n_tta} TTA view(s) each, on {device}"
+            f"{len(frame)} images, {len(predictors)} model(s), {args.n_tta} TTA view(s) each, on {runtime.device}"
             f"{', rank average' if args.rank_average else ''}",
             flush=True,
         )
-        # models that read lesion features under the same preprocessing read the same ones: compute them once
-        lesion = {
-            preprocessing: lesion_features(list(frame["filepath"]), preprocessing=preprocessing)
-            for preprocessing in dict.fromkeys(m.preprocessing for m in models if m.uses_lesion_features)
-        }
-        probabilities = []
-        for index, loaded in enumerate(models):
-            rows = held_out[index] if held_out is not None else np.ones(len(frame), dtype=bool)
-            probs = np.full(len(frame), np.nan)  # NaN: not scored by this model, left out of the row's mean
-            if rows.any():
-                # over every row: a patient's images are counted in full (an exported model encodes its own)
-                meta = encode_metadata(loaded, frame) if isinstance(loaded, LoadedModel) else None
-                probs[rows] = score_images(
-                    loaded,
-                    frame[rows].reset_index(drop=True),
-                    device,
-                    amp_dtype,
-                    lesion=lesion[loaded.preprocessing][rows] if loaded.uses_lesion_features else None,
-                    meta=None if meta is None else meta[rows],
-                    **prediction_options(args),
-                )
-                scope = f" on the {int(rows.sum())} images it held out" if held_out is not None else ""
-                print(f"  {loaded.path}: mean P(melanoma) {np.nanmean(probs):.4f}{scope}", flush=True)
-            else:
-                print(f"  {loaded.path}: held out none of these images, not used", flush=True)
-            probabilities.append(probs)
-        score = combine(probabilities, args.rank_average)
-
-        result = pd.DataFrame({"image_name": frame["image_name"]})
-        if not args.data_dir:
-            result["filepath"] = frame["filepath"]
-        result["rank_score" if args.rank_average else "target"] = score
-        if held_out is not None:
-            result["n_models"] = held_out.sum(axis=0)
-        write_csv_atomic(result, out)
-        if args.rank_average:  # ranks say nothing about a threshold of 0.5
-            summary = "column rank_score: mean ranks in (0, 1], not probabilities"
-        else:
-            summary = f"{int(np.sum(score >= 0.5))} at or above 0.5, mean {score.mean():.4f}"
-        print(f"wrote {out}: {len(result)} rows, {summary}", flush=True)
-        return result
+        score = combine(model_probabilities(predictors, frame, held_out), args.rank_average)
+        return write_result(args, frame, score, held_out, out)
 
 
 if __name__ == "__main__":

@@ -46,30 +46,42 @@ def read_predictions(pred_path: Path, labels_path: Path | None, flag: str = "--p
         frame = pred[["image_name", "target", "prob", *patient, *fold]]
         label_source = pred_path
     else:
-        score = "prob" if "prob" in pred.columns else "target"
-        if score not in pred.columns:
-            raise UserError(f"{pred_path} has no prob or target column: it needs a score per image.")
-        if labels_path is None:
-            raise UserError(
-                f"{pred_path} holds scores but no labels: pass --labels with a CSV of image_name and 0/1 target."
-            )
-        if not labels_path.is_file():
-            raise UserError(f"labels file {labels_path} does not exist: check --labels.")
-        labels = read_csv(labels_path)
-        if not {"image_name", "target"} <= set(labels.columns):
-            raise UserError(f"{labels_path} lacks image_name or target: the labels need both columns.")
-        refuse_repeated_images(labels, labels_path)
-        frame = pred[["image_name", score, *patient, *fold]].rename(columns={score: "prob"})
-        label_patient = ["patient_id"] if "patient_id" in labels.columns and not patient else []
-        frame = frame.merge(labels[["image_name", "target", *label_patient]], on="image_name", how="left")
-        unlabelled = frame["target"].isna()
-        if unlabelled.any():
-            raise UserError(
-                f"{labels_path} has no label for {int(unlabelled.sum())} image(s) of {pred_path}, first "
-                f"{frame['image_name'][unlabelled].iloc[0]}: give labels for every predicted image."
-            )
+        frame = with_labels(pred, [*patient, *fold], pred_path, labels_path)
         label_source = labels_path
-    frame = frame.reset_index(drop=True)
+    return checked_scores(frame.reset_index(drop=True), pred_path, label_source)
+
+
+def with_labels(pred: pd.DataFrame, kept: list[str], pred_path: Path, labels_path: Path | None) -> pd.DataFrame:
+    """A predictions CSV without labels of its own: image_name, its score as prob (its prob, else predict.py's
+    target) and its columns `kept`, with the 0/1 target of the labels CSV (and its patient_id where `kept` has
+    none)."""
+    score = "prob" if "prob" in pred.columns else "target"
+    if score not in pred.columns:
+        raise UserError(f"{pred_path} has no prob or target column: it needs a score per image.")
+    if labels_path is None:
+        raise UserError(
+            f"{pred_path} holds scores but no labels: pass --labels with a CSV of image_name and 0/1 target."
+        )
+    if not labels_path.is_file():
+        raise UserError(f"labels file {labels_path} does not exist: check --labels.")
+    labels = read_csv(labels_path)
+    if not {"image_name", "target"} <= set(labels.columns):
+        raise UserError(f"{labels_path} lacks image_name or target: the labels need both columns.")
+    refuse_repeated_images(labels, labels_path)
+    frame = pred[["image_name", score, *kept]].rename(columns={score: "prob"})
+    label_patient = ["patient_id"] if "patient_id" in labels.columns and "patient_id" not in kept else []
+    frame = frame.merge(labels[["image_name", "target", *label_patient]], on="image_name", how="left")
+    unlabelled = frame["target"].isna()
+    if unlabelled.any():
+        raise UserError(
+            f"{labels_path} has no label for {int(unlabelled.sum())} image(s) of {pred_path}, first "
+            f"{frame['image_name'][unlabelled].iloc[0]}: give labels for every predicted image."
+        )
+    return frame
+
+
+def checked_scores(frame: pd.DataFrame, pred_path: Path, label_source: Path) -> pd.DataFrame:
+    """`frame` with target as 0/1 int and prob as float, refused in one sentence where either is not."""
     target = pd.to_numeric(frame["target"], errors="coerce")
     if not target.isin([0, 1]).all():
         bad = ~target.isin([0, 1])

@@ -89,11 +89,11 @@ def test_audits_exactly_the_rows_of_the_runs_oof_file(synthetic_dir, checkpoint,
     assert set(frame["image_name"][make_folds(frame, 3, 1) == 0]) != oof  # the seed's split is another one
     scored = []
 
-    def record(loaded, rows, *args, **kwargs):
+    def record(predictor, rows, *args, **kwargs):
         scored.append(list(rows["image_name"]))
         return np.full(len(rows), 0.5)
 
-    monkeypatch.setattr(audit, "predict_probabilities", record)
+    monkeypatch.setattr(audit.MelanomaPredictor, "probabilities", record)
     run_audit(
         tmp_path, "--model-path", checkpoint, "--data-dir", synthetic_dir, "--artifacts",
         synthetic_dir / "gans_biases.csv", "--insert", "",
@@ -194,12 +194,12 @@ def test_counterfactual_counts_follow_the_model(synthetic_dir, checkpoint, tmp_p
     """With a stand-in model whose P(melanoma) grows as the image darkens, a pasted black frame must raise the
     probability and switch benign calls to malignant, never the other way round."""
 
-    def darkness_model(loaded, frame, device, amp_dtype, transform=None, augment_seed=None, **unused):
-        dataset = make_dataset(loaded, frame, transform, augment_seed)
+    def darkness_model(predictor, frame, transform=None, augment_seed=None, **unused):
+        dataset = make_dataset(predictor.loaded, frame, transform, augment_seed)
         means = np.array([dataset[(0, i)]["image"].mean().item() for i in range(len(dataset))])
         return 1 / (1 + np.exp(4 * means))
 
-    monkeypatch.setattr(audit, "predict_probabilities", darkness_model)
+    monkeypatch.setattr(audit.MelanomaPredictor, "probabilities", darkness_model)
     table = run_audit(
         tmp_path, "--model-path", checkpoint, "--data-dir", synthetic_dir, "--artifacts",
         synthetic_dir / "gans_biases.csv", "--insert", "black_frame", "--threshold", "0.15",

@@ -8,7 +8,9 @@ from torch import nn
 
 import predict
 import train
-from inference import TTAModel, combine, dihedral, expand_model_paths
+from inference import MelanomaPredictor, TTAModel, combine, dihedral, expand_model_paths
+from scoring_inputs import attach_metadata, frame_from_images
+from scoring_runtime import ScoringRuntime
 from utils import UserError
 
 
@@ -406,3 +408,18 @@ def test_a_folder_as_the_output_file_is_refused_before_any_work(synthetic_dir, c
     command = ["--data-dir", synthetic_dir, "--model-path", checkpoints["plain"], "--out", tmp_path, "--overwrite"]
     _, error = predict_or_fail(capsys, command)
     assert f"--out {tmp_path} is a folder" in error
+
+
+def test_predictor_scores_do_not_depend_on_how_the_views_are_batched(synthetic_dir, checkpoints):
+    """batch_size counts the TTA views of a forward pass: one image per pass (8 views) and many images per pass
+    must give each image the same score, its metadata and lesion features still on its own row."""
+    frame = attach_metadata(frame_from_images([synthetic_dir / "test" / "test"]), synthetic_dir / "test.csv")
+    frame = frame.head(20)
+    scores = [
+        MelanomaPredictor.from_checkpoint(
+            checkpoints["meta"], ScoringRuntime(torch.device("cpu"), None, 8, size)
+        ).probabilities(frame)
+        for size in (8, 64)
+    ]
+    assert len(np.unique(np.round(scores[0], 4))) > 1  # the images get different scores: rows could be swapped
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
