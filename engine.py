@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +86,25 @@ class Scored:
     message: str  # printed after the epoch
     records: list[dict]  # added to the history file
     checkpoint: dict  # what this epoch's checkpoints add: its metrics, its thresholds
-    best: dict[str, pd.DataFrame] = field(default_factory=dict)  # kept from the best epoch; see Task.paths
+    best: dict[str, pd.DataFrame] = field(default_factory=dict)  # kept from the best epoch; see RunOutputs.frames
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """Where a run's files go. None: the run writes no such file."""
+
+    last: Path  # the resumable checkpoint of the latest epoch
+    history: Path  # every epoch's records: JSON lines (.jsonl) or CSV
+    best: Path | None = None  # the best epoch's checkpoint; None without validation images (no best epoch)
+    final: Path | None = None  # the last epoch's checkpoint
+    log: Path | None = None  # one line per history record, where the task has a log_line
+    tensorboard: Path | None = None  # a folder
+    frames: Mapping[str, Path] = field(default_factory=dict)  # the Scored.best frames written as CSV, by name
+
+    def files(self) -> list[Path]:
+        """Every path the run may write: its checkpoints, its logs, its frames and its TensorBoard folder."""
+        paths = [self.best, self.final, self.last, self.log, self.history, *self.frames.values(), self.tensorboard]
+        return [path for path in paths if path is not None]
 
 
 @dataclass
@@ -105,9 +123,7 @@ class Task:
     # what every checkpoint of the run holds: the model's configuration, its input encoding, and the fingerprints
     # of its data and validation images (data_sha256, val_sha256) that --resume compares
     checkpoint: dict
-    # "last" and "history" (.jsonl or .csv); "best" where there are validation images; "final", "log" and
-    # "tensorboard" (a folder) where wanted, and the path of any Scored.best frame that is to be written as CSV
-    paths: dict[str, Path]
+    outputs: RunOutputs
     score_name: str = "auc"
     log_line: Callable[[dict], str] | None = None  # the log file's line for a history record
     data_name: str = "the data"  # what data_sha256 fingerprints, in messages: e.g. the table it was read from
@@ -235,33 +251,33 @@ def validate(
 def write_history(task: Task, history: list[dict]) -> None:
     """Rewrites the history file (JSON lines or CSV) and the log from the run's history: each epoch appears once,
     even after a resume, and an interrupted write never leaves half a file."""
-    path = task.paths["history"]
+    path = task.outputs.history
     if path.suffix == ".jsonl":
         write_text_atomic(path, "".join(pd.Series(record).to_json() + "\n" for record in history))
     else:
         write_csv_atomic(pd.DataFrame(history), path)
     if task.log_line is not None:
-        write_text_atomic(task.paths["log"], "".join(task.log_line(record) + "\n" for record in history))
+        write_text_atomic(task.outputs.log, "".join(task.log_line(record) + "\n" for record in history))
 
 
 def save_epoch(
     task: Task, scored: Scored, improved: bool, progress: Progress, checkpoint: dict, resumable: dict
 ) -> None:
     """The main process's output after an epoch: its message, the checkpoints, the history and the best frames."""
-    paths = task.paths
+    outputs = task.outputs
     print(scored.message, flush=True)
-    if improved and "best" in paths:
-        save_checkpoint(paths["best"], checkpoint)
-        print(f"  best {task.score_name} {scored.score:.4f}: saved {paths['best']}", flush=True)
-    save_checkpoint(paths["last"], {**checkpoint, **resumable, **progress.state()})
+    if improved and outputs.best is not None:
+        save_checkpoint(outputs.best, checkpoint)
+        print(f"  best {task.score_name} {scored.score:.4f}: saved {outputs.best}", flush=True)
+    save_checkpoint(outputs.last, {**checkpoint, **resumable, **progress.state()})
     write_history(task, progress.history)
     write_best_frames(task, progress)
 
 
 def write_best_frames(task: Task, progress: Progress) -> None:
     for name, frame in progress.best.items():
-        if name in task.paths:
-            write_csv_atomic(frame, task.paths[name])
+        if name in task.outputs.frames:
+            write_csv_atomic(frame, task.outputs.frames[name])
 
 
 def epoch_checkpoint(last: dict) -> dict:
@@ -276,7 +292,7 @@ def repair_outputs(task: Task, progress: Progress, last: dict, n_epochs: int) ->
     frames and, when that was the last epoch, _final.pth."""
     write_history(task, progress.history)
     write_best_frames(task, progress)
-    final = task.paths.get("final")
+    final = task.outputs.final
     if final is not None and progress.epoch == n_epochs and not final.is_file():
         save_checkpoint(final, epoch_checkpoint(last))
 
@@ -320,9 +336,9 @@ def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_d
     }
 
     progress = Progress()
-    if config.resume and task.paths["last"].is_file():
-        state = load_checkpoint(task.paths["last"], task.kind)
-        check_resume_compatible(state, checkpoint, task.paths["last"], RUNTIME_FIELDS, task.data_name)
+    if config.resume and task.outputs.last.is_file():
+        state = load_checkpoint(task.outputs.last, task.kind)
+        check_resume_compatible(state, checkpoint, task.outputs.last, RUNTIME_FIELDS, task.data_name)
         restore_training_state(state, net, optimizer, scheduler, scaler)
         if average is not None:
             average.module.load_state_dict(state["state_dict"])
@@ -335,7 +351,7 @@ def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_d
                 flush=True,
             )
 
-    tensorboard = TensorBoardLog(task.paths.get("tensorboard") if world.is_main else None, config.tensorboard)
+    tensorboard = TensorBoardLog(task.outputs.tensorboard if world.is_main else None, config.tensorboard)
     try:
         for epoch in range(progress.epoch + 1, config.n_epochs + 1):
             started = time.time()
@@ -369,8 +385,8 @@ def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_d
                 resumable["training_weights"] = net.state_dict()
             save_epoch(task, scored, improved, progress, saved, resumable)
             tensorboard.write(progress.history)
-            if epoch == config.n_epochs and "final" in task.paths:
-                save_checkpoint(task.paths["final"], saved)
+            if epoch == config.n_epochs and task.outputs.final is not None:
+                save_checkpoint(task.outputs.final, saved)
     finally:
         tensorboard.close()
     return Fitted(eval_net, progress)

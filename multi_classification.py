@@ -57,7 +57,7 @@ from dataset import Preprocessing
 from detector_inference import Detector, ensemble_probs, load_detectors, thresholds_for
 from device_data import resolve_data_path
 from distributed import World
-from engine import Epoch, Scored, Task, fit, training_world
+from engine import Epoch, RunOutputs, Scored, Task, fit, training_world
 from image_files import list_images
 from inference import image_name
 from loops import Images, Preparation
@@ -126,16 +126,22 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def output_paths(model_path: str | Path) -> dict[str, Path]:
+def run_outputs(model_path: str | Path) -> RunOutputs:
+    """What train mode writes: the best epoch's model at --model_path, and beside it the resumable state, the
+    per-epoch metrics and the TensorBoard folder."""
     model = Path(model_path)
-    return {
-        "model": model,
-        "last": model.with_name(f"{model.stem}_last.pth"),
-        "history": model.with_name(f"{model.stem}_history.csv"),
-        "metrics": model.with_name(f"{model.stem}_metrics.csv"),
-        "annotations": model.with_name(f"{model.stem}_annotations.csv"),
-        "tensorboard": model.parent / "tb" / model.stem,
-    }
+    return RunOutputs(
+        best=model,
+        last=model.with_name(f"{model.stem}_last.pth"),
+        history=model.with_name(f"{model.stem}_history.csv"),
+        tensorboard=model.parent / "tb" / model.stem,
+    )
+
+
+def default_report(model_path: str | Path, report: str) -> Path:
+    """Where val ("metrics") or test ("annotations") writes without --save_path: beside the first model."""
+    model = Path(model_path)
+    return model.with_name(f"{model.stem}_{report}.csv")
 
 
 def load_models(config: ArtifactConfig, device: torch.device) -> list[Detector]:
@@ -216,12 +222,11 @@ def run_train(
     world = world or World()
     frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
     train_index, val_index = split_train_val(labels, config.ratio, config.seed)
-    paths = output_paths(config.model_path)
+    outputs = run_outputs(config.model_path)
     if world.is_main:
-        ensure_writable_dir(paths["model"].parent, "model folder (--model_path)")
-        outputs = [paths["model"], paths["last"], paths["history"], paths["tensorboard"]]
-        require_resumable([paths["last"]], config.resume, "--model_path")
-        claim_outputs(outputs, paths["last"], config.resume, config.overwrite, "choose another --model_path")
+        ensure_writable_dir(outputs.best.parent, "model folder (--model_path)")
+        require_resumable([outputs.last], config.resume, "--model_path")
+        claim_outputs(outputs.files(), outputs.last, config.resume, config.overwrite, "choose another --model_path")
     if world.distributed:
         dist.barrier()
     log = print if world.is_main else (lambda *_, **__: None)
@@ -247,7 +252,7 @@ def run_train(
     mean, std = input_normalization(config.enet_type)
     task = Task(
         kind="artifact",
-        name=str(paths["model"]),
+        name=str(outputs.best),
         net=net,
         train_images=Images(frame["filepath"].iloc[train_index].tolist(), targets=labels[train_index]),
         valid_images=Images(frame["filepath"].iloc[val_index].tolist(), targets=labels[val_index]),
@@ -277,12 +282,7 @@ def run_train(
             ),
             "val_sha256": rows_fingerprint((name,) for name in frame["image_name"].iloc[val_index]),
         },
-        paths={
-            "best": paths["model"],
-            "last": paths["last"],
-            "history": paths["history"],
-            "tensorboard": paths["tensorboard"],
-        },
+        outputs=outputs,
         score_name="mean val auc",
         data_name=str(config.ann_path),
     )
@@ -290,11 +290,16 @@ def run_train(
     best_table = progress.best["table"]
     log(
         f"best epoch {progress.best_epoch} (mean val auc {mean_auc(best_table):.4f}), thresholds chosen on the val "
-        f"split:\n{format_table(best_table)}\nmodel {paths['model']}, resumable state {paths['last']}, "
-        f"per-epoch metrics {paths['history']}",
+        f"split:\n{format_table(best_table)}\nmodel {outputs.best}, resumable state {outputs.last}, "
+        f"per-epoch metrics {outputs.history}",
         flush=True,
     )
-    return {"best_epoch": progress.best_epoch, "mean_auc": mean_auc(best_table), "table": best_table, "paths": paths}
+    return {
+        "best_epoch": progress.best_epoch,
+        "mean_auc": mean_auc(best_table),
+        "table": best_table,
+        "outputs": outputs,
+    }
 
 
 # --------------------------------------------------------------------------- val and test
@@ -313,19 +318,12 @@ def threshold_source(config: ArtifactConfig) -> str:
     return "the mean of the models' own (each max F1 on its val split)"
 
 
-def trained_on_file(checkpoint: dict, ann_path: str) -> bool:
-    """Whether a detector was trained on this annotation file: also after a label was fixed in it (same path) or
-    as a copy elsewhere (same bytes)."""
-    return checkpoint["ann_sha256"] == file_sha256(ann_path) or checkpoint["ann_path"] == str(Path(ann_path).resolve())
-
-
 def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
     models = load_models(config, device)
     checkpoints = [checkpoint for _, checkpoint in models]
     checkpoint = checkpoints[0]
     model_heads = checkpoint["heads"]
-    paths = output_paths(config.model_path)
-    save_path = Path(config.save_path) if config.save_path else paths["metrics"]
+    save_path = Path(config.save_path) if config.save_path else default_report(config.model_path, "metrics")
     claim_report(save_path, config.overwrite)
     frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
     common = [head for head in model_heads if head in heads]
@@ -392,7 +390,7 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
 def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
     models = load_models(config, device)
     checkpoints = [checkpoint for _, checkpoint in models]
-    save_path = Path(config.save_path) if config.save_path else output_paths(config.model_path)["annotations"]
+    save_path = Path(config.save_path) if config.save_path else default_report(config.model_path, "annotations")
     claim_report(save_path, config.overwrite)
     files = list_images(config.img_path)
     ensure_writable_dir(save_path.parent, "folder of --save_path")

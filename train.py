@@ -10,6 +10,7 @@ writes <save-name>_final.pth and _last.pth but no _best.pth, no out-of-fold pred
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import re
 import time
@@ -33,7 +34,7 @@ from checkpoints import (
 from config import MelanomaConfig, add_melanoma_flags
 from device_data import resolve_data_path
 from distributed import World
-from engine import Epoch, Scored, Task, fit, training_world
+from engine import Epoch, RunOutputs, Scored, Task, fit, training_world
 from features import FeatureScaler, colour_statistics, lesion_features, side_inputs
 from loops import Images, Preparation, melanoma_loss
 from metrics import binary_metrics, safe_auc
@@ -59,17 +60,18 @@ def parse_args(argv: list[str] | None = None) -> MelanomaConfig:
 # --------------------------------------------------------------------------- pieces
 
 
-def run_paths(config: MelanomaConfig, run_name: str) -> dict[str, Path]:
+def run_paths(config: MelanomaConfig, run_name: str) -> RunOutputs:
+    """Every file a run (one fold, or the single run) writes; its out-of-fold predictions are the "oof" frame."""
     model_dir, log_dir = Path(config.model_dir), Path(config.log_dir)
-    return {
-        "best": model_dir / f"{run_name}_best.pth",
-        "final": model_dir / f"{run_name}_final.pth",
-        "last": model_dir / f"{run_name}_last.pth",
-        "log": log_dir / f"log_{run_name}.txt",
-        "history": log_dir / f"metrics_{run_name}.jsonl",
-        "oof": log_dir / f"oof_{run_name}.csv",
-        "tensorboard": log_dir / "tb" / run_name,
-    }
+    return RunOutputs(
+        best=model_dir / f"{run_name}_best.pth",
+        final=model_dir / f"{run_name}_final.pth",
+        last=model_dir / f"{run_name}_last.pth",
+        log=log_dir / f"log_{run_name}.txt",
+        history=log_dir / f"metrics_{run_name}.jsonl",
+        frames={"oof": log_dir / f"oof_{run_name}.csv"},
+        tensorboard=log_dir / "tb" / run_name,
+    )
 
 
 def pooled_oof_path(config: MelanomaConfig) -> Path:
@@ -89,7 +91,7 @@ def earlier_fold_runs(config: MelanomaConfig) -> list[str]:
     for folder in {Path(config.model_dir), Path(config.log_dir)}:
         for path in folder.iterdir() if folder.is_dir() else []:
             for match in pattern.finditer(path.name):
-                if path in run_paths(config, match.group(0)).values():
+                if path in run_paths(config, match.group(0)).files():
                     found.add(match.group(0))
     return sorted(found)
 
@@ -311,10 +313,10 @@ def train_fold(
     torch.manual_seed(config.seed + offset + 1000 * world.rank)  # dropout differs per rank, the initial weights do not
     train_images, valid_images = fold_images(inputs)
     mean, std = input_normalization(config.enet_type)
-    paths = run_paths(config, run_name)
+    outputs = run_paths(config, run_name)
     if refit:
         score = functools.partial(score_refit_epoch, n_images=len(inputs.train_rows))
-        paths = {key: path for key, path in paths.items() if key not in ("best", "oof")}
+        outputs = dataclasses.replace(outputs, best=None, frames={})
     else:
         score = functools.partial(
             score_epoch, fold=fold, valid_rows=inputs.valid_rows, evidence=inputs.evidence, baselines=baselines
@@ -332,7 +334,7 @@ def train_fold(
         loss_fn=melanoma_loss(config.out_dim),
         score=score,
         checkpoint=fold_checkpoint(config, inputs, fold, n_side, data_sha256),
-        paths=paths,
+        outputs=outputs,
         log_line=refit_log_line if refit else log_line,
         data_name=str(find_train_csv(Path(config.data_dir))),
     )
@@ -341,8 +343,8 @@ def train_fold(
         if world.is_main:
             print(
                 f"refit: {config.n_epochs} epochs on all {len(inputs.train_rows)} images, nothing validated (no best "
-                f"epoch, no out-of-fold predictions, no baselines); checkpoints {paths['final']} and {paths['last']}, "
-                f"log {paths['log']}, metrics {paths['history']}",
+                f"epoch, no out-of-fold predictions, no baselines); checkpoints {outputs.final} and {outputs.last}, "
+                f"log {outputs.log}, metrics {outputs.history}",
                 flush=True,
             )
         return {"oof": None, "baselines": {}, "net": fitted.net, "last_auc": float("nan"), "image_auc": float("nan")}
@@ -356,8 +358,8 @@ def train_fold(
             f"fold {fold}: best valid auc {fitted.progress.best_score:.4f} (epoch {fitted.progress.best_epoch}), "
             f"last epoch {last_auc:.4f}"
             + "".join(f" ({key} {value:.4f})" for key, value in baselines.items())
-            + f"; checkpoints {paths['best']} and {paths['final']}, log {paths['log']}, metrics {paths['history']}, "
-            f"out-of-fold predictions {paths['oof']}",
+            + f"; checkpoints {outputs.best} and {outputs.final}, log {outputs.log}, metrics {outputs.history}, "
+            f"out-of-fold predictions {outputs.frames['oof']}",
             flush=True,
         )
     return {
@@ -373,11 +375,11 @@ def check_outputs_free(config: MelanomaConfig, run_names: list[str]) -> None:
     """Refuses to overwrite an earlier run's files unless asked to (--overwrite), or told to continue it (--resume,
     which needs one of its _last.pth). The files of a --save-name are one unit: the single run's, those of every
     fold an earlier start trained, and the pooled predictions; --overwrite removes them all."""
-    lasts = [run_paths(config, run_name)["last"] for run_name in run_names]
+    lasts = [run_paths(config, run_name).last for run_name in run_names]
     require_resumable(lasts, config.resume, "--save-name")
     names = dict.fromkeys([config.save_name, *run_names, *earlier_fold_runs(config)])
     files = dict.fromkeys(
-        [*(path for name in names for path in run_paths(config, name).values()), pooled_oof_path(config)]
+        [*(path for name in names for path in run_paths(config, name).files()), pooled_oof_path(config)]
     )
     last = next((path for path in lasts if path.is_file()), lasts[0])
     claim_outputs(list(files), last, config.resume, config.overwrite, "choose another --save-name")
@@ -389,7 +391,7 @@ def fold_states(config: MelanomaConfig, data_sha256: str) -> list[dict]:
     split = {"n_folds": config.n_folds, "fold_seed": config.fold_seed, "data_sha256": data_sha256}
     states = []
     for fold in range(config.n_folds):
-        last = run_paths(config, f"{config.save_name}_fold{fold}")["last"]
+        last = run_paths(config, f"{config.save_name}_fold{fold}").last
         if not last.is_file():
             continue
         state = load_checkpoint(last, "melanoma")
