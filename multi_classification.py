@@ -38,7 +38,6 @@ The training flags (--n-epochs, --batch-size, --init-lr, ...) are train.py's; --
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 from pathlib import Path
@@ -52,7 +51,7 @@ from sklearn.model_selection import train_test_split
 
 from annotations import PROB_SUFFIX, read_artifact_annotations
 from checkpoints import claim_outputs, require_resumable, rows_fingerprint
-from config import ArtifactConfig, add_artifact_flags
+from config import ArtifactConfig
 from dataset import Preprocessing
 from detector_inference import Detector, ensemble_probs, load_detectors, thresholds_for
 from device_data import resolve_data_path
@@ -63,6 +62,7 @@ from inference import image_name
 from loops import Images, Preparation
 from metrics import choose_thresholds, format_table, mean_auc, metrics_table
 from models import ArtifactNet, input_normalization
+from trainer_flags import add_artifact_flags, parse_command_line
 from utils import (
     UserError,
     ensure_writable_dir,
@@ -79,9 +79,7 @@ from utils import (
 
 
 def parse_args(argv: list[str] | None = None) -> ArtifactConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_artifact_flags(parser)
-    return ArtifactConfig.from_args(parser.parse_args(argv))
+    return parse_command_line(__doc__, add_artifact_flags, ArtifactConfig, argv)
 
 
 # --------------------------------------------------------------------------- pieces

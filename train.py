@@ -9,7 +9,6 @@ writes <save-name>_final.pth and _last.pth but no _best.pth, no out-of-fold pred
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import re
@@ -31,7 +30,7 @@ from checkpoints import (
     require_resumable,
     rows_fingerprint,
 )
-from config import MelanomaConfig, add_melanoma_flags
+from config import MelanomaConfig
 from device_data import resolve_data_path
 from distributed import World
 from engine import Epoch, RunOutputs, Scored, Task, fit, training_world
@@ -40,6 +39,7 @@ from loops import Images, Preparation, melanoma_loss
 from metrics import binary_metrics, safe_auc
 from models import MelanomaNet, MetadataLogit, input_normalization, melanoma_logit, melanoma_probability
 from tables import MetaEncoder, find_train_csv, make_folds, read_melanoma_table
+from trainer_flags import add_melanoma_flags, parse_command_line
 from utils import (
     UserError,
     ensure_writable_dir,
@@ -52,9 +52,7 @@ from utils import (
 
 
 def parse_args(argv: list[str] | None = None) -> MelanomaConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_melanoma_flags(parser)
-    return MelanomaConfig.from_args(parser.parse_args(argv))
+    return parse_command_line(__doc__, add_melanoma_flags, MelanomaConfig, argv)
 
 
 # --------------------------------------------------------------------------- pieces
