@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +95,30 @@ def score_epoch(epoch: Epoch, heads: list[str], n_epochs: int) -> Scored:
     return Scored(score, message, records, checkpoint, {"table": table})
 
 
+@dataclass(frozen=True)
+class Annotations:
+    """The annotation file's rows, heads and labels (NaN: blank), and its split into train and val rows."""
+
+    frame: pd.DataFrame
+    heads: list[str]
+    labels: np.ndarray
+    train_index: np.ndarray
+    val_index: np.ndarray
+
+    def images(self, index: np.ndarray) -> Images:
+        return Images(self.frame["filepath"].iloc[index].tolist(), targets=self.labels[index])
+
+    def names(self, index: np.ndarray) -> list[str]:
+        return self.frame["image_name"].iloc[index].tolist()
+
+
 def run_train(
     config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None, world: World | None = None
 ) -> dict:
     """Trains the detector; under torchrun as DistributedDataParallel, rank 0 alone writing (as train.py)."""
     world = world or World()
     frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
-    train_index, val_index = split_train_val(labels, config.ratio, config.seed)
+    data = Annotations(frame, heads, labels, *split_train_val(labels, config.ratio, config.seed))
     outputs = run_outputs(config.model_path)
     if world.is_main:
         ensure_writable_dir(outputs.best.parent, "model folder (--model_path)")
@@ -109,9 +127,8 @@ def run_train(
     if world.distributed:
         dist.barrier()
     log = print if world.is_main else (lambda *_, **__: None)
-    announce_training(log, config, frame, heads, labels, train_index, val_index, device, amp_dtype)
-    task = detector_task(config, frame, heads, labels, train_index, val_index, outputs)
-    progress = fit(task, config, world, device, amp_dtype).progress
+    announce_training(log, config, data, device, amp_dtype)
+    progress = fit(detector_task(config, data, outputs), config, world, device, amp_dtype).progress
     best_table = progress.best["table"]
     log(
         f"best epoch {progress.best_epoch} (mean val auc {mean_auc(best_table):.4f}), thresholds chosen on the val "
@@ -130,41 +147,30 @@ def run_train(
 def announce_training(
     log: Callable[..., None],
     config: ArtifactConfig,
-    frame: pd.DataFrame,
-    heads: list[str],
-    labels: np.ndarray,
-    train_index: np.ndarray,
-    val_index: np.ndarray,
+    data: Annotations,
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> None:
     """A notice for each head that cannot learn, and what the run trains on, where and how."""
-    for i, head in enumerate(heads):
-        column = labels[train_index, i]
+    for i, head in enumerate(data.heads):
+        column = data.labels[data.train_index, i]
         if not (column == 1).any() or not (column == 0).any():
             log(f"notice: head {head} has only one class among the training images: it cannot learn.", flush=True)
     log(
-        f"{len(frame)} annotated images, heads {', '.join(heads)}; {len(train_index)} train / {len(val_index)} val; "
+        f"{len(data.frame)} annotated images, heads {', '.join(data.heads)}; {len(data.train_index)} train / "
+        f"{len(data.val_index)} val; "
         f"{config.enet_type} at {config.image_size} px on {device}, precision {precision_name(amp_dtype)}, "
         f"data path {resolve_data_path(config.data_path, device)}, lr {config.init_lr}",
         flush=True,
     )
 
 
-def detector_task(
-    config: ArtifactConfig,
-    frame: pd.DataFrame,
-    heads: list[str],
-    labels: np.ndarray,
-    train_index: np.ndarray,
-    val_index: np.ndarray,
-    outputs: RunOutputs,
-) -> Task:
+def detector_task(config: ArtifactConfig, data: Annotations, outputs: RunOutputs) -> Task:
     """What the engine trains: the seeded network, the split's images, the masked loss and the epoch score."""
     seed_everything(config.seed)
     net = ArtifactNet(
         config.enet_type,
-        heads,
+        data.heads,
         pretrained=config.pretrained,
         weights_path=config.pretrained_weights,
         bn_momentum=config.bn_momentum,
@@ -174,31 +180,25 @@ def detector_task(
         kind="artifact",
         name=str(outputs.best),
         net=net,
-        train_images=Images(frame["filepath"].iloc[train_index].tolist(), targets=labels[train_index]),
-        valid_images=Images(frame["filepath"].iloc[val_index].tolist(), targets=labels[val_index]),
+        train_images=data.images(data.train_index),
+        valid_images=data.images(data.val_index),
         preparation=Preparation(
             config.image_size, mean, std, "artifact", seed=config.seed, preprocessing=config.preprocessing
         ),
         shuffle_seed=config.seed,
         loss_fn=masked_bce,
-        score=functools.partial(score_epoch, heads=heads, n_epochs=config.n_epochs),
-        checkpoint=detector_checkpoint(config, frame, heads, labels, train_index, val_index),
+        score=functools.partial(score_epoch, heads=data.heads, n_epochs=config.n_epochs),
+        checkpoint=detector_checkpoint(config, data),
         outputs=outputs,
         score_name="mean val auc",
         data_name=str(config.ann_path),
     )
 
 
-def detector_checkpoint(
-    config: ArtifactConfig,
-    frame: pd.DataFrame,
-    heads: list[str],
-    labels: np.ndarray,
-    train_index: np.ndarray,
-    val_index: np.ndarray,
-) -> dict:
+def detector_checkpoint(config: ArtifactConfig, data: Annotations) -> dict:
     """What every checkpoint of the run holds: the model, its input encoding, how it was trained and on what."""
     mean, std = input_normalization(config.enet_type)
+    heads = data.heads
     return {
         "model": {"enet_type": config.enet_type, "heads": list(heads)},
         "heads": list(heads),
@@ -210,12 +210,12 @@ def detector_checkpoint(
         "threshold_rule": "max F1 on the val split",
         "ann_path": str(Path(config.ann_path).resolve()),
         "ann_sha256": file_sha256(config.ann_path),
-        "train_images": frame["image_name"].iloc[train_index].tolist(),
-        "val_images": frame["image_name"].iloc[val_index].tolist(),
+        "train_images": data.names(data.train_index),
+        "val_images": data.names(data.val_index),
         # what --resume compares: every annotated row (name and labels) and the val images
         "data_sha256": rows_fingerprint(
             (name, *(f"{head}={value}" for head, value in zip(heads, row, strict=True)))
-            for name, row in zip(frame["image_name"], labels.tolist(), strict=True)
+            for name, row in zip(data.frame["image_name"], data.labels.tolist(), strict=True)
         ),
-        "val_sha256": rows_fingerprint((name,) for name in frame["image_name"].iloc[val_index]),
+        "val_sha256": rows_fingerprint((name,) for name in data.names(data.val_index)),
     }
