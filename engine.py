@@ -13,14 +13,14 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from checkpoints import (
     CHECKPOINT_FORMAT,
@@ -54,6 +54,7 @@ from loops import (
     train_one_epoch,
 )
 from tensorboard_log import TensorBoardLog
+from training_recipe import compile_for_training, make_warmup_cosine, weight_average
 from utils import (
     make_grad_scaler,
     precision_name,
@@ -86,7 +87,25 @@ class Scored:
     message: str  # printed after the epoch
     records: list[dict]  # added to the history file
     checkpoint: dict  # what this epoch's checkpoints add: its metrics, its thresholds
-    best: dict[str, pd.DataFrame] = field(default_factory=dict)  # kept from the best epoch; see Task.paths
+    best: dict[str, pd.DataFrame] = field(default_factory=dict)  # kept from the best epoch; see RunOutputs.frames
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """Where a run's files go. None: the run writes no such file."""
+
+    last: Path  # the resumable checkpoint of the latest epoch
+    history: Path  # every epoch's records: JSON lines (.jsonl) or CSV
+    best: Path | None = None  # the best epoch's checkpoint; None without validation images (no best epoch)
+    final: Path | None = None  # the last epoch's checkpoint
+    log: Path | None = None  # one line per history record, where the task has a log_line
+    tensorboard: Path | None = None  # a folder
+    frames: Mapping[str, Path] = field(default_factory=dict)  # the Scored.best frames written as CSV, by name
+
+    def files(self) -> list[Path]:
+        """Every path the run may write: its checkpoints, its logs, its frames and its TensorBoard folder."""
+        paths = [self.best, self.final, self.last, self.log, self.history, *self.frames.values(), self.tensorboard]
+        return [path for path in paths if path is not None]
 
 
 @dataclass
@@ -105,9 +124,7 @@ class Task:
     # what every checkpoint of the run holds: the model's configuration, its input encoding, and the fingerprints
     # of its data and validation images (data_sha256, val_sha256) that --resume compares
     checkpoint: dict
-    # "last" and "history" (.jsonl or .csv); "best" where there are validation images; "final", "log" and
-    # "tensorboard" (a folder) where wanted, and the path of any Scored.best frame that is to be written as CSV
-    paths: dict[str, Path]
+    outputs: RunOutputs
     score_name: str = "auc"
     log_line: Callable[[dict], str] | None = None  # the log file's line for a history record
     data_name: str = "the data"  # what data_sha256 fingerprints, in messages: e.g. the table it was read from
@@ -156,42 +173,6 @@ class Fitted:
 # --------------------------------------------------------------------------- pieces
 
 
-def compile_for_training(model: nn.Module, enabled: bool) -> nn.Module:
-    """The module the training steps call: `model` compiled when asked, else `model` itself. The caller keeps
-    saving, averaging and validating the uncompiled network, so checkpoints carry no compiler wrapper."""
-    return torch.compile(model) if enabled else model
-
-
-def weight_average(net: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of `net`'s weights, to be updated after every optimizer step.
-
-    From random weights on a small data set the weights jump from step to step and the validation AUC with them;
-    their average over the last ~1/(1 - decay) steps is a steadier, usually better model. Buffers (BatchNorm
-    statistics) are copied, not averaged (use_buffers=False): the BatchNorm refresh re-estimates them for the
-    averaged weights. AveragedModel copies the weights on its first update; that update is made here, so the
-    average starts from the initial weights and every training step is averaged in."""
-    average = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
-    average.requires_grad_(False)
-    average.update_parameters(net)
-    return average
-
-
-def make_warmup_cosine(
-    optimizer: torch.optim.Optimizer, n_epochs: int, steps_per_epoch: int, warmup_epochs: int = 1
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up from a tenth of the learning rate over the first epoch, then cosine to zero.
-
-    Stepped once per batch. A one-epoch run skips the warm-up so that it still reaches the full rate.
-    """
-    total = max(1, n_epochs * steps_per_epoch)
-    warmup = warmup_epochs * steps_per_epoch if n_epochs > warmup_epochs else 0
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
-    if warmup == 0:
-        return cosine
-    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
-
-
 def make_loaders(task: Task, config: RunConfig, world: World, device: torch.device) -> tuple[Loader, Loader | None]:
     """Shuffled training batches, each process its share, and the validation items in order (None without
     validation images); each process decodes its own share, on the side --data-path says."""
@@ -235,33 +216,33 @@ def validate(
 def write_history(task: Task, history: list[dict]) -> None:
     """Rewrites the history file (JSON lines or CSV) and the log from the run's history: each epoch appears once,
     even after a resume, and an interrupted write never leaves half a file."""
-    path = task.paths["history"]
+    path = task.outputs.history
     if path.suffix == ".jsonl":
         write_text_atomic(path, "".join(pd.Series(record).to_json() + "\n" for record in history))
     else:
         write_csv_atomic(pd.DataFrame(history), path)
     if task.log_line is not None:
-        write_text_atomic(task.paths["log"], "".join(task.log_line(record) + "\n" for record in history))
+        write_text_atomic(task.outputs.log, "".join(task.log_line(record) + "\n" for record in history))
 
 
 def save_epoch(
     task: Task, scored: Scored, improved: bool, progress: Progress, checkpoint: dict, resumable: dict
 ) -> None:
     """The main process's output after an epoch: its message, the checkpoints, the history and the best frames."""
-    paths = task.paths
+    outputs = task.outputs
     print(scored.message, flush=True)
-    if improved and "best" in paths:
-        save_checkpoint(paths["best"], checkpoint)
-        print(f"  best {task.score_name} {scored.score:.4f}: saved {paths['best']}", flush=True)
-    save_checkpoint(paths["last"], {**checkpoint, **resumable, **progress.state()})
+    if improved and outputs.best is not None:
+        save_checkpoint(outputs.best, checkpoint)
+        print(f"  best {task.score_name} {scored.score:.4f}: saved {outputs.best}", flush=True)
+    save_checkpoint(outputs.last, {**checkpoint, **resumable, **progress.state()})
     write_history(task, progress.history)
     write_best_frames(task, progress)
 
 
 def write_best_frames(task: Task, progress: Progress) -> None:
     for name, frame in progress.best.items():
-        if name in task.paths:
-            write_csv_atomic(frame, task.paths[name])
+        if name in task.outputs.frames:
+            write_csv_atomic(frame, task.outputs.frames[name])
 
 
 def epoch_checkpoint(last: dict) -> dict:
@@ -276,7 +257,7 @@ def repair_outputs(task: Task, progress: Progress, last: dict, n_epochs: int) ->
     frames and, when that was the last epoch, _final.pth."""
     write_history(task, progress.history)
     write_best_frames(task, progress)
-    final = task.paths.get("final")
+    final = task.outputs.final
     if final is not None and progress.epoch == n_epochs and not final.is_file():
         save_checkpoint(final, epoch_checkpoint(last))
 
@@ -296,21 +277,46 @@ def training_world(config: RunConfig) -> Iterator[tuple[World, torch.device, tor
         teardown_world(world)
 
 
-def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None) -> Fitted:
-    """Trains task.net for config.n_epochs, or what is left of them after the last checkpoint with --resume.
-    Every process trains; the main one alone prints and writes."""
+@dataclass
+class Training:
+    """What one run trains with: the network, the module the training steps call, the weight average, the loaders,
+    the optimizer, its schedule, the gradient scaler, the device and the precision."""
+
+    net: nn.Module  # on the device; saved and averaged uncompiled
+    model: nn.Module  # `net` wrapped for the world and compiled where asked
+    average: AveragedModel | None
+    train_loader: Loader
+    valid_loader: Loader | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast's, None for fp32
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """What is validated and saved: the weight average where there is one."""
+        return self.net if self.average is None else self.average.module
+
+
+def start_training(
+    task: Task, config: RunConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None
+) -> Training:
     net = task.net.to(device)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = compile_for_training(wrap_for_world(net, world, device), config.compile)
     average = weight_average(net, config.ema_decay) if config.ema_decay > 0 else None
-    eval_net = net if average is None else average.module  # what is validated and saved
-    update_average = None if average is None else functools.partial(average.update_parameters, net)
     train_loader, valid_loader = make_loaders(task, config, world, device)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.init_lr)
     scheduler = make_warmup_cosine(optimizer, config.n_epochs, len(train_loader))
     scaler = make_grad_scaler(device, amp_dtype)
-    checkpoint = {
+    return Training(net, model, average, train_loader, valid_loader, optimizer, scheduler, scaler, device, amp_dtype)
+
+
+def run_checkpoint(task: Task, config: RunConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+    """What every checkpoint of the run holds, whatever the epoch."""
+    return {
         "format": CHECKPOINT_FORMAT,
         "kind": KIND_ON_DISK[task.kind],
         **task.checkpoint,
@@ -319,58 +325,76 @@ def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_d
         "resolved": {"precision": precision_name(amp_dtype), "data_path": resolve_data_path(config.data_path, device)},
     }
 
-    progress = Progress()
-    if config.resume and task.paths["last"].is_file():
-        state = load_checkpoint(task.paths["last"], task.kind)
-        check_resume_compatible(state, checkpoint, task.paths["last"], RUNTIME_FIELDS, task.data_name)
-        restore_training_state(state, net, optimizer, scheduler, scaler)
-        if average is not None:
-            average.module.load_state_dict(state["state_dict"])
-        progress = Progress.from_state(state)
-        if world.is_main:
-            repair_outputs(task, progress, state, config.n_epochs)
-            print(
-                f"resuming {task.name} after epoch {progress.epoch} (best {task.score_name} so far "
-                f"{progress.best_score:.4f}, epoch {progress.best_epoch})",
-                flush=True,
-            )
 
-    tensorboard = TensorBoardLog(task.paths.get("tensorboard") if world.is_main else None, config.tensorboard)
+def resume_run(task: Task, config: RunConfig, world: World, training: Training, checkpoint: dict) -> Progress:
+    """The progress of the run this one continues (--resume with a _last.pth), its training state restored, and
+    what a kill may have left unwritten redone; a fresh Progress otherwise."""
+    if not (config.resume and task.outputs.last.is_file()):
+        return Progress()
+    state = load_checkpoint(task.outputs.last, task.kind)
+    check_resume_compatible(state, checkpoint, task.outputs.last, RUNTIME_FIELDS, task.data_name)
+    restore_training_state(state, training.net, training.optimizer, training.scheduler, training.scaler)
+    if training.average is not None:
+        training.average.module.load_state_dict(state["state_dict"])
+    progress = Progress.from_state(state)
+    if world.is_main:
+        repair_outputs(task, progress, state, config.n_epochs)
+        print(
+            f"resuming {task.name} after epoch {progress.epoch} (best {task.score_name} so far "
+            f"{progress.best_score:.4f}, epoch {progress.best_epoch})",
+            flush=True,
+        )
+    return progress
+
+
+def train_epoch(task: Task, config: RunConfig, world: World, training: Training, epoch: int) -> Epoch:
+    """One epoch of training, then validation of the network that is saved."""
+    started = time.time()
+    training.train_loader.sampler.set_epoch(epoch)
+    lr = training.optimizer.param_groups[0]["lr"]
+    average = training.average
+    train_loss = train_one_epoch(
+        training.model,
+        training.train_loader,
+        training.optimizer,
+        task.loss_fn,
+        training.device,
+        training.amp_dtype,
+        training.scaler,
+        training.scheduler,
+        channels_last=config.channels_last,
+        epoch=epoch,
+        progress=config.progress and world.is_main,
+        world=world,
+        update_average=None if average is None else functools.partial(average.update_parameters, training.net),
+    )
+    loaders = training.train_loader, training.valid_loader
+    logits, targets = validate(training.eval_net, *loaders, config, world, training.device, training.amp_dtype)
+    valid_loss = math.nan if logits is None else float(task.loss_fn(logits, targets))
+    return Epoch(epoch, lr, train_loss, valid_loss, logits, targets, round(time.time() - started, 2))
+
+
+def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None) -> Fitted:
+    """Trains task.net for config.n_epochs, or what is left of them after the last checkpoint with --resume.
+    Every process trains; the main one alone prints and writes."""
+    training = start_training(task, config, world, device, amp_dtype)
+    checkpoint = run_checkpoint(task, config, device, amp_dtype)
+    progress = resume_run(task, config, world, training, checkpoint)
+    tensorboard = TensorBoardLog(task.outputs.tensorboard if world.is_main else None, config.tensorboard)
     try:
         for epoch in range(progress.epoch + 1, config.n_epochs + 1):
-            started = time.time()
-            train_loader.sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            train_loss = train_one_epoch(
-                model,
-                train_loader,
-                optimizer,
-                task.loss_fn,
-                device,
-                amp_dtype,
-                scaler,
-                scheduler,
-                channels_last=config.channels_last,
-                epoch=epoch,
-                progress=config.progress and world.is_main,
-                world=world,
-                update_average=update_average,
-            )
-            logits, targets = validate(eval_net, train_loader, valid_loader, config, world, device, amp_dtype)
-            valid_loss = math.nan if logits is None else float(task.loss_fn(logits, targets))
-            seconds = round(time.time() - started, 2)
-            scored = task.score(Epoch(epoch, lr, train_loss, valid_loss, logits, targets, seconds))
+            scored = task.score(train_epoch(task, config, world, training, epoch))
             improved = progress.update(epoch, scored)
             if not world.is_main:
                 continue
-            saved = {**checkpoint, "epoch": epoch, **scored.checkpoint, "state_dict": eval_net.state_dict()}
-            resumable = training_state(optimizer, scheduler, scaler)
-            if average is not None:
-                resumable["training_weights"] = net.state_dict()
+            saved = {**checkpoint, "epoch": epoch, **scored.checkpoint, "state_dict": training.eval_net.state_dict()}
+            resumable = training_state(training.optimizer, training.scheduler, training.scaler)
+            if training.average is not None:
+                resumable["training_weights"] = training.net.state_dict()
             save_epoch(task, scored, improved, progress, saved, resumable)
             tensorboard.write(progress.history)
-            if epoch == config.n_epochs and "final" in task.paths:
-                save_checkpoint(task.paths["final"], saved)
+            if epoch == config.n_epochs and task.outputs.final is not None:
+                save_checkpoint(task.outputs.final, saved)
     finally:
         tensorboard.close()
-    return Fitted(eval_net, progress)
+    return Fitted(training.eval_net, progress)

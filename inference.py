@@ -22,12 +22,7 @@ from features import FeatureScaler, side_inputs
 from loops import Loader, make_loader, predict_logits
 from metadata import MetaEncoder
 from models import MetadataLogit, melanoma_probability, model_from_checkpoint
-
-# image_name, MAX_TTA and check_output are imported from here by multi_classification.py, config.py and compare.py
-from scoring_inputs import image_name as image_name
-from scoring_runtime import MAX_TTA as MAX_TTA
 from scoring_runtime import ScoringRuntime, check_n_tta
-from scoring_runtime import check_output as check_output
 from tables import SITE_COLUMN
 from utils import UserError
 

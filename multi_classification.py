@@ -38,104 +38,45 @@ The training flags (--n-epochs, --batch-size, --init-lr, ...) are train.py's; --
 
 from __future__ import annotations
 
-import argparse
-import functools
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from annotations import PROB_SUFFIX, read_artifact_annotations
-from checkpoints import claim_outputs, require_resumable, rows_fingerprint
-from config import ArtifactConfig, add_artifact_flags
+from config import ArtifactConfig
 from dataset import Preprocessing
 from detector_inference import Detector, ensemble_probs, load_detectors, thresholds_for
-from device_data import resolve_data_path
-from distributed import World
-from engine import Epoch, Scored, Task, fit, training_world
+from detector_training import run_train
+from engine import training_world
 from image_files import list_images
-from inference import image_name
-from loops import Images, Preparation
-from metrics import choose_thresholds, format_table, mean_auc, metrics_table
-from models import ArtifactNet, input_normalization
+from metrics import format_table, mean_auc, metrics_table
+from scoring_inputs import image_name
+from trainer_flags import add_artifact_flags, parse_command_line
 from utils import (
     UserError,
     ensure_writable_dir,
     exit_on_user_error,
-    precision_name,
     refuse_folder,
     resolve_precision,
-    seed_everything,
     select_device,
     set_visible_devices,
-    to_plain,
     write_csv_atomic,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> ArtifactConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_artifact_flags(parser)
-    return ArtifactConfig.from_args(parser.parse_args(argv))
+    return parse_command_line(__doc__, add_artifact_flags, ArtifactConfig, argv)
 
 
 # --------------------------------------------------------------------------- pieces
 
 
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy averaged over the annotated cells; NaN targets (blank = not annotated) add nothing,
-    neither loss nor gradient. A batch without any annotated cell gives 0."""
-    annotated = ~torch.isnan(targets)
-    if not annotated.any():
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[annotated], targets[annotated].to(logits.dtype))
-
-
-def split_train_val(labels: np.ndarray, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of the rows into train and val indices: stratified on the full label combination (blanks
-    included) where every combination can be split, else on "has any artifact", else plain random."""
-    n_rows = len(labels)
-    n_val = n_rows - int(round(n_rows * ratio))
-    if n_val < 1 or n_val >= n_rows:
-        raise UserError(
-            f"--ratio {ratio} leaves {n_rows - n_val} training and {n_val} validation images of {n_rows}: both "
-            "need at least one; annotate more images or change --ratio."
-        )
-    combination = np.array(["".join("-" if np.isnan(v) else str(int(v)) for v in row) for row in labels])
-    any_artifact = np.array([str(int((row == 1).any())) for row in labels])
-    for keys in (combination, any_artifact, None):
-        if keys is not None:
-            values, counts = np.unique(keys, return_counts=True)
-            keys = np.where(np.isin(keys, values[counts < 2]), "rare", keys)
-        try:
-            train_index, val_index = train_test_split(
-                np.arange(n_rows), test_size=n_val, random_state=seed, shuffle=True, stratify=keys
-            )
-        except ValueError:  # a class with one member, or more classes than val rows
-            continue
-        return np.sort(train_index), np.sort(val_index)
-    raise AssertionError("an unstratified split cannot fail")
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def output_paths(model_path: str | Path) -> dict[str, Path]:
+def default_report(model_path: str | Path, report: str) -> Path:
+    """Where val ("metrics") or test ("annotations") writes without --save_path: beside the first model."""
     model = Path(model_path)
-    return {
-        "model": model,
-        "last": model.with_name(f"{model.stem}_last.pth"),
-        "history": model.with_name(f"{model.stem}_history.csv"),
-        "metrics": model.with_name(f"{model.stem}_metrics.csv"),
-        "annotations": model.with_name(f"{model.stem}_annotations.csv"),
-        "tensorboard": model.parent / "tb" / model.stem,
-    }
+    return model.with_name(f"{model.stem}_{report}.csv")
 
 
 def load_models(config: ArtifactConfig, device: torch.device) -> list[Detector]:
@@ -190,113 +131,6 @@ def trained_images(checkpoint: dict, frame: pd.DataFrame) -> tuple[np.ndarray, n
     return in_train, in_val
 
 
-# --------------------------------------------------------------------------- train
-
-
-def score_epoch(epoch: Epoch, heads: list[str], n_epochs: int) -> Scored:
-    """Per head, the metrics at the cut-off with the highest F1 on the val split; the score is their mean AUC."""
-    probs, targets = torch.sigmoid(epoch.logits).numpy(), epoch.targets.numpy()
-    thresholds = choose_thresholds(targets, probs)
-    table = metrics_table(heads, targets, probs, thresholds)
-    score = mean_auc(table)
-    message = (
-        f"epoch {epoch.number}/{n_epochs}, lr {epoch.lr:.7f}, train loss {epoch.train_loss:.5f}, valid loss "
-        f"{epoch.valid_loss:.5f}, mean val auc {score:.4f}, {epoch.seconds} s\n{format_table(table)}"
-    )
-    common = {"epoch": epoch.number, "lr": epoch.lr, "train_loss": epoch.train_loss, "valid_loss": epoch.valid_loss}
-    records = [{**common, "seconds": epoch.seconds, **row} for row in table.to_dict(orient="records")]
-    checkpoint = {"thresholds": thresholds, "metrics": to_plain(table.to_dict(orient="list"))}
-    return Scored(score, message, records, checkpoint, {"table": table})
-
-
-def run_train(
-    config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None, world: World | None = None
-) -> dict:
-    """Trains the detector; under torchrun as DistributedDataParallel, rank 0 alone writing (as train.py)."""
-    world = world or World()
-    frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
-    train_index, val_index = split_train_val(labels, config.ratio, config.seed)
-    paths = output_paths(config.model_path)
-    if world.is_main:
-        ensure_writable_dir(paths["model"].parent, "model folder (--model_path)")
-        outputs = [paths["model"], paths["last"], paths["history"], paths["tensorboard"]]
-        require_resumable([paths["last"]], config.resume, "--model_path")
-        claim_outputs(outputs, paths["last"], config.resume, config.overwrite, "choose another --model_path")
-    if world.distributed:
-        dist.barrier()
-    log = print if world.is_main else (lambda *_, **__: None)
-    for i, head in enumerate(heads):
-        column = labels[train_index, i]
-        if not (column == 1).any() or not (column == 0).any():
-            log(f"notice: head {head} has only one class among the training images: it cannot learn.", flush=True)
-    log(
-        f"{len(frame)} annotated images, heads {', '.join(heads)}; {len(train_index)} train / {len(val_index)} val; "
-        f"{config.enet_type} at {config.image_size} px on {device}, precision {precision_name(amp_dtype)}, "
-        f"data path {resolve_data_path(config.data_path, device)}, lr {config.init_lr}",
-        flush=True,
-    )
-
-    seed_everything(config.seed)
-    net = ArtifactNet(
-        config.enet_type,
-        heads,
-        pretrained=config.pretrained,
-        weights_path=config.pretrained_weights,
-        bn_momentum=config.bn_momentum,
-    )
-    mean, std = input_normalization(config.enet_type)
-    task = Task(
-        kind="artifact",
-        name=str(paths["model"]),
-        net=net,
-        train_images=Images(frame["filepath"].iloc[train_index].tolist(), targets=labels[train_index]),
-        valid_images=Images(frame["filepath"].iloc[val_index].tolist(), targets=labels[val_index]),
-        preparation=Preparation(
-            config.image_size, mean, std, "artifact", seed=config.seed, preprocessing=config.preprocessing
-        ),
-        shuffle_seed=config.seed,
-        loss_fn=masked_bce,
-        score=functools.partial(score_epoch, heads=heads, n_epochs=config.n_epochs),
-        checkpoint={
-            "model": {"enet_type": config.enet_type, "heads": list(heads)},
-            "heads": list(heads),
-            "image_size": config.image_size,
-            "mean": list(mean),
-            "std": list(std),
-            **config.preprocessing.record(),
-            "loss": "sigmoid + binary cross-entropy per head, blank labels masked",
-            "threshold_rule": "max F1 on the val split",
-            "ann_path": str(Path(config.ann_path).resolve()),
-            "ann_sha256": file_sha256(config.ann_path),
-            "train_images": frame["image_name"].iloc[train_index].tolist(),
-            "val_images": frame["image_name"].iloc[val_index].tolist(),
-            # what --resume compares: every annotated row (name and labels) and the val images
-            "data_sha256": rows_fingerprint(
-                (name, *(f"{head}={value}" for head, value in zip(heads, row, strict=True)))
-                for name, row in zip(frame["image_name"], labels.tolist(), strict=True)
-            ),
-            "val_sha256": rows_fingerprint((name,) for name in frame["image_name"].iloc[val_index]),
-        },
-        paths={
-            "best": paths["model"],
-            "last": paths["last"],
-            "history": paths["history"],
-            "tensorboard": paths["tensorboard"],
-        },
-        score_name="mean val auc",
-        data_name=str(config.ann_path),
-    )
-    progress = fit(task, config, world, device, amp_dtype).progress
-    best_table = progress.best["table"]
-    log(
-        f"best epoch {progress.best_epoch} (mean val auc {mean_auc(best_table):.4f}), thresholds chosen on the val "
-        f"split:\n{format_table(best_table)}\nmodel {paths['model']}, resumable state {paths['last']}, "
-        f"per-epoch metrics {paths['history']}",
-        flush=True,
-    )
-    return {"best_epoch": progress.best_epoch, "mean_auc": mean_auc(best_table), "table": best_table, "paths": paths}
-
-
 # --------------------------------------------------------------------------- val and test
 
 
@@ -313,33 +147,11 @@ def threshold_source(config: ArtifactConfig) -> str:
     return "the mean of the models' own (each max F1 on its val split)"
 
 
-def trained_on_file(checkpoint: dict, ann_path: str) -> bool:
-    """Whether a detector was trained on this annotation file: also after a label was fixed in it (same path) or
-    as a copy elsewhere (same bytes)."""
-    return checkpoint["ann_sha256"] == file_sha256(ann_path) or checkpoint["ann_path"] == str(Path(ann_path).resolve())
-
-
-def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    models = load_models(config, device)
-    checkpoints = [checkpoint for _, checkpoint in models]
-    checkpoint = checkpoints[0]
-    model_heads = checkpoint["heads"]
-    paths = output_paths(config.model_path)
-    save_path = Path(config.save_path) if config.save_path else paths["metrics"]
-    claim_report(save_path, config.overwrite)
-    frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
-    common = [head for head in model_heads if head in heads]
-    if not common:
-        raise UserError(
-            f"{config.ann_path} has the heads {', '.join(heads)}, but {config.model_path} detects "
-            f"{', '.join(model_heads)}: evaluate with an annotation file of the model's heads."
-        )
-    skipped = [head for head in model_heads if head not in heads]
-    if skipped:
-        print(f"notice: {config.ann_path} has no column for {', '.join(skipped)}; those heads are not scored.")
-    labels = labels[:, [heads.index(head) for head in common]]
-
-    # with several models an image is held out only if no model trained on it
+def held_out_rows(
+    config: ArtifactConfig, checkpoints: list[dict], frame: pd.DataFrame, labels: np.ndarray
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The rows val scores (those no model trained on, unless --all) with their labels, and which of them are the
+    models' val images. With several models an image is held out only if no model trained on it."""
     memberships = [trained_images(c, frame) for c in checkpoints]
     in_train = np.logical_or.reduce([trained for trained, _ in memberships])
     in_val = np.logical_or.reduce([val for _, val in memberships])
@@ -363,7 +175,40 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
             f"{config.model_path} was trained on: these numbers are optimistic.",
             flush=True,
         )
+    return frame, labels, in_val
 
+
+def val_threshold_source(config: ArtifactConfig, in_sample: bool, n_in_val: int) -> str:
+    """Where val's thresholds come from, and whether the thresholded metrics are in-sample."""
+    if config.threshold is not None:
+        return "--threshold"
+    if in_sample:
+        return (
+            f"of the model, fitted on {n_in_val} of these images (its val split): F1, precision, recall and "
+            "accuracy are in-sample, optimistic (--threshold sets your own)"
+        )
+    return "of the model (max F1 on its val split, none of these images)"
+
+
+def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+    models = load_models(config, device)
+    checkpoints = [checkpoint for _, checkpoint in models]
+    checkpoint = checkpoints[0]
+    model_heads = checkpoint["heads"]
+    save_path = Path(config.save_path) if config.save_path else default_report(config.model_path, "metrics")
+    claim_report(save_path, config.overwrite)
+    frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
+    common = [head for head in model_heads if head in heads]
+    if not common:
+        raise UserError(
+            f"{config.ann_path} has the heads {', '.join(heads)}, but {config.model_path} detects "
+            f"{', '.join(model_heads)}: evaluate with an annotation file of the model's heads."
+        )
+    skipped = [head for head in model_heads if head not in heads]
+    if skipped:
+        print(f"notice: {config.ann_path} has no column for {', '.join(skipped)}; those heads are not scored.")
+    labels = labels[:, [heads.index(head) for head in common]]
+    frame, labels, in_val = held_out_rows(config, checkpoints, frame, labels)
     probs = ensemble_probs(models, frame["filepath"].tolist(), device, amp_dtype, **scoring_options(config))
     probs = probs[:, [checkpoint["heads"].index(head) for head in common]]
     table = metrics_table(common, labels, probs, thresholds_for(checkpoints, common, config.threshold))
@@ -372,15 +217,7 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
     table["thresholds_in_sample"] = in_sample
     ensure_writable_dir(save_path.parent, "folder of --save_path")
     write_csv_atomic(table, save_path)
-    if config.threshold is not None:
-        source = "--threshold"
-    elif in_sample:
-        source = (
-            f"of the model, fitted on {int(in_val.sum())} of these images (its val split): F1, precision, recall and "
-            "accuracy are in-sample, optimistic (--threshold sets your own)"
-        )
-    else:
-        source = "of the model (max F1 on its val split, none of these images)"
+    source = val_threshold_source(config, in_sample, int(in_val.sum()))
     print(
         f"{len(frame)} images, {describe_scoring(config)}, mean auc {mean_auc(table):.4f}, thresholds {source}:\n"
         f"{format_table(table)}\nwritten to {save_path}",
@@ -392,7 +229,7 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
 def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
     models = load_models(config, device)
     checkpoints = [checkpoint for _, checkpoint in models]
-    save_path = Path(config.save_path) if config.save_path else output_paths(config.model_path)["annotations"]
+    save_path = Path(config.save_path) if config.save_path else default_report(config.model_path, "annotations")
     claim_report(save_path, config.overwrite)
     files = list_images(config.img_path)
     ensure_writable_dir(save_path.parent, "folder of --save_path")

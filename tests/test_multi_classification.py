@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import detector_training  # noqa: E402
 import engine  # noqa: E402
 import multi_classification as mc  # noqa: E402
 from annotations import DEFAULT_ARTIFACT_HEADS, read_artifact_annotations  # noqa: E402
@@ -176,14 +177,14 @@ def test_a_bad_annotation_file_exits_with_code_2_and_one_line(tmp_path, capsys):
 def test_masked_bce_leaves_blank_labels_out_of_loss_and_gradient():
     logits = torch.randn(4, 3, requires_grad=True)
     targets = torch.tensor([[1, 0, np.nan], [np.nan, 1, 0], [0, np.nan, np.nan], [1, 1, 0]], dtype=torch.float32)
-    loss = mc.masked_bce(logits, targets)
+    loss = detector_training.masked_bce(logits, targets)
     annotated = ~torch.isnan(targets)
     expected = F.binary_cross_entropy_with_logits(logits[annotated], targets[annotated])
     assert torch.allclose(loss, expected)
     loss.backward()
     assert (logits.grad[~annotated] == 0).all() and (logits.grad[annotated] != 0).all()
 
-    blank = mc.masked_bce(logits, torch.full((4, 3), float("nan")))
+    blank = detector_training.masked_bce(logits, torch.full((4, 3), float("nan")))
     assert blank.item() == 0.0
 
 
@@ -207,15 +208,15 @@ def test_best_f1_threshold_picks_the_max_f1_cutoff():
 
 def test_split_is_seeded_disjoint_and_stratified():
     labels = np.array([[1, 0]] * 20 + [[0, np.nan]] * 20, dtype=float)
-    train, val = mc.split_train_val(labels, 0.8, seed=1)
+    train, val = detector_training.split_train_val(labels, 0.8, seed=1)
     assert len(val) == 8 and sorted(np.concatenate([train, val]).tolist()) == list(range(40))
     assert (val < 20).sum() == 4  # each label combination keeps its share
-    again, _ = mc.split_train_val(labels, 0.8, seed=1)
-    other, _ = mc.split_train_val(labels, 0.8, seed=2)
+    again, _ = detector_training.split_train_val(labels, 0.8, seed=1)
+    other, _ = detector_training.split_train_val(labels, 0.8, seed=2)
     np.testing.assert_array_equal(train, again)
     assert not np.array_equal(train, other)
     with pytest.raises(UserError, match="--ratio 0.99 leaves"):
-        mc.split_train_val(labels, 0.99, seed=1)
+        detector_training.split_train_val(labels, 0.99, seed=1)
 
 
 def test_both_flag_spellings_and_the_original_defaults():
