@@ -33,7 +33,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Device, precision and loading flags shared by predict.py, evaluate.py, audit.py and ensemble.py."""
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass, TTA views included")
     add_num_workers_flag(parser)
-    add_device_flags(parser)
+    add_device_flags(parser, cpu_bf16_from_size=False)  # prepare_runtime passes no image size
 
 
 def check_runtime_counts(args: argparse.Namespace) -> None:

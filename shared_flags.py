@@ -19,16 +19,24 @@ def spellings(flag: str, underscore_aliases: bool) -> list[str]:
     return [flag, underscored] if underscore_aliases and underscored != flag else [flag]
 
 
-def add_device_flags(parser: argparse.ArgumentParser, underscore_aliases: bool = False) -> None:
-    """The device, precision, layout and progress flags every script that runs a network takes."""
+def add_device_flags(
+    parser: argparse.ArgumentParser, underscore_aliases: bool = False, cpu_bf16_from_size: bool = True
+) -> None:
+    """The device, precision, layout and progress flags every script that runs a network takes.
+
+    cpu_bf16_from_size: whether `--precision auto` picks bf16 on the CPU for large images (the trainers, the
+    detector's modes, bench.py: they know the image size), or always fp32 there (the melanoma scoring scripts).
+    """
+    cpu_auto = "on the CPU bf16 from 192 px where the CPU has native bf16, else fp32"
+    if not cpu_bf16_from_size:
+        cpu_auto = "fp32 on the CPU"
     parser.add_argument("--CUDA_VISIBLE_DEVICES", default=None, help="GPU ids, e.g. 0 or 0,1, set before CUDA starts")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument(
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="auto: bf16 (or fp16 + GradScaler) autocast on a GPU; on the CPU bf16 from 192 px where the CPU has "
-        "native bf16, else fp32",
+        help=f"auto: bf16 (or fp16 + GradScaler) autocast on a GPU; {cpu_auto}",
     )
     parser.add_argument(
         *spellings("--channels-last", underscore_aliases),
