@@ -1,6 +1,6 @@
 """docs/flags.md is every script's --help, verbatim: a flag or help text changed in code must change there too.
 
-    python tests/test_flags_doc.py        # rewrites docs/flags.md from the scripts' --help
+python tests/test_flags_doc.py        # rewrites docs/flags.md from the scripts' --help
 """
 
 import contextlib
