@@ -35,17 +35,17 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from annotations import read_artifact_annotations
 from dataset import square_image, valid_transforms
-from features import lesion_features
-from inference import LoadedModel, MelanomaPredictor, held_out_images
-from metrics import binary_metrics
-from result_files import AUDIT_COLUMNS as COLUMNS
-from scoring_inputs import attach_metadata, frame_from_images, image_name, require_metadata
-from scoring_runtime import add_runtime_args, check_output, scoring_runtime
-from shared_flags import add_overwrite_flag
-from synthetic_artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
-from tables import read_melanoma_table
+from melanoma_audit.annotations import read_artifact_annotations
+from melanoma_audit.features import lesion_features
+from melanoma_audit.inference import LoadedModel, MelanomaPredictor, held_out_images
+from melanoma_audit.metrics import binary_metrics
+from melanoma_audit.result_files import AUDIT_COLUMNS as COLUMNS
+from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, image_name, require_metadata
+from melanoma_audit.scoring_runtime import add_runtime_args, check_output, scoring_runtime
+from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.synthetic_artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
+from melanoma_audit.tables import read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
 
 # artifact kinds that can be pasted, and the label columns that mean "this image already has it"

@@ -38,23 +38,37 @@ import cv2
 import pandas as pd
 import torch
 
-import device_data as dd
 from dataset import EpochSampler
-from engine import compile_for_training
-from image_files import MIN_IMAGE_SIZE
-from inference import LoadedModel, load_melanoma_model, predict_probabilities
-from loops import Images, Preparation, device_pipeline, image_dataset, image_loader, melanoma_loss, train_one_epoch
-from metadata import MetaEncoder
-from models import ENET_TYPES, MelanomaNet, input_normalization
-from shared_flags import (
+from melanoma_audit import device_data as dd
+from melanoma_audit.engine import compile_for_training
+from melanoma_audit.image_files import MIN_IMAGE_SIZE
+from melanoma_audit.inference import LoadedModel, load_melanoma_model, predict_probabilities
+from melanoma_audit.loops import (
+    Images,
+    Preparation,
+    device_pipeline,
+    image_dataset,
+    image_loader,
+    melanoma_loss,
+    train_one_epoch,
+)
+from melanoma_audit.metadata import MetaEncoder
+from melanoma_audit.shared_flags import (
     add_compile_flag,
     add_data_path_flag,
     add_device_flags,
     add_num_workers_flag,
     add_overwrite_flag,
 )
-from tables import read_melanoma_table
-from throughput import forward_throughput, peak_memory_mb, random_batch, synchronize, training_step_throughput
+from melanoma_audit.tables import read_melanoma_table
+from melanoma_audit.throughput import (
+    forward_throughput,
+    peak_memory_mb,
+    random_batch,
+    synchronize,
+    training_step_throughput,
+)
+from models import ENET_TYPES, MelanomaNet, input_normalization
 from utils import (
     UserError,
     exit_on_user_error,

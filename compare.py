@@ -31,13 +31,13 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from metrics import format_table
-from patients import patient_groups
-from report_metrics import group_bootstrap, json_ready, percentile_interval, weighted_auc
-from result_files import attach_patients, read_metadata, read_predictions
-from scoring_runtime import check_output
-from shared_flags import add_overwrite_flag
-from tables import read_csv
+from melanoma_audit.metrics import format_table
+from melanoma_audit.patients import patient_groups
+from melanoma_audit.report_metrics import group_bootstrap, json_ready, percentile_interval, weighted_auc
+from melanoma_audit.result_files import attach_patients, read_metadata, read_predictions
+from melanoma_audit.scoring_runtime import check_output
+from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.tables import read_csv
 from utils import UserError, exit_on_user_error, write_text_atomic
 
 Z_95 = float(scipy.stats.norm.ppf(0.975))

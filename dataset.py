@@ -16,9 +16,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from color import shades_of_gray  # noqa: E402
-from image_files import read_image  # noqa: E402
-from preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, Preprocessing, square_image  # noqa: E402
+from melanoma_audit.color import shades_of_gray  # noqa: E402
+from melanoma_audit.image_files import read_image  # noqa: E402
+from melanoma_audit.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, Preprocessing, square_image  # noqa: E402
 from utils import UserError  # noqa: E402
 
 __all__ = [  # the preprocessing's names as well, for the modules that take them from here

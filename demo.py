@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from checkpoints import load_checkpoint
-from image_files import MIN_IMAGE_SIZE
-from synthetic_dataset import make_synthetic_dataset
+from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.image_files import MIN_IMAGE_SIZE
+from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 from utils import UserError, exit_on_user_error
 
 MARKER = "demo.json"  # written first into --out-dir: the folder is then known to hold this demo's outputs

@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from checkpoints import load_checkpoint
-from features import lesion_features
-from inference import LoadedModel, MelanomaPredictor, combine, expand_model_paths, held_out_images
-from metrics import safe_auc
-from patient_context import describe_context, has_patient_context
-from scoring_inputs import attach_metadata, frame_from_images, require_metadata
-from scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
-from shared_flags import add_overwrite_flag
-from stacking import (
+from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.features import lesion_features
+from melanoma_audit.inference import LoadedModel, MelanomaPredictor, combine, expand_model_paths, held_out_images
+from melanoma_audit.metrics import safe_auc
+from melanoma_audit.patient_context import describe_context, has_patient_context
+from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, require_metadata
+from melanoma_audit.scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
+from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.stacking import (
     METHODS,
     UNFITTED,
     StackInputs,
@@ -50,7 +50,7 @@ from stacking import (
     save_combiner,
     top_features,
 )
-from tables import SITE_COLUMN, read_csv, read_melanoma_table
+from melanoma_audit.tables import SITE_COLUMN, read_csv, read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
 
 OOF_COLUMNS = ("image_name", "fold", "target", "prob")

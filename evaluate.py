@@ -55,18 +55,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cam import CAM_GROUPS, select_cam_images, write_cams
-from checkpoints import load_checkpoint
-from inference import MelanomaPredictor
-from report_html import build_report
-from report_metrics import IN_SAMPLE, compute_metrics, data_summary, json_ready
-from report_plots import plot_confusion, plot_pr, plot_reliability, plot_roc, plot_subgroups, plot_training_curves
-from report_subgroups import Grouping, group_rows, parse_by, subgroup_report
-from result_files import AUDIT_COLUMNS, attach_patients, read_metadata, read_predictions
-from scoring_inputs import require_metadata
-from scoring_runtime import ScoringRuntime, add_runtime_args, check_runtime_counts, prepare_runtime
-from shared_flags import add_overwrite_flag
-from tables import read_csv, read_melanoma_table
+from melanoma_audit.cam import CAM_GROUPS, select_cam_images, write_cams
+from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.inference import MelanomaPredictor
+from melanoma_audit.report_html import build_report
+from melanoma_audit.report_metrics import IN_SAMPLE, compute_metrics, data_summary, json_ready
+from melanoma_audit.report_plots import (
+    plot_confusion,
+    plot_pr,
+    plot_reliability,
+    plot_roc,
+    plot_subgroups,
+    plot_training_curves,
+)
+from melanoma_audit.report_subgroups import Grouping, group_rows, parse_by, subgroup_report
+from melanoma_audit.result_files import AUDIT_COLUMNS, attach_patients, read_metadata, read_predictions
+from melanoma_audit.scoring_inputs import require_metadata
+from melanoma_audit.scoring_runtime import ScoringRuntime, add_runtime_args, check_runtime_counts, prepare_runtime
+from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.tables import read_csv, read_melanoma_table
 from utils import UserError, ensure_writable_dir, exit_on_user_error, temp_files_of, write_text_atomic
 
 REPORT_FILES = (

@@ -34,15 +34,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from checkpoints import kind_of, load_checkpoint
-from config import DEFAULTS
 from dataset import Preprocessing
-from detector_inference import load_detectors
-from detector_inference import predict_probs as detector_probabilities
-from exported_graph import build_graph
-from inference import load_melanoma_model
-from inference import predict_probabilities as checkpoint_probabilities
-from onnx_model import (
+from melanoma_audit.checkpoints import kind_of, load_checkpoint
+from melanoma_audit.config import DEFAULTS
+from melanoma_audit.detector_inference import load_detectors
+from melanoma_audit.detector_inference import predict_probs as detector_probabilities
+from melanoma_audit.exported_graph import build_graph
+from melanoma_audit.inference import load_melanoma_model
+from melanoma_audit.inference import predict_probabilities as checkpoint_probabilities
+from melanoma_audit.onnx_model import (
     ARTIFACT_OUTPUTS,
     FORMAT_SUFFIXES,
     IMAGE_INPUT,
@@ -53,9 +53,9 @@ from onnx_model import (
     load_exported_model,
     spec_path,
 )
-from shared_flags import add_overwrite_flag
-from synthetic_dataset import make_synthetic_dataset
-from tables import read_melanoma_table
+from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.synthetic_dataset import make_synthetic_dataset
+from melanoma_audit.tables import read_melanoma_table
 from utils import UserError, atomic_path, ensure_writable_dir, exit_on_user_error, write_text_atomic
 
 FORMATS = ("onnx", "torchscript", "both")

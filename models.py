@@ -16,8 +16,8 @@ from efficientnet_pytorch.utils import MemoryEfficientSwish, Swish
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from checkpoints import kind_of
-from preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from melanoma_audit.checkpoints import kind_of
+from melanoma_audit.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from utils import UserError
 
 SWISH_TYPES = (MemoryEfficientSwish, Swish)

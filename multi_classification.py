@@ -44,16 +44,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from annotations import PROB_SUFFIX, read_artifact_annotations
-from config import ArtifactConfig
 from dataset import Preprocessing
-from detector_inference import Detector, ensemble_probs, load_detectors, thresholds_for
-from detector_training import run_train
-from engine import training_world
-from image_files import list_images
-from metrics import format_table, mean_auc, metrics_table
-from scoring_inputs import image_name
-from trainer_flags import add_artifact_flags, parse_command_line
+from melanoma_audit.annotations import PROB_SUFFIX, read_artifact_annotations
+from melanoma_audit.config import ArtifactConfig
+from melanoma_audit.detector_inference import Detector, ensemble_probs, load_detectors, thresholds_for
+from melanoma_audit.detector_training import run_train
+from melanoma_audit.engine import training_world
+from melanoma_audit.image_files import list_images
+from melanoma_audit.metrics import format_table, mean_auc, metrics_table
+from melanoma_audit.scoring_inputs import image_name
+from melanoma_audit.trainer_flags import add_artifact_flags, parse_command_line
 from utils import (
     UserError,
     ensure_writable_dir,

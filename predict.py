@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features import lesion_features
-from inference import LoadedModel, Predictor, combine, held_out_images, load_melanoma_models
-from onnx_model import scoring_predictor
-from scoring_inputs import attach_metadata, frame_from_images, require_metadata
-from scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
-from shared_flags import add_overwrite_flag
-from tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
+from melanoma_audit.features import lesion_features
+from melanoma_audit.inference import LoadedModel, Predictor, combine, held_out_images, load_melanoma_models
+from melanoma_audit.onnx_model import scoring_predictor
+from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, require_metadata
+from melanoma_audit.scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
+from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
     exit_on_user_error,

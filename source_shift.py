@@ -23,13 +23,13 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from color import COLOR_CONSTANCY, DEFAULT_MINKOWSKI_P, illuminant
 from dataset import Preprocessing
-from features import STATS_SIZE, colour_statistics
-from image_files import list_images, read_image
-from metrics import safe_auc
-from report_metrics import bootstrap_auc
-from tables import read_melanoma_table
+from melanoma_audit.color import COLOR_CONSTANCY, DEFAULT_MINKOWSKI_P, illuminant
+from melanoma_audit.features import STATS_SIZE, colour_statistics
+from melanoma_audit.image_files import list_images, read_image
+from melanoma_audit.metrics import safe_auc
+from melanoma_audit.report_metrics import bootstrap_auc
+from melanoma_audit.tables import read_melanoma_table
 from utils import UserError, exit_on_user_error
 
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared_flags import add_overwrite_flag
-from synthetic_dataset import make_synthetic_dataset
+from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 from utils import exit_on_user_error
 
 

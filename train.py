@@ -19,15 +19,15 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from baselines import baseline_aucs
-from config import MelanomaConfig
-from device_data import resolve_data_path
-from distributed import World
-from engine import Epoch, Progress, RunOutputs, Scored, Task, fit, training_world
-from features import colour_statistics, lesion_features
-from loops import Preparation, melanoma_loss
-from melanoma_folds import FoldInputs, fold_checkpoint, fold_images, fold_inputs
-from melanoma_outputs import (
+from melanoma_audit.baselines import baseline_aucs
+from melanoma_audit.config import MelanomaConfig
+from melanoma_audit.device_data import resolve_data_path
+from melanoma_audit.distributed import World
+from melanoma_audit.engine import Epoch, Progress, RunOutputs, Scored, Task, fit, training_world
+from melanoma_audit.features import colour_statistics, lesion_features
+from melanoma_audit.loops import Preparation, melanoma_loss
+from melanoma_audit.melanoma_folds import FoldInputs, fold_checkpoint, fold_images, fold_inputs
+from melanoma_audit.melanoma_outputs import (
     check_outputs_free,
     data_fingerprint,
     fold_states,
@@ -35,11 +35,11 @@ from melanoma_outputs import (
     pooled_oof_path,
     run_paths,
 )
-from metrics import binary_metrics, safe_auc
+from melanoma_audit.metrics import binary_metrics, safe_auc
+from melanoma_audit.patients import make_folds
+from melanoma_audit.tables import find_train_csv, read_melanoma_table
+from melanoma_audit.trainer_flags import add_melanoma_flags, parse_command_line
 from models import MelanomaNet, input_normalization, melanoma_logit, melanoma_probability
-from patients import make_folds
-from tables import find_train_csv, read_melanoma_table
-from trainer_flags import add_melanoma_flags, parse_command_line
 from utils import (
     ensure_writable_dir,
     exit_on_user_error,

@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from synthetic_dataset import make_synthetic_dataset  # noqa: E402
+from melanoma_audit.synthetic_dataset import make_synthetic_dataset  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -48,7 +48,7 @@ def eager_compile(monkeypatch):
 @pytest.fixture()
 def device_pipeline_strengths(monkeypatch):
     """The augmentation strength of every batch that went through the device data path (device_data)."""
-    import device_data
+    from melanoma_audit import device_data
 
     strengths = []
     real_call = device_data.DevicePipeline.__call__

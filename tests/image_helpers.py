@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import torch
 
-import device_data as dd
-from preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from melanoma_audit import device_data as dd
+from melanoma_audit.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 CPU = torch.device("cpu")
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

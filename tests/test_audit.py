@@ -8,12 +8,12 @@ import torch
 
 import audit
 import train
-from annotations import DEFAULT_ARTIFACT_HEADS
 from audit import PasteThenTransform, paste_artifact
 from dataset import EpochSampler, ImageDataset, valid_transforms
-from inference import make_dataset
-from patients import make_folds
-from tables import read_melanoma_table
+from melanoma_audit.annotations import DEFAULT_ARTIFACT_HEADS
+from melanoma_audit.inference import make_dataset
+from melanoma_audit.patients import make_folds
+from melanoma_audit.tables import read_melanoma_table
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 import pytest
 
-from baselines import baseline_aucs
-from features import colour_statistics
-from patients import make_folds
-from synthetic_dataset import make_synthetic_dataset
-from tables import read_melanoma_table
+from melanoma_audit.baselines import baseline_aucs
+from melanoma_audit.features import colour_statistics
+from melanoma_audit.patients import make_folds
+from melanoma_audit.synthetic_dataset import make_synthetic_dataset
+from melanoma_audit.tables import read_melanoma_table
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from efficientnet_pytorch import EfficientNet
 
 import models
 import predict
-from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 from dataset import Preprocessing
-from inference import load_melanoma_model
+from melanoma_audit.checkpoints import CHECKPOINT_FORMAT, save_checkpoint
+from melanoma_audit.inference import load_melanoma_model
 from models import ArtifactNet, MelanomaNet, model_from_checkpoint
 from utils import UserError
 

@@ -12,17 +12,17 @@ import pytest
 import torch
 from image_helpers import CPU, byte_batch, to_pixels, write_image
 
-import device_data as dd
 import multi_classification
 import predict
 import source_shift
 import train
-from checkpoints import load_checkpoint, save_checkpoint
-from color import illuminant, shades_of_gray, shades_of_gray_batch
 from dataset import ImageDataset, train_transforms, valid_transforms
-from inference import LoadedModel, load_melanoma_model, make_dataset
-from loops import Images, Preparation, image_dataset
-from preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, Preprocessing, square_image
+from melanoma_audit import device_data as dd
+from melanoma_audit.checkpoints import load_checkpoint, save_checkpoint
+from melanoma_audit.color import illuminant, shades_of_gray, shades_of_gray_batch
+from melanoma_audit.inference import LoadedModel, load_melanoma_model, make_dataset
+from melanoma_audit.loops import Images, Preparation, image_dataset
+from melanoma_audit.preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, Preprocessing, square_image
 from utils import UserError
 
 SOG = Preprocessing("shades-of-gray")

@@ -10,7 +10,7 @@ import scipy.stats
 from sklearn.metrics import roc_auc_score
 
 import compare
-from report_metrics import group_bootstrap
+from melanoma_audit.report_metrics import group_bootstrap
 
 # 3 melanomas and 4 others; one positive ties a negative at 0.4
 TARGETS = np.array([1, 1, 1, 0, 0, 0, 0])

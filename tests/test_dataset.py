@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from annotations import read_artifact_annotations
 from dataset import EpochSampler, ImageDataset, train_transforms, valid_transforms
-from image_files import image_dimensions, image_file_problem, read_image
-from metadata import MetaEncoder
-from patients import images_per_patient, make_folds, patient_groups
-from tables import read_melanoma_table
+from melanoma_audit.annotations import read_artifact_annotations
+from melanoma_audit.image_files import image_dimensions, image_file_problem, read_image
+from melanoma_audit.metadata import MetaEncoder
+from melanoma_audit.patients import images_per_patient, make_folds, patient_groups
+from melanoma_audit.tables import read_melanoma_table
 from utils import UserError
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import demo
-from checkpoints import CHECKPOINT_FORMAT, save_checkpoint
+from melanoma_audit.checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 
 
 def fake_scripts(monkeypatch, melanoma_auc: float, head_auc: dict[str, float], calls: list | None = None):

@@ -14,9 +14,9 @@ from test_multi_classification import train_argv
 from torch import nn
 
 import multi_classification as mc
-from checkpoints import load_checkpoint
-from inference import TTAModel, dihedral
-from synthetic_dataset import make_synthetic_dataset
+from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.inference import TTAModel, dihedral
+from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

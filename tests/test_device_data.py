@@ -14,9 +14,6 @@ from albumentations.augmentations.geometric import functional as geometric_f
 from albumentations.augmentations.pixel import functional as pixel_f
 from image_helpers import CPU, MEAN, STD, byte_batch, to_pixels, write_image
 
-import device_augment as da
-import device_data as dd
-import device_ops as ops
 from dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,7 +23,10 @@ from dataset import (
     train_transforms,
     valid_transforms,
 )
-from image_files import read_image
+from melanoma_audit import device_augment as da
+from melanoma_audit import device_data as dd
+from melanoma_audit import device_ops as ops
+from melanoma_audit.image_files import read_image
 from utils import UserError
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from checkpoints import load_checkpoint
+from melanoma_audit.checkpoints import load_checkpoint
 
 
 def free_port() -> int:
@@ -34,7 +34,7 @@ def train_on_rank(rank: int, world_size: int, port: int, argv: list[str], out_di
 def train_recording_decodes(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
     """train_on_rank, writing the files of every batch this rank's device data path decoded, with the batch's
     augmentation strength, to decoded<rank>.txt."""
-    import device_data
+    from melanoma_audit import device_data
 
     decoded = []
     real_call = device_data.DevicePipeline.__call__
@@ -72,8 +72,8 @@ def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthe
 
     # validation covered every row of the fold, not one rank's half
     import train
-    from patients import make_folds
-    from tables import read_melanoma_table
+    from melanoma_audit.patients import make_folds
+    from melanoma_audit.tables import read_melanoma_table
 
     frame = read_melanoma_table(synthetic_dir, "train", use_meta=False, require_target=True)
     fold_rows = frame["image_name"][make_folds(frame, 3, 0) == 0]

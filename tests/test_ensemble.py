@@ -9,15 +9,15 @@ import pytest
 from scipy.special import expit
 
 import ensemble
-import stacking
 import train
-from features import FeatureScaler, lesion_features
-from inference import LoadedModel
-from metadata import MetaEncoder
-from metrics import safe_auc
-from patient_context import describe_context, has_patient_context, patient_context
-from stacking import StackInputs, StackOptions, fit_combiner, nested_oof, predict_combiner
-from synthetic_dataset import make_synthetic_dataset
+from melanoma_audit import stacking
+from melanoma_audit.features import FeatureScaler, lesion_features
+from melanoma_audit.inference import LoadedModel
+from melanoma_audit.metadata import MetaEncoder
+from melanoma_audit.metrics import safe_auc
+from melanoma_audit.patient_context import describe_context, has_patient_context, patient_context
+from melanoma_audit.stacking import StackInputs, StackOptions, fit_combiner, nested_oof, predict_combiner
+from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 from utils import UserError
 
 

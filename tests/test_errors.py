@@ -20,13 +20,13 @@ import torch
 import torch.multiprocessing as mp
 from test_distributed import free_port, train_on_rank
 
-import engine
 import evaluate
 import multi_classification
 import predict
 import train
-from checkpoints import load_checkpoint
-from patients import make_folds
+from melanoma_audit import engine
+from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.patients import make_folds
 from utils import UserError
 
 

@@ -9,9 +9,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 import evaluate
 import train
-from cam import grad_cam, select_cam_images
+from melanoma_audit.cam import grad_cam, select_cam_images
+from melanoma_audit.report_metrics import bootstrap_auc, calibration, partial_auc_above_tpr, threshold_for_sensitivity
 from models import MelanomaNet
-from report_metrics import bootstrap_auc, calibration, partial_auc_above_tpr, threshold_for_sensitivity
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

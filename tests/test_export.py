@@ -19,8 +19,8 @@ import export  # noqa: E402
 import multi_classification  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
-from metadata import MetaEncoder  # noqa: E402
+from melanoma_audit.checkpoints import load_checkpoint  # noqa: E402
+from melanoma_audit.metadata import MetaEncoder  # noqa: E402
 
 TOLERANCE = export.DEFAULT_TOLERANCE
 

@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import DERMOSCOPIC_COLOURS, FeatureScaler, colour_statistics, lesion_features, side_inputs
-from metadata import MetaEncoder
-from tables import read_melanoma_table
+from melanoma_audit.features import DERMOSCOPIC_COLOURS, FeatureScaler, colour_statistics, lesion_features, side_inputs
+from melanoma_audit.metadata import MetaEncoder
+from melanoma_audit.tables import read_melanoma_table
 
 
 def disc_image(path, radius: int, colour, size: int = 128) -> str:

@@ -76,7 +76,7 @@ def test_failed_download_names_every_way_out(monkeypatch):
 
 
 def test_refresh_batchnorm_recovers_statistics_that_trail_the_weights():
-    from loops import refresh_batchnorm
+    from melanoma_audit.loops import refresh_batchnorm
 
     torch.manual_seed(0)
     model = MelanomaNet("efficientnet-b0", pretrained=False)

@@ -10,6 +10,8 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import cv2  # noqa: E402
+import detector_training  # noqa: E402
+import engine  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -18,13 +20,11 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import detector_training  # noqa: E402
-import engine  # noqa: E402
 import multi_classification as mc  # noqa: E402
-from annotations import DEFAULT_ARTIFACT_HEADS, read_artifact_annotations  # noqa: E402
-from checkpoints import load_checkpoint  # noqa: E402
-from metrics import best_f1_threshold, head_metrics  # noqa: E402
-from synthetic_dataset import make_synthetic_dataset  # noqa: E402
+from melanoma_audit.annotations import DEFAULT_ARTIFACT_HEADS, read_artifact_annotations  # noqa: E402
+from melanoma_audit.checkpoints import load_checkpoint  # noqa: E402
+from melanoma_audit.metrics import best_f1_threshold, head_metrics  # noqa: E402
+from melanoma_audit.synthetic_dataset import make_synthetic_dataset  # noqa: E402
 from utils import UserError  # noqa: E402
 
 ISIC2018 = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic2018"

@@ -8,9 +8,9 @@ from torch import nn
 
 import predict
 import train
-from inference import MelanomaPredictor, TTAModel, combine, dihedral, expand_model_paths
-from scoring_inputs import attach_metadata, frame_from_images
-from scoring_runtime import ScoringRuntime
+from melanoma_audit.inference import MelanomaPredictor, TTAModel, combine, dihedral, expand_model_paths
+from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images
+from melanoma_audit.scoring_runtime import ScoringRuntime
 from utils import UserError
 
 

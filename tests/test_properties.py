@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features import FeatureScaler
-from image_files import image_file_problem, read_image
-from metadata import MetaEncoder
-from patients import make_folds, patient_groups
-from tables import read_melanoma_table
+from melanoma_audit.features import FeatureScaler
+from melanoma_audit.image_files import image_file_problem, read_image
+from melanoma_audit.metadata import MetaEncoder
+from melanoma_audit.patients import make_folds, patient_groups
+from melanoma_audit.tables import read_melanoma_table
 from utils import UserError
 
 QUICK = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,7 +12,7 @@ import torch
 
 import predict
 import train
-from checkpoints import load_checkpoint
+from melanoma_audit.checkpoints import load_checkpoint
 
 
 def refit_command(data_dir, out_dir, *extra):

@@ -12,9 +12,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import evaluate
-import report_html
-from report_subgroups import MIN_PER_CLASS
-from result_files import AUDIT_COLUMNS
+from melanoma_audit import report_html
+from melanoma_audit.report_subgroups import MIN_PER_CLASS
+from melanoma_audit.result_files import AUDIT_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("metrics", "data", "roc", "calibration", "confusion", "training", "subgroups", "audit", "cam", "config")

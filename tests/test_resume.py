@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import engine
 import multi_classification as mc
 import predict
 import train
-from checkpoints import load_checkpoint, save_checkpoint
-from inference import load_melanoma_model
+from melanoma_audit import engine
+from melanoma_audit.checkpoints import load_checkpoint, save_checkpoint
+from melanoma_audit.inference import load_melanoma_model
 
 
 def command(data_dir, out, *extra, name="run", epochs=2):

@@ -6,7 +6,7 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tables import read_melanoma_table
+from melanoma_audit.tables import read_melanoma_table
 from utils import UserError
 
 COLUMNS = ["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge", "target", "junk"]

@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 
 import synthetic
-import synthetic_dataset
-import synthetic_image
-from annotations import DEFAULT_ARTIFACT_HEADS
-from synthetic_artifacts import draw_other
-from synthetic_image import render_image
+from melanoma_audit import synthetic_dataset, synthetic_image
+from melanoma_audit.annotations import DEFAULT_ARTIFACT_HEADS
+from melanoma_audit.synthetic_artifacts import draw_other
+from melanoma_audit.synthetic_image import render_image
 from utils import UserError
 
 

@@ -8,10 +8,10 @@ import sys
 import pandas as pd
 import pytest
 
-import engine
 import multi_classification as mc
 import train
-from tensorboard_log import TensorBoardLog, epoch_scalars
+from melanoma_audit import engine
+from melanoma_audit.tensorboard_log import TensorBoardLog, epoch_scalars
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -89,7 +89,7 @@ def test_resumed_run_shows_each_epoch_once(synthetic_dir, tmp_path, monkeypatch,
 
 
 def test_detector_logs_each_head_under_its_name(tmp_path):
-    from synthetic_dataset import make_synthetic_dataset
+    from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "data", n_train=36, n_test=4, image_size=64, seed=3)
     mc.main(detector_command(data, tmp_path / "models" / "det.pth"))
@@ -119,7 +119,7 @@ def test_no_tensorboard_writes_no_events_and_overwrite_clears_the_old_ones(synth
 
 def test_tensorboard_asked_for_without_the_package_is_one_sentence(synthetic_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now fails: as if not installed
-    monkeypatch.setattr("tensorboard_log.tensorboard_installed", lambda: False)
+    monkeypatch.setattr("melanoma_audit.tensorboard_log.tensorboard_installed", lambda: False)
     with pytest.raises(SystemExit) as stop:
         train.main(melanoma_command(synthetic_dir, tmp_path, "--tensorboard"))
     assert stop.value.code == 2 and "pip install tensorboard" in capsys.readouterr().err

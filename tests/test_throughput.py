@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from loops import TrainingDiverged, melanoma_loss
-from throughput import forward_throughput, random_batch, training_step_throughput
+from melanoma_audit.loops import TrainingDiverged, melanoma_loss
+from melanoma_audit.throughput import forward_throughput, random_batch, training_step_throughput
 
 CPU = torch.device("cpu")
 

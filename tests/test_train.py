@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-import engine
 import train
-from checkpoints import load_checkpoint
-from engine import weight_average
+from melanoma_audit import engine
+from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.engine import weight_average
 from models import MelanomaNet
 from utils import UserError
 

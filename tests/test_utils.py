@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from checkpoints import claim_outputs, save_checkpoint
 from dataset import EpochSampler
-from distributed import World, batch_for_share
-from loops import make_loader
+from melanoma_audit.checkpoints import claim_outputs, save_checkpoint
+from melanoma_audit.distributed import World, batch_for_share
+from melanoma_audit.loops import make_loader
 from utils import UserError, atomic_path, set_visible_devices, temp_files_of, write_csv_atomic
 
 
