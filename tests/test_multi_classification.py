@@ -10,8 +10,6 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import cv2  # noqa: E402
-import detector_training  # noqa: E402
-import engine  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -21,6 +19,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import multi_classification as mc  # noqa: E402
+from melanoma_audit import (
+    detector_training,  # noqa: E402
+    engine,  # noqa: E402
+)
 from melanoma_audit.annotations import DEFAULT_ARTIFACT_HEADS, read_artifact_annotations  # noqa: E402
 from melanoma_audit.checkpoints import load_checkpoint  # noqa: E402
 from melanoma_audit.metrics import best_f1_threshold, head_metrics  # noqa: E402
