@@ -91,79 +91,94 @@ def artifact_aucs(metrics_csv: Path) -> dict[str, float]:
     return {str(head): float(auc) for head, auc in zip(table["head"], table["auc"], strict=True)}
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """The counts and sizes, refused in one sentence before the data set is drawn."""
+    counts = (("--n-train", args.n_train, 1), ("--n-test", args.n_test, 1), ("--n-epochs", args.n_epochs, 1))
+    counts += (("--seed", args.seed, 0), ("--image-size", args.image_size, MIN_IMAGE_SIZE))
+    for flag, value, least in counts:
+        if value < least:
+            raise UserError(f"{flag} {value} must be at least {least}.")
+
+
+def train_melanoma(args: argparse.Namespace, data_dir: Path, weights: Path, logs: Path) -> dict[str, float]:
+    """One run for both melanoma models: under late fusion the image network trains exactly as it would without
+    --use-meta (same seed, same steps), and each epoch records its AUC alone ("image_auc") beside the fused one."""
+    run_name = f"demo_{args.enet_type.replace('-', '')}"
+    command = [
+        "--save-name", run_name, "--data-dir", str(data_dir),
+        "--image-size", str(args.image_size), "--n-epochs", str(args.n_epochs),
+        "--enet-type", args.enet_type, "--CUDA_VISIBLE_DEVICES", "0", "--use-meta", "--fusion", "late",
+        *(["--no-pretrained"] if args.no_pretrained else []), "--batch-size", "32",
+        "--model-dir", str(weights), "--log-dir", str(logs),
+        "--seed", str(args.seed), "--overwrite",
+    ]  # fmt: skip
+    run_script("train.py", command)
+    return melanoma_aucs(weights / f"{run_name}_best.pth")
+
+
+def run_detector(args: argparse.Namespace, data_dir: Path, weights: Path, save_path: Path) -> dict[str, float]:
+    """The detector's train, val and test modes; returns the per-head validation AUC."""
+    common = ["--img_path", str(data_dir / "train" / "train"), "--ann_path", str(data_dir / "gans_biases.csv")]
+    common += ["--model_path", str(weights / "demo_artifacts.pth"), "--image_size", str(args.image_size)]
+    # the default batch of 16 and twice the epochs: from random weights the small marks (ink, stubble)
+    # need that many optimiser steps before every head clears 0.9 whatever the seed
+    train_command = [*common, "--mode", "train", "--epochs", str(2 * args.n_epochs)]
+    # b0 from random weights: the one detector backbone whose every head clears the check at 64 px
+    # (what was tried: docs/results.md, "Demo")
+    train_command += ["--enet_type", "efficientnet-b0", "--no-pretrained", "--seed", str(args.seed), "--overwrite"]
+    run_script("multi_classification.py", train_command)
+    metrics = weights / "demo_artifacts_metrics.csv"
+    run_script("multi_classification.py", [*common, "--mode", "val", "--save_path", str(metrics), "--overwrite"])
+    test_command = [*common, "--mode", "test", "--save_path", str(save_path), "--overwrite"]
+    test_command[1] = str(data_dir / "test" / "test")
+    run_script("multi_classification.py", test_command)
+    return artifact_aucs(metrics)
+
+
+def check_learned(melanoma: dict[str, float], heads: dict[str, float]) -> None:
+    """The demo is a check: every model must clearly beat chance."""
+    # written as "not above" so that a NaN AUC (a model that scores every image alike) fails too
+    failures = [f"melanoma {name} AUC {auc:.3f}" for name, auc in melanoma.items() if not auc > MIN_MELANOMA_AUC]
+    failures += [f"artifact {head} AUC {auc:.3f}" for head, auc in heads.items() if not auc > MIN_ARTIFACT_AUC]
+    if failures:
+        raise UserError(f"the demo models did not learn enough ({'; '.join(failures)}): please report this.")
+    print(f"check passed: melanoma AUC above {MIN_MELANOMA_AUC}, every artifact head above {MIN_ARTIFACT_AUC}.")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with exit_on_user_error():
         started = time.time()
-        counts = (("--n-train", args.n_train, 1), ("--n-test", args.n_test, 1), ("--n-epochs", args.n_epochs, 1))
-        counts += (("--seed", args.seed, 0),)
-        for flag, value, least in (*counts, ("--image-size", args.image_size, MIN_IMAGE_SIZE)):
-            if value < least:  # before the data set is drawn
-                raise UserError(f"{flag} {value} must be at least {least}.")
+        check_counts(args)
         out = Path(args.out_dir)
         claim_out_dir(out, args.overwrite)
         (out / MARKER).write_text(json.dumps({"written_by": "demo.py", **vars(args)}, indent=1) + "\n")
-        data_dir = out / "melanoma_external_256"
-        weights, logs = out / "weights", out / "logs"
+        data_dir, weights, logs, save_path = (
+            out / "melanoma_external_256",
+            out / "weights",
+            out / "logs",
+            out / "annotations.csv",
+        )
         print(f"making {args.n_train} training and {args.n_test} test images in {data_dir} ...", flush=True)
         make_synthetic_dataset(
             data_dir, n_train=args.n_train, n_test=args.n_test, image_size=256, seed=args.seed, overwrite=True
         )
-
-        # one run for both melanoma models: under late fusion the image network trains exactly as it would without
-        # --use-meta (same seed, same steps), and each epoch records its AUC alone ("image_auc") beside the fused one
-        run_name = f"demo_{args.enet_type.replace('-', '')}"
-        command = [
-            "--save-name", run_name, "--data-dir", str(data_dir),
-            "--image-size", str(args.image_size), "--n-epochs", str(args.n_epochs),
-            "--enet-type", args.enet_type, "--CUDA_VISIBLE_DEVICES", "0", "--use-meta", "--fusion", "late",
-            *(["--no-pretrained"] if args.no_pretrained else []), "--batch-size", "32",
-            "--model-dir", str(weights), "--log-dir", str(logs),
-            "--seed", str(args.seed), "--overwrite",
-        ]  # fmt: skip
-        run_script("train.py", command)
-        results = melanoma_aucs(weights / f"{run_name}_best.pth")
-
-        artifact_model = weights / "demo_artifacts.pth"
-        annotations = data_dir / "gans_biases.csv"
-        common = ["--img_path", str(data_dir / "train" / "train"), "--ann_path", str(annotations)]
-        common += ["--model_path", str(artifact_model), "--image_size", str(args.image_size)]
-        # the default batch of 16 and twice the epochs: from random weights the small marks (ink, stubble)
-        # need that many optimiser steps before every head clears 0.9 whatever the seed
-        train_command = [*common, "--mode", "train", "--epochs", str(2 * args.n_epochs)]
-        # b0 from random weights: the one detector backbone whose every head clears the check at 64 px
-        # (what was tried: docs/results.md, "Demo")
-        train_command += ["--enet_type", "efficientnet-b0", "--no-pretrained", "--seed", str(args.seed), "--overwrite"]
-        run_script("multi_classification.py", train_command)
-        artifact_metrics = weights / "demo_artifacts_metrics.csv"
-        run_script(
-            "multi_classification.py", [*common, "--mode", "val", "--save_path", str(artifact_metrics), "--overwrite"]
-        )
-        head_auc = artifact_aucs(artifact_metrics)
-        save_path = out / "annotations.csv"
-        test_command = [*common, "--mode", "test", "--save_path", str(save_path), "--overwrite"]
-        test_command[1] = str(data_dir / "test" / "test")
-        run_script("multi_classification.py", test_command)
+        melanoma = train_melanoma(args, data_dir, weights, logs)
+        heads = run_detector(args, data_dir, weights, save_path)
 
         print(f"\ndemo finished in {time.time() - started:.0f} s. Outputs:")
         print(f"  data set:            {data_dir}")
         print(f"  melanoma models:     {weights}/demo_*_best.pth, _final.pth, _last.pth")
         print(f"  logs and metrics:    {logs}/log_*.txt, metrics_*.jsonl, oof_*.csv")
-        print(f"  artifact model:      {artifact_model} (per-head metrics {artifact_metrics})")
+        print(f"  artifact model:      {weights / 'demo_artifacts.pth'} (per-head metrics beside it)")
         print(f"  artifact labels:     {save_path}")
         print(
-            f"melanoma validation AUC: image network alone {results['image_only']:.3f}, "
-            f"with metadata {results['with_meta']:.3f}"
+            f"melanoma validation AUC: image network alone {melanoma['image_only']:.3f}, "
+            f"with metadata {melanoma['with_meta']:.3f}"
         )
-        print("artifact validation AUC: " + ", ".join(f"{head} {auc:.3f}" for head, auc in head_auc.items()))
-
-        # written as "not above" so that a NaN AUC (a model that scores every image alike) fails too
-        failures = [f"melanoma {name} AUC {auc:.3f}" for name, auc in results.items() if not auc > MIN_MELANOMA_AUC]
-        failures += [f"artifact {head} AUC {auc:.3f}" for head, auc in head_auc.items() if not auc > MIN_ARTIFACT_AUC]
-        if failures:
-            raise UserError(f"the demo models did not learn enough ({'; '.join(failures)}): please report this.")
-        print(f"check passed: melanoma AUC above {MIN_MELANOMA_AUC}, every artifact head above {MIN_ARTIFACT_AUC}.")
-        return {"melanoma_auc": results, "artifact_auc": head_auc}
+        print("artifact validation AUC: " + ", ".join(f"{head} {auc:.3f}" for head, auc in heads.items()))
+        check_learned(melanoma, heads)
+        return {"melanoma_auc": melanoma, "artifact_auc": heads}
 
 
 if __name__ == "__main__":
