@@ -43,7 +43,7 @@ from melanoma_audit.metrics import binary_metrics
 from melanoma_audit.result_files import AUDIT_COLUMNS as COLUMNS
 from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, image_name, require_metadata
 from melanoma_audit.scoring_runtime import add_runtime_args, check_output, scoring_runtime
-from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.shared_flags import add_allow_missing_meta_flag, add_overwrite_flag
 from melanoma_audit.synthetic_artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
 from melanoma_audit.tables import read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
@@ -73,11 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(melanoma)")
     parser.add_argument("--n-tta", type=int, default=1, help="dihedral test-time augmentations, 1..8")
-    parser.add_argument(
-        "--allow-missing-meta",
-        action="store_true",
-        help="encode absent metadata, and a sex or site the model was not trained with, as missing",
-    )
+    add_allow_missing_meta_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the pasted artifacts")
     parser.add_argument("--out", default="audit.csv", help="the table as CSV (default audit.csv)")
     add_overwrite_flag(parser, "an existing --out")

@@ -37,7 +37,7 @@ from melanoma_audit.metrics import safe_auc
 from melanoma_audit.patient_context import describe_context, has_patient_context
 from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, require_metadata
 from melanoma_audit.scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
-from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.shared_flags import add_allow_missing_meta_flag, add_overwrite_flag
 from melanoma_audit.stacking import (
     METHODS,
     UNFITTED,
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--combiner", help="a saved combiner (.json): score --images or --data-dir's test.csv with it")
     parser.add_argument("--images", nargs="+", help="with --combiner: image files and/or folders of images")
     parser.add_argument("--meta-csv", help="with --images: CSV of image_name, sex, age_approx, site, patient_id")
-    parser.add_argument("--allow-missing-meta", action="store_true", help="encode absent metadata as missing")
+    add_allow_missing_meta_flag(parser)
     parser.add_argument("--n-tta", type=int, default=1, help=f"dihedral test-time augmentations, 1..{MAX_TTA}")
     parser.add_argument("--out", default="submission.csv", help="predictions CSV (default submission.csv)")
     add_overwrite_flag(parser, "the files of an earlier ensemble")

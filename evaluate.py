@@ -72,7 +72,7 @@ from melanoma_audit.report_subgroups import Grouping, group_rows, parse_by, subg
 from melanoma_audit.result_files import AUDIT_COLUMNS, attach_patients, read_metadata, read_predictions
 from melanoma_audit.scoring_inputs import require_metadata
 from melanoma_audit.scoring_runtime import ScoringRuntime, add_runtime_args, check_runtime_counts, prepare_runtime
-from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.shared_flags import add_allow_missing_meta_flag, add_overwrite_flag
 from melanoma_audit.tables import read_csv, read_melanoma_table
 from utils import UserError, ensure_writable_dir, exit_on_user_error, temp_files_of, write_text_atomic
 
@@ -119,11 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--audit", metavar="CSV", help="audit.py's table (its --out) for the report's audit section")
     parser.add_argument("--split", default="train", choices=("train", "test"), help="with --cam: image folder")
-    parser.add_argument(
-        "--allow-missing-meta",
-        action="store_true",
-        help="with --cam: encode absent metadata, and a sex or site the model was not trained with, as missing",
-    )
+    add_allow_missing_meta_flag(parser, "with --cam: ")
     add_overwrite_flag(parser, "the files of an earlier report")
     add_runtime_args(parser)
     args = parser.parse_args(argv)

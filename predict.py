@@ -39,7 +39,7 @@ from melanoma_audit.inference import LoadedModel, Predictor, combine, held_out_i
 from melanoma_audit.onnx_model import scoring_predictor
 from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, require_metadata
 from melanoma_audit.scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
-from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.shared_flags import add_allow_missing_meta_flag, add_overwrite_flag
 from melanoma_audit.tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
@@ -78,12 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--age", type=float, help="with --images: the same age for every image")
     parser.add_argument("--site", help="with --images: the same anatomical site for every image, e.g. torso")
-    parser.add_argument(
-        "--allow-missing-meta",
-        action="store_true",
-        help="let --use-meta models predict without metadata, or with a sex or site they were not trained with, "
-        "encoded as missing (less accurate; each such value is named)",
-    )
+    add_allow_missing_meta_flag(parser)
     parser.add_argument("--n-tta", type=int, default=1, help=f"dihedral test-time augmentations, 1..{MAX_TTA}")
     parser.add_argument(
         "--rank-average",

@@ -94,3 +94,13 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
 def add_overwrite_flag(parser: argparse.ArgumentParser, replaced: str) -> None:
     """--overwrite: without it a script refuses to replace what an earlier run wrote; `replaced` says what that is."""
     parser.add_argument("--overwrite", action="store_true", help=f"replace {replaced}")
+
+
+def add_allow_missing_meta_flag(parser: argparse.ArgumentParser, when: str = "") -> None:
+    """--allow-missing-meta for the scripts that score --use-meta models; `when` says where it applies."""
+    parser.add_argument(
+        "--allow-missing-meta",
+        action="store_true",
+        help=f"{when}let --use-meta models score images without metadata, or with a sex or site they were not trained "
+        "with, encoded as missing (less accurate; each such value is named)",
+    )
