@@ -13,7 +13,7 @@ memory. The end-to-end figure over the bare step says how much the loop loses to
 --mode predict measures, interleaved (best of --repeats, after a warm-up of every shape):
   bare       the bare model's forward pass on random tensors of --batch-size images (no data loading)
   bare_x8    the same on 8 x --batch-size images: the size of one TTA-8 forward pass
-  predict    predict.py's own path (inference.predict_probabilities: JPEG decode, resize, normalise, loader,
+  predict    predict.py's own path (inference.MelanomaPredictor.probabilities: JPEG decode, resize, normalise, loader,
              forward) on the first --n-images test images of --data-dir, with --n-tta 1 and with --n-tta 8
 The target is TTA-8 >= 0.9 x bare / 8 (the eight views are batched into one forward pass and nothing else costs).
 --model-path times a train.py checkpoint; without it a randomly initialised MelanomaNet of --enet-type at
@@ -42,7 +42,7 @@ from dataset import EpochSampler
 from melanoma_audit import device_data as dd
 from melanoma_audit.engine import compile_for_training
 from melanoma_audit.image_files import MIN_IMAGE_SIZE
-from melanoma_audit.inference import LoadedModel, load_melanoma_model, predict_probabilities
+from melanoma_audit.inference import LoadedModel, MelanomaPredictor, load_melanoma_model
 from melanoma_audit.loops import (
     Images,
     Preparation,
@@ -53,6 +53,7 @@ from melanoma_audit.loops import (
     train_one_epoch,
 )
 from melanoma_audit.metadata import MetaEncoder
+from melanoma_audit.scoring_runtime import ScoringRuntime
 from melanoma_audit.shared_flags import (
     add_compile_flag,
     add_data_path_flag,
@@ -279,17 +280,8 @@ def predict_throughput(
 ) -> float:
     synchronize(device)
     started = time.perf_counter()
-    predict_probabilities(
-        loaded,
-        frame,
-        device,
-        amp_dtype,
-        n_tta=n_tta,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        channels_last=args.channels_last,
-        progress=False,
-    )
+    runtime = ScoringRuntime(device, amp_dtype, n_tta, args.batch_size, args.num_workers, args.channels_last, False)
+    MelanomaPredictor(loaded, runtime).probabilities(frame)
     synchronize(device)
     return len(frame) / (time.perf_counter() - started)
 

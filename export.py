@@ -40,8 +40,7 @@ from melanoma_audit.config import DEFAULTS
 from melanoma_audit.detector_inference import load_detectors
 from melanoma_audit.detector_inference import predict_probs as detector_probabilities
 from melanoma_audit.exported_graph import build_graph
-from melanoma_audit.inference import load_melanoma_model
-from melanoma_audit.inference import predict_probabilities as checkpoint_probabilities
+from melanoma_audit.inference import MelanomaPredictor
 from melanoma_audit.onnx_model import (
     ARTIFACT_OUTPUTS,
     FORMAT_SUFFIXES,
@@ -53,6 +52,7 @@ from melanoma_audit.onnx_model import (
     load_exported_model,
     spec_path,
 )
+from melanoma_audit.scoring_runtime import ScoringRuntime
 from melanoma_audit.shared_flags import add_overwrite_flag
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 from melanoma_audit.tables import read_melanoma_table
@@ -137,8 +137,8 @@ def checkpoint_scores(model_path: Path, kind: str, frame: pd.DataFrame) -> np.nd
     multi_classification.py --mode test (detector) computes them, on the CPU in fp32."""
     cpu = torch.device("cpu")
     if kind == "melanoma":
-        loaded = load_melanoma_model(model_path, cpu)
-        return checkpoint_probabilities(loaded, frame, cpu, None, batch_size=len(frame))
+        runtime = ScoringRuntime(cpu, batch_size=len(frame))
+        return MelanomaPredictor.from_checkpoint(model_path, runtime).probabilities(frame)
     # as multi_classification.py --mode test scores by default: channels-last, its --batch-size, one view
     ((model, checkpoint),) = load_detectors([model_path], cpu, channels_last=True)
     batch_size = DEFAULTS["artifact"]["any"]["batch_size"]

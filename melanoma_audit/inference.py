@@ -344,26 +344,6 @@ class MelanomaPredictor(Predictor):
         return melanoma_probability(logits, evidence)
 
 
-def predict_probabilities(
-    loaded: LoadedModel,
-    frame: pd.DataFrame,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    n_tta: int = 1,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    channels_last: bool = False,
-    transform=None,
-    augment_seed: int | None = None,
-    progress: bool | None = None,
-    lesion: np.ndarray | None = None,
-    meta: np.ndarray | None = None,
-) -> np.ndarray:
-    """MelanomaPredictor.probabilities of a loaded model under the runtime these arguments describe."""
-    runtime = ScoringRuntime(device, amp_dtype, n_tta, batch_size, num_workers, channels_last, progress)
-    return MelanomaPredictor(loaded, runtime).probabilities(frame, transform, augment_seed, lesion, meta)
-
-
 def combine(probabilities: Sequence[np.ndarray], rank_average: bool = False) -> np.ndarray:
     """Ensembles models: the mean probability, or the mean of each model's ranks scaled to (0, 1], which ignores
     how differently calibrated the models are (it orders images well but is no longer a probability). NaN marks

@@ -43,13 +43,13 @@ def test_compile_measures_the_compiled_training_step(synthetic_dir, tmp_path, ea
 
 def test_predict_mode_times_tta_against_the_bare_forward_pass(synthetic_dir, tmp_path, monkeypatch):
     n_tta = []
-    real_predict = bench.predict_probabilities
+    real_probabilities = bench.MelanomaPredictor.probabilities
 
-    def predict_probabilities(*args, **kwargs):
-        n_tta.append(kwargs["n_tta"])
-        return real_predict(*args, **kwargs)
+    def probabilities(predictor, *args, **kwargs):
+        n_tta.append(predictor.runtime.n_tta)
+        return real_probabilities(predictor, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "predict_probabilities", predict_probabilities)
+    monkeypatch.setattr(bench.MelanomaPredictor, "probabilities", probabilities)
     result = bench.main([
         "--mode", "predict", "--enet-type", "efficientnet-b0", "--image-size", "32", "--batch-size", "8",
         "--n-images", "6", "--repeats", "2", "--num-workers", "0", "--data-dir", str(synthetic_dir),
