@@ -53,6 +53,7 @@ from melanoma_audit.loops import (
     train_one_epoch,
 )
 from melanoma_audit.metadata import MetaEncoder
+from melanoma_audit.runtime import Runtime
 from melanoma_audit.scoring_runtime import ScoringRuntime
 from melanoma_audit.shared_flags import (
     add_compile_flag,
@@ -73,7 +74,6 @@ from models import ENET_TYPES, MelanomaNet, input_normalization
 from utils import (
     UserError,
     exit_on_user_error,
-    make_grad_scaler,
     refuse_folder,
     resolve_precision,
     select_device,
@@ -219,7 +219,8 @@ def bench_training_loop(
     model = compile_for_training(build_model(args, device, n_meta), args.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
-    scaler = make_grad_scaler(device, amp_dtype)
+    runtime = Runtime(device, amp_dtype, args.channels_last, progress=False)
+    scaler = runtime.grad_scaler()
     loss_fn = melanoma_loss(1)
     sampler = EpochSampler(n_timed, shuffle=True, seed=0)
     loader = image_loader(
@@ -229,9 +230,7 @@ def bench_training_loop(
         sampler.set_epoch(epoch)
         synchronize(device)
         started = time.perf_counter()
-        train_one_epoch(
-            model, loader, optimizer, loss_fn, device, amp_dtype, scaler, scheduler, args.channels_last, progress=False
-        )
+        train_one_epoch(model, loader, optimizer, loss_fn, runtime, scaler, scheduler)
         synchronize(device)
         elapsed = time.perf_counter() - started
     return n_timed / elapsed

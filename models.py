@@ -1,5 +1,5 @@
 """The networks: an EfficientNet backbone, the melanoma classifier with its optional metadata branch, and the
-artifact ("bias") detector with one binary head per artifact type."""
+artifact detector with one binary head per artifact type."""
 
 from __future__ import annotations
 
@@ -252,13 +252,11 @@ def model_settings(kind: str, settings: dict, path: str | Path) -> dict:
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> nn.Module:
     """Rebuilds the network a checkpoint of this project was saved from, with its weights, in eval mode.
 
-    checkpoint["model"] holds the constructor arguments of MelanomaNet (kind "melanoma") or ArtifactNet (kind "bias");
-    only those in MODEL_SETTINGS, checked, are passed on. The backbone starts from random weights (nothing is
-    downloaded or opened) since the checkpoint's own weights replace them.
+    checkpoint["model"] holds the constructor arguments of MelanomaNet (kind "melanoma") or ArtifactNet (kind
+    "artifact"); only those in MODEL_SETTINGS, checked, are passed on. The backbone starts from random weights
+    (nothing is downloaded or opened) since the checkpoint's own weights replace them.
     """
     networks = {"melanoma": MelanomaNet, "artifact": ArtifactNet}
-    # every detector file written so far says "bias" (the original code's word): kind_of reads it as "artifact",
-    # so that those files keep loading
     kind, config = kind_of(checkpoint.get("kind")), checkpoint.get("model")
     if kind not in networks or not isinstance(config, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise UserError(f"{path} lacks the model configuration or weights: use a checkpoint written by this project.")

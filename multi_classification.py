@@ -49,9 +49,9 @@ from melanoma_audit.annotations import PROB_SUFFIX, read_artifact_annotations
 from melanoma_audit.config import ArtifactConfig
 from melanoma_audit.detector_inference import Detector, ensemble_probs, load_detectors, thresholds_for
 from melanoma_audit.detector_training import run_train
-from melanoma_audit.engine import training_world
 from melanoma_audit.image_files import list_images
 from melanoma_audit.metrics import format_table, mean_auc, metrics_table
+from melanoma_audit.runtime import training_runtime
 from melanoma_audit.scoring_inputs import image_name
 from melanoma_audit.trainer_flags import add_artifact_flags, parse_command_line
 from utils import (
@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = parse_args(argv)
         refuse_folder(config.model_path, "--model_path", "detector.pth")
         if config.mode == "train":
-            with training_world(config) as (world, device, amp_dtype):
-                return run_train(config, device, amp_dtype, world)
+            with training_runtime(config) as runtime:
+                return run_train(config, runtime)
         set_visible_devices(config.CUDA_VISIBLE_DEVICES)
         device = select_device(config.device)  # scoring is one process; torchrun is for training
         amp_dtype = resolve_precision(config.precision, device, config.image_size)

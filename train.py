@@ -23,7 +23,7 @@ from melanoma_audit.baselines import baseline_aucs
 from melanoma_audit.config import MelanomaConfig
 from melanoma_audit.device_data import resolve_data_path
 from melanoma_audit.distributed import World
-from melanoma_audit.engine import Epoch, Progress, RunOutputs, Scored, Task, fit, training_world
+from melanoma_audit.engine import Epoch, Progress, RunOutputs, Scored, Task, fit
 from melanoma_audit.features import colour_statistics, lesion_features
 from melanoma_audit.loops import Preparation, melanoma_loss
 from melanoma_audit.melanoma_folds import FoldInputs, fold_checkpoint, fold_images, fold_inputs
@@ -37,6 +37,7 @@ from melanoma_audit.melanoma_outputs import (
 )
 from melanoma_audit.metrics import binary_metrics, safe_auc
 from melanoma_audit.patients import make_folds
+from melanoma_audit.runtime import Runtime, training_runtime
 from melanoma_audit.tables import find_train_csv, read_melanoma_table
 from melanoma_audit.trainer_flags import add_melanoma_flags, parse_command_line
 from models import MelanomaNet, input_normalization, melanoma_logit, melanoma_probability
@@ -205,9 +206,7 @@ def train_fold(
     frame: pd.DataFrame,
     fold: int | None,
     run_name: str,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    world: World,
+    runtime: Runtime,
     data_sha256: str,
     colour: np.ndarray | None = None,
     lesion: np.ndarray | None = None,
@@ -219,11 +218,11 @@ def train_fold(
     `frame` (data_fingerprint); `colour` and `lesion` hold the colour statistics and lesion features of every row of
     `frame`, computed once per run, where it needs them. Fold None is a refit on every row: no validation, no
     baselines, no best checkpoint and no OOF predictions (their entries are None and NaN)."""
-    refit = fold is None
+    refit, world = fold is None, runtime.world
     inputs = fold_inputs(config, frame, fold, lesion)
     baselines = fold_baselines(config, frame, fold, inputs, colour) if world.is_main and not refit else {}
     task = fold_task(config, inputs, fold, run_name, baselines, world, data_sha256)
-    fitted = fit(task, config, world, device, amp_dtype)
+    fitted = fit(task, config, runtime)
     if refit:
         if world.is_main:
             report_refit(config, len(inputs.train_rows), task.outputs)
@@ -270,12 +269,13 @@ def report_fold(fold: int, progress: Progress, last_auc: float, baselines: dict,
 def main(argv: list[str] | None = None) -> dict:
     with exit_on_user_error():
         config = parse_args(argv)
-        with training_world(config) as (world, device, amp_dtype):
-            return run(config, world, device, amp_dtype)
+        with training_runtime(config) as runtime:
+            return run(config, runtime)
 
 
-def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+def run(config: MelanomaConfig, runtime: Runtime) -> dict:
     """Trains the requested folds; returns per-fold AUCs, their mean, the baselines and the trained networks."""
+    world = runtime.world
     if not world.distributed and config.CUDA_VISIBLE_DEVICES and "," in config.CUDA_VISIBLE_DEVICES:
         print(
             "notice: one process trains on the first listed GPU; to train on all of them start "
@@ -295,15 +295,13 @@ def run(config: MelanomaConfig, world: World, device: torch.device, amp_dtype: t
     if world.distributed:
         dist.barrier()
     if world.is_main:
-        announce_run(config, frame, device, amp_dtype)
+        announce_run(config, frame, runtime)
     colour, lesion = image_features(config, frame, world)
     if config.refit:
-        result = train_fold(
-            config, frame, None, config.save_name, device, amp_dtype, world, data_sha256, colour, lesion
-        )
+        result = train_fold(config, frame, None, config.save_name, runtime, data_sha256, colour, lesion)
         return {"refit": True, "folds": [], "models": [result["net"]]}
     results = [
-        train_fold(config, frame, fold, run_name, device, amp_dtype, world, data_sha256, colour, lesion)
+        train_fold(config, frame, fold, run_name, runtime, data_sha256, colour, lesion)
         for fold, run_name in zip(folds, run_names, strict=True)
     ]
     summary = summarise_folds(folds, results)
@@ -321,9 +319,8 @@ def claim_run_outputs(config: MelanomaConfig, run_names: list[str], data_sha256:
         fold_states(config, data_sha256)  # a fold of another split is refused before any training
 
 
-def announce_run(
-    config: MelanomaConfig, frame: pd.DataFrame, device: torch.device, amp_dtype: torch.dtype | None
-) -> None:
+def announce_run(config: MelanomaConfig, frame: pd.DataFrame, runtime: Runtime) -> None:
+    device = runtime.device
     split = (
         "a refit on every row, no validation fold"
         if config.refit
@@ -332,7 +329,7 @@ def announce_run(
     print(
         f"{len(frame)} images ({int(frame['target'].sum())} melanoma), {split}; {config.enet_type} at "
         f"{config.image_size} px on {device}, "
-        f"precision {precision_name(amp_dtype)}, data path {resolve_data_path(config.data_path, device)}"
+        f"precision {precision_name(runtime.amp_dtype)}, data path {resolve_data_path(config.data_path, device)}"
         f"{', metadata branch' if config.use_meta else ''}"
         f"{', lesion features' if config.lesion_features else ''}"
         f"{', Shades of Gray colour constancy' if config.color_constancy != 'none' else ''}"

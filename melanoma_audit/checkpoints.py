@@ -19,17 +19,15 @@ from torch import nn
 from utils import UserError, atomic_path, temp_files_of, to_plain
 
 CHECKPOINT_FORMAT = 1
-# the "kind" a checkpoint carries on disk. The artifact detector's files say "bias", the original code's word for
-# artifact: every detector file written so far holds it, so new files keep writing it (older versions of this
-# project read them) and kind_of reads it as the artifact kind
-KIND_ON_DISK = {"melanoma": "melanoma", "artifact": "bias"}
+# detector files of earlier versions say "bias" (the original code's word for artifact): they still load
+LEGACY_KINDS = {"bias": "artifact"}
 WRITERS = {"melanoma": "train.py", "artifact": "multi_classification.py"}
 READERS = {"melanoma": "train.py / predict.py", "artifact": "multi_classification.py"}
 
 
 def kind_of(name: str | None) -> str | None:
-    """The kind a checkpoint's "kind" value names: "bias" is the artifact kind."""
-    return "artifact" if name == "bias" else name
+    """The kind a checkpoint's "kind" value names, an old file's word read as today's."""
+    return LEGACY_KINDS.get(name, name) if isinstance(name, str) else name
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
@@ -42,8 +40,8 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
 def load_checkpoint(path: str | Path, expected_kind: str | None) -> dict:
     """Loads with weights_only=True (a checkpoint can never run code) and checks it belongs to this script.
 
-    expected_kind is 'melanoma' (train.py / predict.py), 'artifact' (multi_classification.py; 'bias' is read
-    the same way), or None for either (export.py).
+    expected_kind is 'melanoma' (train.py / predict.py), 'artifact' (multi_classification.py; an old
+    detector's 'bias' is read the same way), or None for either (export.py).
     """
     path, expected_kind = Path(path), kind_of(expected_kind)
     if not path.is_file():

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from dataset import Preprocessing
 from melanoma_audit.color import DEFAULT_MINKOWSKI_P, check_minkowski_p
@@ -80,26 +81,14 @@ DEFAULTS = {
         "random": {"init_lr": 1e-3, "bn_momentum": 0.1, "bn_refresh_batches": 10, "ema_decay": 0.0},
     },
 }
-# The fields of a run's record that say only where and how fast it runs, where its files go and what it logs, which
-# folds this start trains, or how it treats earlier files. --resume continues a run whatever they are; every other
-# field shapes training and must equal the saved run's (checkpoints.check_resume_compatible).
-RUNTIME_FIELDS = frozenset(
-    {
-        "num_workers",
-        "progress",
-        "device",
-        "CUDA_VISIBLE_DEVICES",
-        "compile",
-        "channels_last",
-        "tensorboard",
-        "model_dir",
-        "log_dir",
-        "model_paths",
-        "folds",
-        "resume",
-        "overwrite",
-    }
-)
+FREE_ON_RESUME = "free_on_resume"
+
+
+def free_on_resume() -> Any:
+    """Declares a field of the run's record that says only where and how fast it runs, where its files go and what
+    it logs, or which folds this start trains: --resume continues a run whatever it is. Every other field shapes
+    training and must equal the saved run's (checkpoints.check_resume_compatible)."""
+    return field(metadata={FREE_ON_RESUME: True})
 
 
 def weights_row(pretrained: bool, enet_type: str) -> str:
@@ -138,7 +127,7 @@ class RunConfig:
     n_epochs: int
     batch_size: int
     init_lr: float
-    num_workers: int
+    num_workers: int = free_on_resume()
     data_path: str
     seed: int
     color_constancy: str | None  # these three None only in the detector's val and test modes: the model's own
@@ -149,15 +138,15 @@ class RunConfig:
     bn_momentum: float
     bn_refresh_batches: int
     ema_decay: float
-    compile: bool
-    CUDA_VISIBLE_DEVICES: str | None
-    device: str
+    compile: bool = free_on_resume()
+    CUDA_VISIBLE_DEVICES: str | None = free_on_resume()
+    device: str = free_on_resume()
     precision: str
-    channels_last: bool
-    progress: bool | None
-    tensorboard: bool | None  # None: on where the tensorboard package is installed
-    resume: bool
-    overwrite: bool
+    channels_last: bool = free_on_resume()
+    progress: bool | None = free_on_resume()
+    tensorboard: bool | None = free_on_resume()  # None: on where the tensorboard package is installed
+    resume: bool = free_on_resume()
+    overwrite: bool = free_on_resume()
 
     def __post_init__(self) -> None:
         refuse(
@@ -192,6 +181,11 @@ class RunConfig:
         """Colour constancy and the square rule of the images this run trains on."""
         return Preprocessing(self.color_constancy, self.minkowski_p, self.resize_mode)
 
+    @classmethod
+    def free_on_resume(cls) -> frozenset[str]:
+        """The fields --resume lets differ from the saved run's (those declared with free_on_resume())."""
+        return frozenset(item.name for item in fields(cls) if item.metadata.get(FREE_ON_RESUME))
+
     def record(self) -> dict:
         """The run's settings as plain values, for its checkpoints: all but how this start treats earlier files."""
         return to_plain({key: value for key, value in asdict(self).items() if key not in ("resume", "overwrite")})
@@ -207,12 +201,12 @@ class MelanomaConfig(RunConfig):
     meta_features: tuple[str, ...]
     n_meta_dim: tuple[int, ...]
     out_dim: int
-    model_dir: str
-    log_dir: str
+    model_dir: str = free_on_resume()
+    log_dir: str = free_on_resume()
     fold_seed: int
     augment: str
     n_folds: int
-    folds: tuple[int, ...]
+    folds: tuple[int, ...] = free_on_resume()
     baselines: bool
     fusion: str
     lesion_features: bool
@@ -257,7 +251,7 @@ class ArtifactConfig(RunConfig):
     img_path: str
     ann_path: str | None
     mode: str
-    model_paths: tuple[str, ...]  # one in train mode; val and test average several
+    model_paths: tuple[str, ...] = free_on_resume()  # one in train mode; val and test average several
     save_path: str | None
     ratio: float
     threshold: float | None

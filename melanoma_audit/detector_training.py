@@ -20,10 +20,10 @@ from melanoma_audit.annotations import read_artifact_annotations
 from melanoma_audit.checkpoints import claim_outputs, require_resumable, rows_fingerprint
 from melanoma_audit.config import ArtifactConfig
 from melanoma_audit.device_data import resolve_data_path
-from melanoma_audit.distributed import World
 from melanoma_audit.engine import Epoch, RunOutputs, Scored, Task, fit
 from melanoma_audit.loops import Images, Preparation
 from melanoma_audit.metrics import choose_thresholds, format_table, mean_auc, metrics_table
+from melanoma_audit.runtime import Runtime
 from models import ArtifactNet, input_normalization
 from utils import UserError, ensure_writable_dir, precision_name, seed_everything, to_plain
 
@@ -112,11 +112,9 @@ class Annotations:
         return self.frame["image_name"].iloc[index].tolist()
 
 
-def run_train(
-    config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None, world: World | None = None
-) -> dict:
+def run_train(config: ArtifactConfig, runtime: Runtime) -> dict:
     """Trains the detector; under torchrun as DistributedDataParallel, rank 0 alone writing (as train.py)."""
-    world = world or World()
+    world = runtime.world
     frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
     data = Annotations(frame, heads, labels, *split_train_val(labels, config.ratio, config.seed))
     outputs = run_outputs(config.model_path)
@@ -127,8 +125,8 @@ def run_train(
     if world.distributed:
         dist.barrier()
     log = print if world.is_main else (lambda *_, **__: None)
-    announce_training(log, config, data, device, amp_dtype)
-    progress = fit(detector_task(config, data, outputs), config, world, device, amp_dtype).progress
+    announce_training(log, config, data, runtime)
+    progress = fit(detector_task(config, data, outputs), config, runtime).progress
     best_table = progress.best["table"]
     log(
         f"best epoch {progress.best_epoch} (mean val auc {mean_auc(best_table):.4f}), thresholds chosen on the val "
@@ -148,8 +146,7 @@ def announce_training(
     log: Callable[..., None],
     config: ArtifactConfig,
     data: Annotations,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
+    runtime: Runtime,
 ) -> None:
     """A notice for each head that cannot learn, and what the run trains on, where and how."""
     for i, head in enumerate(data.heads):
@@ -159,8 +156,9 @@ def announce_training(
     log(
         f"{len(data.frame)} annotated images, heads {', '.join(data.heads)}; {len(data.train_index)} train / "
         f"{len(data.val_index)} val; "
-        f"{config.enet_type} at {config.image_size} px on {device}, precision {precision_name(amp_dtype)}, "
-        f"data path {resolve_data_path(config.data_path, device)}, lr {config.init_lr}",
+        f"{config.enet_type} at {config.image_size} px on {runtime.device}, "
+        f"precision {precision_name(runtime.amp_dtype)}, "
+        f"data path {resolve_data_path(config.data_path, runtime.device)}, lr {config.init_lr}",
         flush=True,
     )
 

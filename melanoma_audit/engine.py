@@ -8,12 +8,11 @@ epoch."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,24 +24,15 @@ from torch.optim.swa_utils import AveragedModel
 from dataset import EpochSampler
 from melanoma_audit.checkpoints import (
     CHECKPOINT_FORMAT,
-    KIND_ON_DISK,
     check_resume_compatible,
     load_checkpoint,
     restore_training_state,
     save_checkpoint,
     training_state,
 )
-from melanoma_audit.config import RUNTIME_FIELDS, RunConfig
+from melanoma_audit.config import RunConfig
 from melanoma_audit.device_data import resolve_data_path
-from melanoma_audit.distributed import (
-    World,
-    average_buffers_over_world,
-    batch_for_share,
-    gather_over_world,
-    setup_world,
-    teardown_world,
-    wrap_for_world,
-)
+from melanoma_audit.distributed import average_buffers_over_world, batch_for_share, gather_over_world, wrap_for_world
 from melanoma_audit.loops import (
     Images,
     Loader,
@@ -53,17 +43,10 @@ from melanoma_audit.loops import (
     refresh_batchnorm,
     train_one_epoch,
 )
+from melanoma_audit.runtime import Runtime
 from melanoma_audit.tensorboard_log import TensorBoardLog
 from melanoma_audit.training_recipe import compile_for_training, make_warmup_cosine, weight_average
-from utils import (
-    make_grad_scaler,
-    precision_name,
-    resolve_precision,
-    set_visible_devices,
-    to_plain,
-    write_csv_atomic,
-    write_text_atomic,
-)
+from utils import precision_name, to_plain, write_csv_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -173,15 +156,16 @@ class Fitted:
 # --------------------------------------------------------------------------- pieces
 
 
-def make_loaders(task: Task, config: RunConfig, world: World, device: torch.device) -> tuple[Loader, Loader | None]:
+def make_loaders(task: Task, config: RunConfig, runtime: Runtime) -> tuple[Loader, Loader | None]:
     """Shuffled training batches, each process its share, and the validation items in order (None without
     validation images); each process decodes its own share, on the side --data-path says."""
-    n_train = len(task.train_images.filepaths)
+    n_train, world = len(task.train_images.filepaths), runtime.world
     train_sampler = EpochSampler(n_train, True, task.shuffle_seed, world.rank, world.size)
     batch_size = batch_for_share(config.batch_size, n_train, world, "--batch-size")
     # drop_last keeps BatchNorm away from a final batch of one image
     drop_last = len(train_sampler) > batch_size
-    common = {"num_workers": config.num_workers, "device": device, "data_path": config.data_path, "rank": world.rank}
+    common = {"num_workers": config.num_workers, "device": runtime.device, "data_path": config.data_path}
+    common["rank"] = world.rank
     train_loader = image_loader(
         task.train_images, task.preparation, train_sampler, batch_size, drop_last=drop_last, **common
     )
@@ -194,23 +178,18 @@ def make_loaders(task: Task, config: RunConfig, world: World, device: torch.devi
 
 
 def validate(
-    net: nn.Module,
-    train_loader: Loader,
-    valid_loader: Loader | None,
-    config: RunConfig,
-    world: World,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
+    net: nn.Module, train_loader: Loader, valid_loader: Loader | None, config: RunConfig, runtime: Runtime
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The logits and targets of every validation item, from all processes, after re-estimating BatchNorm; without
     a validation loader only the BatchNorm statistics are brought up to date (the saved network needs them)."""
     if config.bn_refresh_batches:
-        refresh_batchnorm(net, train_loader, device, amp_dtype, config.channels_last, config.bn_refresh_batches)
-    average_buffers_over_world(net, world)
+        refresh_batchnorm(net, train_loader, runtime, config.bn_refresh_batches)
+    average_buffers_over_world(net, runtime.world)
     if valid_loader is None:
         return None, None
-    logits, targets = predict_logits(net, valid_loader, device, amp_dtype, config.channels_last, config.progress)
-    return gather_over_world(logits, targets, len(valid_loader.dataset), world, device)
+    device, amp_dtype = runtime.device, runtime.amp_dtype
+    logits, targets = predict_logits(net, valid_loader, device, amp_dtype, runtime.channels_last, runtime.progress)
+    return gather_over_world(logits, targets, len(valid_loader.dataset), runtime.world, device)
 
 
 def write_history(task: Task, history: list[dict]) -> None:
@@ -265,22 +244,10 @@ def repair_outputs(task: Task, progress: Progress, last: dict, n_epochs: int) ->
 # --------------------------------------------------------------------------- the run
 
 
-@contextlib.contextmanager
-def training_world(config: RunConfig) -> Iterator[tuple[World, torch.device, torch.dtype | None]]:
-    """This process's world (the process group joined under torchrun, and left at the end), its device and the
-    autocast dtype of a training run."""
-    set_visible_devices(config.CUDA_VISIBLE_DEVICES)
-    world, device = setup_world(config.device)
-    try:
-        yield world, device, resolve_precision(config.precision, device, config.image_size)
-    finally:
-        teardown_world(world)
-
-
 @dataclass
 class Training:
     """What one run trains with: the network, the module the training steps call, the weight average, the loaders,
-    the optimizer, its schedule, the gradient scaler, the device and the precision."""
+    the optimizer, its schedule, the gradient scaler and the runtime."""
 
     net: nn.Module  # on the device; saved and averaged uncompiled
     model: nn.Module  # `net` wrapped for the world and compiled where asked
@@ -289,9 +256,8 @@ class Training:
     valid_loader: Loader | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    device: torch.device
-    amp_dtype: torch.dtype | None  # autocast's, None for fp32
+    scaler: torch.amp.GradScaler
+    runtime: Runtime
 
     @property
     def eval_net(self) -> nn.Module:
@@ -299,45 +265,46 @@ class Training:
         return self.net if self.average is None else self.average.module
 
 
-def start_training(
-    task: Task, config: RunConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None
-) -> Training:
-    net = task.net.to(device)
-    if config.channels_last:
+def start_training(task: Task, config: RunConfig, runtime: Runtime) -> Training:
+    net = task.net.to(runtime.device)
+    if runtime.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model = compile_for_training(wrap_for_world(net, world, device), config.compile)
+    model = compile_for_training(wrap_for_world(net, runtime.world, runtime.device), config.compile)
     average = weight_average(net, config.ema_decay) if config.ema_decay > 0 else None
-    train_loader, valid_loader = make_loaders(task, config, world, device)
+    train_loader, valid_loader = make_loaders(task, config, runtime)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.init_lr)
     scheduler = make_warmup_cosine(optimizer, config.n_epochs, len(train_loader))
-    scaler = make_grad_scaler(device, amp_dtype)
-    return Training(net, model, average, train_loader, valid_loader, optimizer, scheduler, scaler, device, amp_dtype)
+    scaler = runtime.grad_scaler()
+    return Training(net, model, average, train_loader, valid_loader, optimizer, scheduler, scaler, runtime)
 
 
-def run_checkpoint(task: Task, config: RunConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
+def run_checkpoint(task: Task, config: RunConfig, runtime: Runtime) -> dict:
     """What every checkpoint of the run holds, whatever the epoch."""
     return {
         "format": CHECKPOINT_FORMAT,
-        "kind": KIND_ON_DISK[task.kind],
+        "kind": task.kind,
         **task.checkpoint,
         "config": config.record(),  # the run's record
         # what its "auto" values came to on this device: a resumed run must train as the run it continues did
-        "resolved": {"precision": precision_name(amp_dtype), "data_path": resolve_data_path(config.data_path, device)},
+        "resolved": {
+            "precision": precision_name(runtime.amp_dtype),
+            "data_path": resolve_data_path(config.data_path, runtime.device),
+        },
     }
 
 
-def resume_run(task: Task, config: RunConfig, world: World, training: Training, checkpoint: dict) -> Progress:
+def resume_run(task: Task, config: RunConfig, training: Training, checkpoint: dict) -> Progress:
     """The progress of the run this one continues (--resume with a _last.pth), its training state restored, and
     what a kill may have left unwritten redone; a fresh Progress otherwise."""
     if not (config.resume and task.outputs.last.is_file()):
         return Progress()
     state = load_checkpoint(task.outputs.last, task.kind)
-    check_resume_compatible(state, checkpoint, task.outputs.last, RUNTIME_FIELDS, task.data_name)
+    check_resume_compatible(state, checkpoint, task.outputs.last, config.free_on_resume(), task.data_name)
     restore_training_state(state, training.net, training.optimizer, training.scheduler, training.scaler)
     if training.average is not None:
         training.average.module.load_state_dict(state["state_dict"])
     progress = Progress.from_state(state)
-    if world.is_main:
+    if training.runtime.world.is_main:
         repair_outputs(task, progress, state, config.n_epochs)
         print(
             f"resuming {task.name} after epoch {progress.epoch} (best {task.score_name} so far "
@@ -347,7 +314,7 @@ def resume_run(task: Task, config: RunConfig, world: World, training: Training, 
     return progress
 
 
-def train_epoch(task: Task, config: RunConfig, world: World, training: Training, epoch: int) -> Epoch:
+def train_epoch(task: Task, config: RunConfig, training: Training, epoch: int) -> Epoch:
     """One epoch of training, then validation of the network that is saved."""
     started = time.time()
     training.train_loader.sampler.set_epoch(epoch)
@@ -358,32 +325,29 @@ def train_epoch(task: Task, config: RunConfig, world: World, training: Training,
         training.train_loader,
         training.optimizer,
         task.loss_fn,
-        training.device,
-        training.amp_dtype,
+        training.runtime,
         training.scaler,
         training.scheduler,
-        channels_last=config.channels_last,
         epoch=epoch,
-        progress=config.progress and world.is_main,
-        world=world,
         update_average=None if average is None else functools.partial(average.update_parameters, training.net),
     )
     loaders = training.train_loader, training.valid_loader
-    logits, targets = validate(training.eval_net, *loaders, config, world, training.device, training.amp_dtype)
+    logits, targets = validate(training.eval_net, *loaders, config, training.runtime)
     valid_loss = math.nan if logits is None else float(task.loss_fn(logits, targets))
     return Epoch(epoch, lr, train_loss, valid_loss, logits, targets, round(time.time() - started, 2))
 
 
-def fit(task: Task, config: RunConfig, world: World, device: torch.device, amp_dtype: torch.dtype | None) -> Fitted:
+def fit(task: Task, config: RunConfig, runtime: Runtime) -> Fitted:
     """Trains task.net for config.n_epochs, or what is left of them after the last checkpoint with --resume.
     Every process trains; the main one alone prints and writes."""
-    training = start_training(task, config, world, device, amp_dtype)
-    checkpoint = run_checkpoint(task, config, device, amp_dtype)
-    progress = resume_run(task, config, world, training, checkpoint)
+    training = start_training(task, config, runtime)
+    checkpoint = run_checkpoint(task, config, runtime)
+    progress = resume_run(task, config, training, checkpoint)
+    world = runtime.world
     tensorboard = TensorBoardLog(task.outputs.tensorboard if world.is_main else None, config.tensorboard)
     try:
         for epoch in range(progress.epoch + 1, config.n_epochs + 1):
-            scored = task.score(train_epoch(task, config, world, training, epoch))
+            scored = task.score(train_epoch(task, config, training, epoch))
             improved = progress.update(epoch, scored)
             if not world.is_main:
                 continue

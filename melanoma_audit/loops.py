@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from dataset import ImageDataset, Preprocessing, train_transforms
 from melanoma_audit import device_data as dd
-from melanoma_audit.distributed import World, mean_over_world
+from melanoma_audit.distributed import mean_over_world
+from melanoma_audit.runtime import Runtime
 from utils import UserError, autocast
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,14 +139,10 @@ def train_one_epoch(
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     loss_fn: LossFn,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
+    runtime: Runtime,
     scaler: torch.amp.GradScaler,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    channels_last: bool = False,
     epoch: int = 0,
-    progress: bool | None = None,
-    world: World | None = None,
     update_average: Callable[[], None] | None = None,
 ) -> float:
     """One pass over `loader`; the scheduler steps, and `update_average` (the weight average's update) is called,
@@ -153,7 +150,7 @@ def train_one_epoch(
 
     In a distributed run the loss is averaged over all processes every step, so that every rank logs the same
     number and all stop together if it diverges."""
-    world = world or World()
+    device, progress = runtime.device, runtime.shows_progress
     model.train()
     losses = []
     bar = tqdm(
@@ -164,13 +161,13 @@ def train_one_epoch(
         dynamic_ncols=True,
     )
     for step, batch in enumerate(bar):
-        image, side = model_inputs(batch, device, channels_last)
+        image, side = model_inputs(batch, device, runtime.channels_last)
         target = batch["target"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp_dtype):
+        with autocast(device, runtime.amp_dtype):
             logits = model(image, side)
         loss = loss_fn(logits.float(), target)
-        loss_value = mean_over_world(loss.item(), world, device)
+        loss_value = mean_over_world(loss.item(), runtime.world, device)
         if not math.isfinite(loss_value):
             raise TrainingDiverged(
                 f"the training loss became {loss_value} at epoch {epoch}, batch {step}: lower --init-lr or "
@@ -190,12 +187,7 @@ def train_one_epoch(
 
 @torch.no_grad()
 def refresh_batchnorm(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    max_batches: int,
+    model: nn.Module, loader: torch.utils.data.DataLoader, runtime: Runtime, max_batches: int
 ) -> None:
     """Re-estimates every BatchNorm's running statistics as a plain average over `max_batches` training batches
     of the current weights. From random weights the weights move so fast that running averages trail them, and
@@ -211,8 +203,8 @@ def refresh_batchnorm(
     for index, batch in enumerate(loader):
         if index >= max_batches:
             break
-        image, side = model_inputs(batch, device, channels_last)
-        with autocast(device, amp_dtype):
+        image, side = model_inputs(batch, runtime.device, runtime.channels_last)
+        with autocast(runtime.device, runtime.amp_dtype):
             model(image, side)
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from melanoma_audit.loops import LossFn, train_one_epoch
-from utils import autocast, make_grad_scaler
+from melanoma_audit.runtime import Runtime
+from utils import autocast
 
 
 def synchronize(device: torch.device) -> None:
@@ -66,13 +67,11 @@ def training_step_throughput(
     """Images per second of the training loop's own step (train_one_epoch: forward, loss, backward, Adam step, the
     loss read back) on `batch` again and again: `warmup` untimed steps, then `steps` timed ones."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = make_grad_scaler(device, amp_dtype)
+    runtime = Runtime(device, amp_dtype, channels_last, progress=False)
+    scaler = runtime.grad_scaler()
 
     def train(n_steps: int) -> None:
-        batches = [batch] * n_steps
-        train_one_epoch(
-            model, batches, optimizer, loss_fn, device, amp_dtype, scaler, channels_last=channels_last, progress=False
-        )
+        train_one_epoch(model, [batch] * n_steps, optimizer, loss_fn, runtime, scaler)
 
     train(warmup)
     synchronize(device)

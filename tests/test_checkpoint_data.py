@@ -71,7 +71,7 @@ def test_a_bad_model_setting_is_one_sentence_naming_the_file(kind, model):
     else:
         net = ArtifactNet("efficientnet-b0", ["hair", "ruler"], pretrained=False)
         base = {"enet_type": "efficientnet-b0", "heads": ["hair", "ruler"]}
-        checkpoint = {"kind": "bias", "model": {**base, **model}, "state_dict": net.state_dict()}
+        checkpoint = {"kind": "artifact", "model": {**base, **model}, "state_dict": net.state_dict()}
     with pytest.raises(UserError) as error:
         model_from_checkpoint(checkpoint, "weights/crafted.pth")
     message = str(error.value)
@@ -85,7 +85,7 @@ def test_good_checkpoints_of_both_kinds_still_rebuild():
     assert isinstance(rebuilt, MelanomaNet) and not rebuilt.training
     net = ArtifactNet("efficientnet-b0", ["hair", "ruler"], pretrained=False)
     config = {"enet_type": "efficientnet-b0", "heads": ["hair", "ruler"]}
-    rebuilt = model_from_checkpoint({"kind": "bias", "model": config, "state_dict": net.state_dict()}, "a.pth")
+    rebuilt = model_from_checkpoint({"kind": "artifact", "model": config, "state_dict": net.state_dict()}, "a.pth")
     assert rebuilt.head_names == ["hair", "ruler"]
 
 

@@ -37,10 +37,11 @@ def test_artifact_net_has_one_logit_per_head():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
-def test_detector_checkpoints_keep_the_kind_bias_on_disk():
+@pytest.mark.parametrize("kind", ["artifact", "bias"])  # "bias": what detector files of earlier versions say
+def test_detector_checkpoints_rebuild_under_either_word(kind):
     net = ArtifactNet("efficientnet-b0", ["hair", "ruler"], pretrained=False)
     config = {"enet_type": "efficientnet-b0", "heads": ["hair", "ruler"]}
-    rebuilt = model_from_checkpoint({"kind": "bias", "model": config, "state_dict": net.state_dict()})
+    rebuilt = model_from_checkpoint({"kind": kind, "model": config, "state_dict": net.state_dict()})
     assert isinstance(rebuilt, ArtifactNet) and rebuilt.head_names == ["hair", "ruler"]
 
 
@@ -77,6 +78,7 @@ def test_failed_download_names_every_way_out(monkeypatch):
 
 def test_refresh_batchnorm_recovers_statistics_that_trail_the_weights():
     from melanoma_audit.loops import refresh_batchnorm
+    from melanoma_audit.runtime import Runtime
 
     torch.manual_seed(0)
     model = MelanomaNet("efficientnet-b0", pretrained=False)
@@ -88,7 +90,7 @@ def test_refresh_batchnorm_recovers_statistics_that_trail_the_weights():
     model.eval()
     with torch.no_grad():
         stale = model(batches[0]["image"])
-    refresh_batchnorm(model, batches, torch.device("cpu"), None, channels_last=False, max_batches=2)
+    refresh_batchnorm(model, batches, Runtime(torch.device("cpu")), max_batches=2)
     model.eval()
     with torch.no_grad():
         fresh = model(batches[0]["image"])

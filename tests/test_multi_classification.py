@@ -246,9 +246,9 @@ def test_train_reestimates_batchnorm_before_each_validation(synthetic, tmp_path,
     calls = []
     real_refresh = engine.refresh_batchnorm
 
-    def spy(model, loader, device, amp_dtype, channels_last, max_batches):
+    def spy(model, loader, runtime, max_batches):
         before = model.enet._bn1.running_mean.clone()
-        real_refresh(model, loader, device, amp_dtype, channels_last, max_batches)
+        real_refresh(model, loader, runtime, max_batches)
         calls.append((max_batches, not torch.equal(before, model.enet._bn1.running_mean)))
 
     monkeypatch.setattr(engine, "refresh_batchnorm", spy)
@@ -281,6 +281,17 @@ def test_val_scores_only_the_held_out_images_of_the_training_file(trained, synth
     assert set(written.columns) >= {"auc", "ap", "f1", "precision", "recall", "acc", "support"}
     assert written["thresholds_in_sample"].all()  # the stored thresholds were fitted on these very images
     assert mc.main([*argv, "--all", "--overwrite"])["n_images"] == 36
+
+
+def test_a_detector_file_of_an_earlier_version_scores_as_it_did(trained, synthetic, tmp_path):
+    """Detector files of earlier versions say "bias" where new ones say "artifact": they load and score alike."""
+    checkpoint = torch.load(trained, weights_only=True)
+    assert checkpoint["kind"] == "artifact"
+    torch.save({**checkpoint, "kind": "bias"}, tmp_path / "old.pth")
+    argv = ["--img_path", str(synthetic / "train" / "train"), "--mode", "test", "--num_workers", "0"]
+    new = mc.main([*argv, "--model_path", str(trained), "--save_path", str(tmp_path / "new.csv")])
+    old = mc.main([*argv, "--model_path", str(tmp_path / "old.pth"), "--save_path", str(tmp_path / "old.csv")])
+    pd.testing.assert_frame_equal(old["annotations"], new["annotations"])
 
 
 def val_fails(capsys, argv, *fragments):
