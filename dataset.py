@@ -269,7 +269,8 @@ def resize_side(transform: A.Compose) -> int | None:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images with optional metadata and targets, as dicts {"image", "meta"?, "target"?}.
+    """Images with optional side inputs and targets, as dicts {"image", "side"?, "target"?}. The side inputs are what
+    the network reads beside the image: the encoded metadata and, where the model uses them, the lesion features.
 
     targets may be 1-D (melanoma 0/1) or 2-D (one column per artifact head, NaN where not annotated).
 
@@ -282,13 +283,13 @@ class ImageDataset(torch.utils.data.Dataset):
         self,
         filepaths: Sequence[str],
         transform,
-        meta: np.ndarray | None = None,
+        side: np.ndarray | None = None,
         targets: np.ndarray | None = None,
         augment_seed: int | None = None,
     ) -> None:
         self.filepaths = list(filepaths)
         self.transform = transform
-        self.meta = None if meta is None else torch.as_tensor(meta, dtype=torch.float32)
+        self.side = None if side is None else torch.as_tensor(side, dtype=torch.float32)
         self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, dtype=np.float32))
         self.augment_seed = augment_seed
         self.read_size = resize_side(transform)
@@ -303,8 +304,8 @@ class ImageDataset(torch.utils.data.Dataset):
             self.transform.set_random_state(np.random.default_rng(state[0]), random.Random(int(state[1])))
         image = self.transform(image=read_image(self.filepaths[index], self.read_size))["image"]
         item = {"image": torch.from_numpy(image.transpose(2, 0, 1).copy())}
-        if self.meta is not None:
-            item["meta"] = self.meta[index]
+        if self.side is not None:
+            item["side"] = self.side[index]
         if self.targets is not None:
             item["target"] = self.targets[index]
         return item

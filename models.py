@@ -136,7 +136,10 @@ def backbone_features(backbone: nn.Module, image: torch.Tensor) -> torch.Tensor:
 
 
 class MelanomaNet(nn.Module):
-    """EfficientNet + optional metadata MLP, fused by concatenation, with a multi-sample-dropout head."""
+    """EfficientNet + optional metadata MLP, fused by concatenation, with a multi-sample-dropout head.
+
+    The metadata branch (`meta`, sized by n_meta_features and n_meta_dim, the names its checkpoints store) reads the
+    side inputs: the encoded metadata under concat fusion, and the lesion features where the run uses them."""
 
     def __init__(
         self,
@@ -167,12 +170,12 @@ class MelanomaNet(nn.Module):
         self.dropouts = nn.ModuleList([nn.Dropout(0.5) for _ in range(5)])
         self.fc = nn.Linear(in_features, out_dim)
 
-    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         features = backbone_features(self.enet, image)
         if self.n_meta_features > 0:
-            if meta is None:
-                raise ValueError("this model was built with metadata; pass the metadata tensor")
-            features = torch.cat([features, self.meta(meta.to(features.dtype))], dim=1)
+            if side is None:
+                raise ValueError("this model was built with a metadata branch; pass its side inputs")
+            features = torch.cat([features, self.meta(side.to(features.dtype))], dim=1)
         return torch.stack([self.fc(dropout(features)) for dropout in self.dropouts]).mean(dim=0)
 
 
@@ -196,7 +199,7 @@ class ArtifactNet(nn.Module):
             [nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, 1)) for _ in self.head_names]
         )
 
-    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         features = backbone_features(self.enet, image)
         return torch.cat([head(features) for head in self.heads], dim=1)
 

@@ -23,21 +23,21 @@ CAM_GROUPS = ("confident", "wrong")  # the overlays' file name prefixes, as sele
 
 
 def grad_cam(
-    model: torch.nn.Module, image: torch.Tensor, meta: torch.Tensor | None, explain_melanoma: torch.Tensor
+    model: torch.nn.Module, image: torch.Tensor, side: torch.Tensor | None, explain_melanoma: torch.Tensor
 ) -> np.ndarray:
     """Grad-CAM on the output of the backbone's last conv block (_conv_head + _bn1): the activations weighted by
     the spatial mean of their gradients, summed over channels, ReLU, scaled to [0, 1] per image. explain_melanoma
     (bool per image) picks the class whose score is explained: melanoma, or benign (the negated melanoma score)."""
 
-    def class_scores(image: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
-        logits = model(image, meta).float()
+    def class_scores(image: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+        logits = model(image, side).float()
         # one melanoma logit: benign's score is its negation, so both classes are explained by a column index
         return torch.cat([-logits, logits], dim=1) if logits.shape[1] == 1 else logits
 
     model.eval()
     with torch.enable_grad():  # evaluate.py may run under no_grad; Grad-CAM needs the backward pass
         cam = LayerGradCam(class_scores, model.enet._bn1).attribute(
-            image, target=explain_melanoma.long(), additional_forward_args=(meta,), relu_attributions=True
+            image, target=explain_melanoma.long(), additional_forward_args=(side,), relu_attributions=True
         )
     cam = cam[:, 0].detach().float()
     peak = cam.flatten(1).max(dim=1).values[:, None, None]
@@ -91,9 +91,9 @@ def write_cams(
     written = []
     for row in chosen.itertuples(index=False):
         item = dataset[position[row.image_name]]
-        meta = item["meta"][None].to(device) if "meta" in item else None
+        side = item["side"][None].to(device) if "side" in item else None
         explain = torch.tensor([bool(row.explain_melanoma)], device=device)
-        cam = grad_cam(loaded.model, item["image"][None].to(device), meta, explain)[0]
+        cam = grad_cam(loaded.model, item["image"][None].to(device), side, explain)[0]
         # the picture the network was shown, before its resize: the heat map's square is this one
         image = loaded.preprocessing.apply(read_image(table.loc[row.image_name, "filepath"]))
         figure = Figure(figsize=(7, 3.8))  # no pyplot: nothing global to close

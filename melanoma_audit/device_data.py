@@ -29,14 +29,14 @@ from utils import UserError
 
 class ByteDataset(torch.utils.data.Dataset):
     """ImageDataset's items with the file's raw bytes instead of the decoded image: {"data" (1-D uint8),
-    "path", "meta"?, "target"?}. Keys are indices or EpochSampler's (epoch, index); the epoch is not needed here,
+    "path", "side"?, "target"?}. Keys are indices or EpochSampler's (epoch, index); the epoch is not needed here,
     because the augmentation happens after collation, seeded per batch."""
 
     def __init__(
-        self, filepaths: Sequence[str], meta: np.ndarray | None = None, targets: np.ndarray | None = None
+        self, filepaths: Sequence[str], side: np.ndarray | None = None, targets: np.ndarray | None = None
     ) -> None:
         self.filepaths = list(filepaths)
-        self.meta = None if meta is None else torch.as_tensor(meta, dtype=torch.float32)
+        self.side = None if side is None else torch.as_tensor(side, dtype=torch.float32)
         self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, dtype=np.float32))
 
     def __len__(self) -> int:
@@ -50,8 +50,8 @@ class ByteDataset(torch.utils.data.Dataset):
         except OSError as error:
             raise UserError(f"image {path} cannot be read ({error.strerror}): restore it or remove its row.") from None
         item = {"data": torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()), "path": path}
-        if self.meta is not None:
-            item["meta"] = self.meta[index]
+        if self.side is not None:
+            item["side"] = self.side[index]
         if self.targets is not None:
             item["target"] = self.targets[index]
         return item
@@ -138,7 +138,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 class DevicePipeline:
     """What the training loop calls on each collated ByteDataset batch: decode, resize, augment and normalise
     on `device`. Returns the batch with "image" (float32, B x 3 x S x S, on the device) in place of "data" and
-    "path"; "meta" and "target" stay as collated (pinned CPU tensors), for the loop to move as it always has.
+    "path"; "side" and "target" stay as collated (pinned CPU tensors), for the loop to move as it always has.
 
     `seed` is the run's augmentation seed (train.py: --seed + fold), `rank` the process's rank under DDP; each
     call passes the epoch and the batch's index within it, which with these fix the batch's augmentation.

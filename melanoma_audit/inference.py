@@ -277,9 +277,9 @@ def make_dataset(
     as part of a larger table)."""
     # under late fusion the metadata goes to the logistic regression, not into the network
     network_encoder = None if loaded.meta_model is not None else loaded.encoder
-    meta = side_inputs(frame, network_encoder, loaded.feature_scaler, lesion, meta, loaded.preprocessing)
+    side = side_inputs(frame, network_encoder, loaded.feature_scaler, lesion, meta, loaded.preprocessing)
     transform = transform or valid_transforms(loaded.image_size, loaded.mean, loaded.std, loaded.preprocessing)
-    return ImageDataset(frame["filepath"], transform, meta, augment_seed=augment_seed)
+    return ImageDataset(frame["filepath"], transform, side, augment_seed=augment_seed)
 
 
 @dataclass

@@ -96,7 +96,7 @@ def image_loader(
     rank: int = 0,
     drop_last: bool = False,
 ) -> Loader:
-    """Batches of `images` as the loops read them, {"image", "meta"?, "target"?}, prepared where --data-path
+    """Batches of `images` as the loops read them, {"image", "side"?, "target"?}, prepared where --data-path
     (`data_path`, resolved for `device`) says: by albumentations in the DataLoader workers, or on `device` in
     batches (the workers only read bytes). `rank` keeps the device path's augmentation apart between processes."""
     if dd.resolve_data_path(data_path, device) == "cpu":
@@ -124,11 +124,10 @@ class TrainingDiverged(UserError):
 
 
 def model_inputs(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The image batch and its side inputs (metadata and lesion features; the Dataset calls them "meta"), on
-    `device`."""
+    """The image batch and its side inputs (metadata and lesion features), on `device`."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
-    side = batch.get("meta")
+    side = batch.get("side")
     if side is not None:
         side = side.to(device, non_blocking=True)
     return image, side

@@ -27,13 +27,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def random_batch(batch_size: int, image_size: int, n_meta: int, device: torch.device, channels_last: bool) -> dict:
-    """A batch as the loops read it, {"image", "meta"?, "target"}, of random values already on the device (the
+    """A batch as the loops read it, {"image", "side"?, "target"}, of random values already on the device (the
     images in the model's memory layout)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     image = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
     batch = {"image": image}
     if n_meta:
-        batch["meta"] = torch.randn(batch_size, n_meta, device=device)
+        batch["side"] = torch.randn(batch_size, n_meta, device=device)
     batch["target"] = torch.randint(0, 2, (batch_size,), device=device).float()
     return batch
 
@@ -49,7 +49,7 @@ def forward_throughput(
             synchronize(device)
             started = time.perf_counter()
         with autocast(device, amp_dtype):
-            model(batch["image"], batch.get("meta")).float().cpu()
+            model(batch["image"], batch.get("side")).float().cpu()
     synchronize(device)
     return steps * len(batch["image"]) / (time.perf_counter() - started)
 

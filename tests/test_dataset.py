@@ -102,8 +102,8 @@ def test_dataset_items_and_reproducible_augmentation(synthetic_dir):
     meta = MetaEncoder().fit(frame).transform(frame)
     dataset = ImageDataset(frame["filepath"], train_transforms(32), meta, frame["target"], augment_seed=7)
     item = dataset[(3, 5)]
-    assert set(item) == {"image", "meta", "target"}
-    assert item["image"].shape == (3, 32, 32) and item["meta"].shape == (meta.shape[1],)
+    assert set(item) == {"image", "side", "target"}
+    assert item["image"].shape == (3, 32, 32) and item["side"].shape == (meta.shape[1],)
     assert item["target"] == frame["target"][5]
     assert torch.equal(dataset[(3, 5)]["image"], item["image"])  # same (epoch, index): same augmentation
     assert not all(torch.equal(dataset[(4, 5)]["image"], dataset[(e, 5)]["image"]) for e in (5, 6, 7))

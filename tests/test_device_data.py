@@ -64,7 +64,7 @@ def test_workers_read_bytes_and_the_collate_keeps_them_a_list(lesion_files):
     assert [len(data) for data in batch["data"]] == [len(Path(path).read_bytes()) for path in lesion_files[:3]]
     assert all(data.dtype == torch.uint8 and data.dim() == 1 for data in batch["data"])
     assert batch["path"] == lesion_files[:3]
-    assert torch.equal(batch["meta"], torch.from_numpy(meta[:3]))
+    assert torch.equal(batch["side"], torch.from_numpy(meta[:3]))
     assert batch["target"].tolist() == [0.0, 1.0, 0.0]
     assert dataset[2]["data"].tolist() == list(Path(lesion_files[2]).read_bytes())
 

@@ -46,6 +46,6 @@ def test_the_forward_pass_leaves_the_model_untouched():
     model = TinyNet().eval()
     before = [parameter.detach().clone() for parameter in model.parameters()]
     batch = random_batch(2, 16, 3, CPU, channels_last=True)
-    assert batch["meta"].shape == (2, 3) and batch["image"].is_contiguous(memory_format=torch.channels_last)
+    assert batch["side"].shape == (2, 3) and batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert forward_throughput(model, batch, 2, 1, CPU, None) > 0
     assert all(torch.equal(old, new) for old, new in zip(before, model.parameters(), strict=True))
