@@ -37,8 +37,7 @@ from torch import nn
 from dataset import Preprocessing
 from melanoma_audit.checkpoints import kind_of, load_checkpoint
 from melanoma_audit.config import DEFAULTS
-from melanoma_audit.detector_inference import load_detectors
-from melanoma_audit.detector_inference import predict_probs as detector_probabilities
+from melanoma_audit.detector_inference import ArtifactPredictor
 from melanoma_audit.exported_graph import build_graph
 from melanoma_audit.inference import MelanomaPredictor
 from melanoma_audit.onnx_model import (
@@ -140,10 +139,8 @@ def checkpoint_scores(model_path: Path, kind: str, frame: pd.DataFrame) -> np.nd
         runtime = ScoringRuntime(cpu, batch_size=len(frame))
         return MelanomaPredictor.from_checkpoint(model_path, runtime).probabilities(frame)
     # as multi_classification.py --mode test scores by default: channels-last, its --batch-size, one view
-    ((model, checkpoint),) = load_detectors([model_path], cpu, channels_last=True)
-    batch_size = DEFAULTS["artifact"]["any"]["batch_size"]
-    filepaths = list(frame["filepath"])
-    return detector_probabilities(model, filepaths, checkpoint, cpu, None, batch_size=batch_size, channels_last=True)
+    runtime = ScoringRuntime(cpu, batch_size=DEFAULTS["artifact"]["any"]["batch_size"], channels_last=True)
+    return ArtifactPredictor.from_checkpoint(model_path, runtime).probabilities(list(frame["filepath"]))
 
 
 def parity_check(model_path: Path, kind: str, files: list[Path], tolerance: float) -> dict[str, float]:

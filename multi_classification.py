@@ -38,25 +38,25 @@ The training flags (--n-epochs, --batch-size, --init-lr, ...) are train.py's; --
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dataset import Preprocessing
 from melanoma_audit.annotations import PROB_SUFFIX, read_artifact_annotations
 from melanoma_audit.config import ArtifactConfig
-from melanoma_audit.detector_inference import Detector, ensemble_probs, load_detectors, thresholds_for
+from melanoma_audit.detector_inference import ArtifactEnsemble, ArtifactPredictor
 from melanoma_audit.detector_training import run_train
 from melanoma_audit.image_files import list_images
 from melanoma_audit.metrics import format_table, mean_auc, metrics_table
 from melanoma_audit.runtime import training_runtime
 from melanoma_audit.scoring_inputs import image_name
+from melanoma_audit.scoring_runtime import ScoringRuntime, check_output
 from melanoma_audit.trainer_flags import add_artifact_flags, parse_command_line
 from utils import (
     UserError,
-    ensure_writable_dir,
     exit_on_user_error,
     refuse_folder,
     resolve_precision,
@@ -79,41 +79,51 @@ def default_report(model_path: str | Path, report: str) -> Path:
     return model.with_name(f"{model.stem}_{report}.csv")
 
 
-def load_models(config: ArtifactConfig, device: torch.device) -> list[Detector]:
-    """Every --model_path, each with its checkpoint (detector_inference.load_detectors), with a notice for each
-    preprocessing flag given that the checkpoint overrides."""
-    loaded = load_detectors(config.model_paths, device, config.channels_last, config.image_size)
-    if len(loaded) > 1 and config.save_path is None:
+def scoring_runtime(config: ArtifactConfig, device: torch.device) -> ScoringRuntime:
+    """The runtime flags of val and test; the precision is each model's own (load_predictor)."""
+    return ScoringRuntime(
+        device, None, config.n_tta, config.batch_size, config.num_workers, config.channels_last, config.progress
+    )
+
+
+def load_predictor(path: str, config: ArtifactConfig, runtime: ScoringRuntime) -> ArtifactPredictor:
+    """One --model_path, scored at its own image size (a notice where --image-size differs) and at the precision
+    --precision resolves to for that size (auto picks bf16 on the CPU only from 192 px)."""
+    predictor = ArtifactPredictor.from_checkpoint(path, runtime, config.data_path)
+    if config.image_size is not None and config.image_size != predictor.image_size:
+        print(
+            f"notice: {predictor.path} was trained at {predictor.image_size} px; using that, not --image-size "
+            f"{config.image_size}.",
+            flush=True,
+        )
+    amp_dtype = resolve_precision(config.precision, runtime.device, predictor.image_size)
+    return replace(predictor, runtime=replace(runtime, amp_dtype=amp_dtype))
+
+
+def load_models(config: ArtifactConfig, device: torch.device) -> ArtifactEnsemble:
+    """Every --model_path (load_predictor), several with the same heads, with a notice for each preprocessing flag
+    given that the checkpoint overrides."""
+    runtime = scoring_runtime(config, device)
+    ensemble = ArtifactEnsemble([load_predictor(path, config, runtime) for path in config.model_paths])
+    if len(ensemble.predictors) > 1 and config.save_path is None:
         raise UserError(
             "several --model_path files write no report beside one of them: name the output with --save_path."
         )
-    for path, (_, checkpoint) in zip(config.model_paths, loaded, strict=True):
-        for key, value in Preprocessing.from_checkpoint(checkpoint).record().items():
+    for predictor in ensemble.predictors:
+        for key, value in predictor.preprocessing.record().items():
             given = getattr(config, key)
             if given is not None and given != value:
                 flag = "--" + key.replace("_", "-")
-                print(f"notice: {path} was trained with {flag} {value}; using that, not {given}.", flush=True)
-    return loaded
+                print(f"notice: {predictor.path} was trained with {flag} {value}; using that, not {given}.", flush=True)
+    return ensemble
 
 
-def scoring_options(config: ArtifactConfig) -> dict:
-    """The runtime flags as detector_inference.predict_probs' keyword arguments."""
-    return {
-        "n_tta": config.n_tta,
-        "batch_size": config.batch_size,
-        "num_workers": config.num_workers,
-        "channels_last": config.channels_last,
-        "progress": config.progress,
-        "data_path": config.data_path,
-        "desc": config.mode,
-    }
-
-
-def claim_report(path: Path, overwrite: bool) -> None:
-    """An earlier report is never replaced without --overwrite, nor is a folder taken for the file."""
-    refuse_folder(path, "--save_path", "report.csv")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists: pass --overwrite to replace it, or choose another --save_path.")
+def report_path(config: ArtifactConfig, report: str) -> Path:
+    """--save_path, or the default report beside the first model, checked before any work: an earlier report is
+    never replaced without --overwrite, nor is a folder taken for the file (scoring_runtime.check_output)."""
+    save_path = Path(config.save_path) if config.save_path else default_report(config.model_path, report)
+    check_output(save_path, config.overwrite, example="report.csv", flag="--save_path")
+    return save_path
 
 
 def trained_images(checkpoint: dict, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -190,13 +200,10 @@ def val_threshold_source(config: ArtifactConfig, in_sample: bool, n_in_val: int)
     return "of the model (max F1 on its val split, none of these images)"
 
 
-def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    models = load_models(config, device)
-    checkpoints = [checkpoint for _, checkpoint in models]
-    checkpoint = checkpoints[0]
-    model_heads = checkpoint["heads"]
-    save_path = Path(config.save_path) if config.save_path else default_report(config.model_path, "metrics")
-    claim_report(save_path, config.overwrite)
+def run_val(config: ArtifactConfig, device: torch.device) -> dict:
+    ensemble = load_models(config, device)
+    model_heads = ensemble.heads
+    save_path = report_path(config, "metrics")
     frame, heads, labels = read_artifact_annotations(config.ann_path, config.img_path)
     common = [head for head in model_heads if head in heads]
     if not common:
@@ -208,14 +215,13 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
     if skipped:
         print(f"notice: {config.ann_path} has no column for {', '.join(skipped)}; those heads are not scored.")
     labels = labels[:, [heads.index(head) for head in common]]
-    frame, labels, in_val = held_out_rows(config, checkpoints, frame, labels)
-    probs = ensemble_probs(models, frame["filepath"].tolist(), device, amp_dtype, **scoring_options(config))
-    probs = probs[:, [checkpoint["heads"].index(head) for head in common]]
-    table = metrics_table(common, labels, probs, thresholds_for(checkpoints, common, config.threshold))
+    frame, labels, in_val = held_out_rows(config, ensemble.checkpoints, frame, labels)
+    probs = ensemble.probabilities(frame["filepath"].tolist(), desc=config.mode)
+    probs = probs[:, [model_heads.index(head) for head in common]]
+    table = metrics_table(common, labels, probs, ensemble.thresholds(common, config.threshold))
     # the stored thresholds maximise F1 on the val split: scored there, the thresholded numbers flatter the model
     in_sample = config.threshold is None and bool(in_val.any())
     table["thresholds_in_sample"] = in_sample
-    ensure_writable_dir(save_path.parent, "folder of --save_path")
     write_csv_atomic(table, save_path)
     source = val_threshold_source(config, in_sample, int(in_val.sum()))
     print(
@@ -226,18 +232,15 @@ def run_val(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype
     return {"n_images": len(frame), "mean_auc": mean_auc(table), "table": table, "save_path": save_path}
 
 
-def run_test(config: ArtifactConfig, device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    models = load_models(config, device)
-    checkpoints = [checkpoint for _, checkpoint in models]
-    save_path = Path(config.save_path) if config.save_path else default_report(config.model_path, "annotations")
-    claim_report(save_path, config.overwrite)
+def run_test(config: ArtifactConfig, device: torch.device) -> dict:
+    ensemble = load_models(config, device)
+    save_path = report_path(config, "annotations")
     files = list_images(config.img_path)
-    ensure_writable_dir(save_path.parent, "folder of --save_path")
-    heads = checkpoints[0]["heads"]
-    probs = ensemble_probs(models, [str(path) for path in files], device, amp_dtype, **scoring_options(config))
+    heads = ensemble.heads
+    probs = ensemble.probabilities([str(path) for path in files], desc=config.mode)
     if len(probs) != len(files):
         raise AssertionError(f"{len(probs)} predictions for {len(files)} images")
-    thresholds = np.asarray(thresholds_for(checkpoints, heads, config.threshold))
+    thresholds = np.asarray(ensemble.thresholds(heads, config.threshold))
     # decided on the probabilities as written, so that <head> == (<head>_prob >= threshold) holds in the file
     probs = np.round(probs.astype(np.float64), 6)
     out = pd.DataFrame({"image_name": [path.name for path in files]})
@@ -267,8 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
                 return run_train(config, runtime)
         set_visible_devices(config.CUDA_VISIBLE_DEVICES)
         device = select_device(config.device)  # scoring is one process; torchrun is for training
-        amp_dtype = resolve_precision(config.precision, device, config.image_size)
-        return {"val": run_val, "test": run_test}[config.mode](config, device, amp_dtype)
+        return {"val": run_val, "test": run_test}[config.mode](config, device)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The runtime of the scripts that score melanoma models (predict.py, evaluate.py, audit.py, ensemble.py): their
-shared flags, the ScoringRuntime those flags make (device, precision, TTA, batching), and the check of an output
-file before any work."""
+shared flags, the ScoringRuntime those flags make (device, precision, TTA, batching; multi_classification.py's val
+and test modes build theirs from their own flags), and the check of an output file before any work."""
 
 from __future__ import annotations
 
@@ -78,14 +78,21 @@ def scoring_runtime(args: argparse.Namespace) -> ScoringRuntime:
 
 
 def check_output(
-    path: Path, overwrite: bool, alternative: str = "choose another --out", example: str = "predictions.csv"
+    path: Path,
+    overwrite: bool,
+    alternative: str | None = None,
+    example: str = "predictions.csv",
+    flag: str = "--out",
 ) -> None:
-    """Refuses to replace an earlier result unless asked, and checks the folder is writable before any work (a
-    folder given as the file is refused with `example` as a file name). Deletes the temporary files that a killed
-    earlier write of `path` left beside it: they are never a finished result."""
-    refuse_folder(path, "--out", example)
+    """Refuses to replace an earlier result unless asked (or else `alternative`, by default another `flag`), and
+    checks the folder is writable before any work (a folder given as the file is refused with `example` as a file
+    name). `flag` is the option that names the file. Deletes the temporary files that a killed earlier write of
+    `path` left beside it: they are never a finished result."""
+    refuse_folder(path, flag, example)
     for leftover in temp_files_of(path):
         leftover.unlink(missing_ok=True)
     if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists: pass --overwrite to replace it, or {alternative}.")
-    ensure_writable_dir(path.parent, "output folder")
+        raise UserError(
+            f"{path} already exists: pass --overwrite to replace it, or {alternative or f'choose another {flag}'}."
+        )
+    ensure_writable_dir(path.parent, "output folder" if flag == "--out" else f"folder of {flag}")

@@ -14,8 +14,13 @@ from test_multi_classification import train_argv
 from torch import nn
 
 import multi_classification as mc
+import utils
+from melanoma_audit import detector_inference
 from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.detector_inference import ArtifactEnsemble, ArtifactPredictor
+from melanoma_audit.image_files import list_images
 from melanoma_audit.inference import TTAModel, dihedral
+from melanoma_audit.scoring_runtime import ScoringRuntime
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 
 
@@ -144,3 +149,62 @@ def test_several_models_need_the_same_heads_a_save_path_and_scoring_modes(synthe
     fails_with([*train_argv(synthetic, tmp_path / "a.pth", 1), "--n-tta", "2"], "--mode val and test")
     fails_with(scoring_argv(synthetic, detectors[:1], tmp_path / "t.csv", "--n-tta", "9"), "outside 1..8")
     assert not (tmp_path / "a.pth").exists() and not (tmp_path / "o.csv").exists()
+
+
+def test_the_predictor_scores_as_test_mode_and_the_ensemble_averages_heads_and_thresholds(
+    synthetic, detectors, tmp_path
+):
+    files = [str(path) for path in list_images(synthetic / "test" / "test")]
+    runtime = ScoringRuntime(torch.device("cpu"), n_tta=2, batch_size=16, channels_last=True)
+    predictors = [ArtifactPredictor.from_checkpoint(path, runtime) for path in detectors]
+    ensemble = ArtifactEnsemble(predictors)
+    heads = load_checkpoint(detectors[0], "artifact")["heads"]
+    assert ensemble.heads == heads and predictors[0].image_size == 32
+    singles = [predictor.probabilities(files) for predictor in predictors]
+    assert singles[0].shape == (11, len(heads)) and not np.allclose(singles[0], singles[1])
+    np.testing.assert_array_equal(ensemble.probabilities(files), np.mean(singles, axis=0))
+
+    # what test mode writes for the first model is its predictor's probabilities (rounded to 6 places)
+    written = mc.main(scoring_argv(synthetic, detectors[:1], tmp_path / "one.csv", "--n-tta", "2", "--batch", "16"))
+    np.testing.assert_allclose(written["annotations"][[f"{h}_prob" for h in heads]], singles[0], atol=1e-6)
+
+    mean_cut_offs = np.mean([predictor.thresholds for predictor in predictors], axis=0)
+    np.testing.assert_allclose(ensemble.thresholds(heads), mean_cut_offs)
+    some = [heads[2], heads[0]]  # val scores only the heads its annotation file has, in the model's order or not
+    np.testing.assert_allclose(ensemble.thresholds(some), mean_cut_offs[[2, 0]])
+    assert ensemble.thresholds(some, threshold=0.3) == [0.3, 0.3]
+
+
+def test_precision_auto_follows_each_models_own_image_size(synthetic, detectors, tmp_path, monkeypatch, capsys):
+    """--precision auto picks bf16 on a CPU with native bf16 from 192 px: by the size each model scores at (its
+    own), not by --image-size."""
+    large = load_checkpoint(detectors[1], "artifact")
+    large["image_size"] = 256  # the network is size-agnostic; only the size it is fed changes
+    torch.save(large, tmp_path / "large.pth")
+    models = [detectors[0], tmp_path / "large.pth"]
+    cpu = torch.device("cpu")
+
+    def dtypes(*extra: str, native_bf16: bool = True) -> list[torch.dtype | None]:
+        monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native_bf16)
+        config = mc.parse_args([*scoring_argv(synthetic, models, tmp_path / "x.csv"), "--device", "cpu", *extra])
+        return [predictor.runtime.amp_dtype for predictor in mc.load_models(config, cpu).predictors]
+
+    assert dtypes() == [None, torch.bfloat16]
+    assert dtypes("--image-size", "256") == [None, torch.bfloat16]  # the 32 px model stays fp32
+    assert "trained at 32 px; using that, not --image-size 256" in capsys.readouterr().out
+    assert dtypes("--image-size", "32") == [None, torch.bfloat16]
+    assert dtypes(native_bf16=False) == [None, None]
+    assert dtypes("--precision", "fp32") == [None, None]
+    assert dtypes("--precision", "bf16") == [torch.bfloat16, torch.bfloat16]
+
+    # and the scoring loop runs under the model's own: a 32 px model with --image-size 256 stays in fp32
+    seen = []
+    real_tta_logits = detector_inference.tta_logits
+
+    def spy(network, batches, n_items, runtime, **options):
+        seen.append(runtime.amp_dtype)
+        return real_tta_logits(network, batches, n_items, runtime, **options)
+
+    monkeypatch.setattr(detector_inference, "tta_logits", spy)
+    mc.main([*scoring_argv(synthetic, detectors[:1], tmp_path / "small.csv"), "--device", "cpu", "--image-size", "256"])
+    assert seen == [None]

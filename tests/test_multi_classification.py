@@ -26,6 +26,7 @@ from melanoma_audit import (
 from melanoma_audit.annotations import DEFAULT_ARTIFACT_HEADS, read_artifact_annotations  # noqa: E402
 from melanoma_audit.checkpoints import load_checkpoint  # noqa: E402
 from melanoma_audit.metrics import best_f1_threshold, head_metrics  # noqa: E402
+from melanoma_audit.scoring_runtime import check_output  # noqa: E402
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset  # noqa: E402
 from utils import UserError  # noqa: E402
 
@@ -338,6 +339,40 @@ def test_a_folder_for_an_output_file_is_refused(trained, synthetic, tmp_path, ca
     argv = ["--img_path", str(synthetic / "test" / "test"), "--mode", "test", "--num_workers", "0"]
     val_fails(capsys, [*argv, "--model_path", str(trained), "--save_path", str(tmp_path)], "--save_path", "is a folder")
     val_fails(capsys, [*argv, "--model_path", str(tmp_path)], f"--model_path {tmp_path} is a folder")
+
+
+def test_save_path_is_guarded_as_every_output_and_named_in_each_refusal(trained, synthetic, tmp_path, capsys):
+    argv = ["--img_path", str(synthetic / "test" / "test"), "--mode", "test", "--num_workers", "0"]
+    argv += ["--model_path", str(trained)]
+    save_path = tmp_path / "out" / "annotations.csv"
+    save_path.parent.mkdir()
+    leftover = save_path.parent / ".annotations.csv.a1b2c3.tmp"  # what a killed earlier write leaves
+    leftover.write_text("partial")
+    mc.main([*argv, "--save_path", str(save_path)])
+    assert save_path.is_file() and not leftover.exists()
+    val_fails(capsys, [*argv, "--save_path", str(save_path)], "already exists", "choose another --save_path")
+    (tmp_path / "plain").write_text("a file")
+    val_fails(capsys, [*argv, "--save_path", str(tmp_path / "plain" / "a.csv")], "folder of --save_path", "is a file")
+
+
+def test_the_output_check_names_the_flag_it_is_given_and_keeps_the_out_wording(tmp_path):
+    (tmp_path / "taken.csv").write_text("x")
+    (tmp_path / "plain").write_text("a file")
+    expected = {
+        ("--out", tmp_path): f"--out {tmp_path} is a folder: name the file to write, e.g. {tmp_path / 'r.csv'}.",
+        ("--out", tmp_path / "taken.csv"): "already exists: pass --overwrite to replace it, or choose another --out.",
+        ("--out", tmp_path / "plain" / "a.csv"): f"the output folder {tmp_path / 'plain'} is a file",
+        ("--save_path", tmp_path): f"--save_path {tmp_path} is a folder",
+        ("--save_path", tmp_path / "taken.csv"): "or choose another --save_path.",
+        ("--save_path", tmp_path / "plain" / "a.csv"): f"the folder of --save_path {tmp_path / 'plain'} is a file",
+    }
+    for (flag, path), message in expected.items():
+        with pytest.raises(UserError) as error:
+            check_output(path, False, example="r.csv", flag=flag)
+        assert message in str(error.value), (flag, path, str(error.value))
+    check_output(tmp_path / "taken.csv", True, flag="--save_path")  # --overwrite: replaced
+    with pytest.raises(UserError, match="or choose another --save-name"):
+        check_output(tmp_path / "taken.csv", False, "choose another --save-name")
 
 
 def test_test_mode_writes_one_row_per_image_and_reads_back(trained, synthetic, tmp_path):
