@@ -37,13 +37,18 @@ import pandas as pd
 
 from dataset import square_image, valid_transforms
 from melanoma_audit.annotations import read_artifact_annotations
+from melanoma_audit.cli import (
+    add_allow_missing_meta_flag,
+    add_overwrite_flag,
+    add_runtime_args,
+    claim_file,
+    scoring_runtime,
+)
 from melanoma_audit.features import lesion_features
 from melanoma_audit.inference import LoadedModel, MelanomaPredictor, held_out_images
 from melanoma_audit.metrics import binary_metrics
 from melanoma_audit.result_files import AUDIT_COLUMNS as COLUMNS
 from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, image_name, require_metadata
-from melanoma_audit.scoring_runtime import add_runtime_args, check_output, scoring_runtime
-from melanoma_audit.shared_flags import add_allow_missing_meta_flag, add_overwrite_flag
 from melanoma_audit.synthetic_artifacts import HAIR_KINDS, draw_black_frame, draw_hair, draw_ruler
 from melanoma_audit.tables import read_melanoma_table
 from utils import UserError, exit_on_user_error, write_csv_atomic
@@ -302,7 +307,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     with exit_on_user_error():
         out = Path(args.out)
-        check_output(out, args.overwrite, example="audit.csv")
+        claim_file(out, args.overwrite, example="audit.csv")
         unknown = [kind for kind in args.insert.split(",") if kind and kind not in INSERTIONS]
         if unknown:
             raise UserError(

@@ -40,6 +40,15 @@ import torch
 
 from dataset import EpochSampler
 from melanoma_audit import device_data as dd
+from melanoma_audit.cli import (
+    Runtime,
+    ScoringRuntime,
+    add_compile_flag,
+    add_data_path_flag,
+    add_device_flags,
+    add_num_workers_flag,
+    add_overwrite_flag,
+)
 from melanoma_audit.engine import compile_for_training
 from melanoma_audit.image_files import MIN_IMAGE_SIZE
 from melanoma_audit.inference import LoadedModel, MelanomaPredictor, load_melanoma_model
@@ -53,15 +62,6 @@ from melanoma_audit.loops import (
     train_one_epoch,
 )
 from melanoma_audit.metadata import MetaEncoder
-from melanoma_audit.runtime import Runtime
-from melanoma_audit.scoring_runtime import ScoringRuntime
-from melanoma_audit.shared_flags import (
-    add_compile_flag,
-    add_data_path_flag,
-    add_device_flags,
-    add_num_workers_flag,
-    add_overwrite_flag,
-)
 from melanoma_audit.tables import read_melanoma_table
 from melanoma_audit.throughput import (
     forward_throughput,
@@ -279,7 +279,15 @@ def predict_throughput(
 ) -> float:
     synchronize(device)
     started = time.perf_counter()
-    runtime = ScoringRuntime(device, amp_dtype, n_tta, args.batch_size, args.num_workers, args.channels_last, False)
+    runtime = ScoringRuntime(
+        device,
+        amp_dtype,
+        args.channels_last,
+        False,
+        n_tta=n_tta,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
     MelanomaPredictor(loaded, runtime).probabilities(frame)
     synchronize(device)
     return len(frame) / (time.perf_counter() - started)

@@ -31,12 +31,11 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from melanoma_audit.cli import add_overwrite_flag, claim_file
 from melanoma_audit.metrics import format_table
 from melanoma_audit.patients import patient_groups
 from melanoma_audit.report_metrics import group_bootstrap, json_ready, percentile_interval, weighted_auc
 from melanoma_audit.result_files import attach_patients, read_metadata, read_predictions
-from melanoma_audit.scoring_runtime import check_output
-from melanoma_audit.shared_flags import add_overwrite_flag
 from melanoma_audit.tables import read_csv
 from utils import UserError, exit_on_user_error, write_text_atomic
 
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"--n-bootstrap {args.n_bootstrap} must be at least 1.")
         out = Path(args.out) if args.out else None
         if out is not None:
-            check_output(out, args.overwrite)
+            claim_file(out, args.overwrite)
         recipes = parse_recipes(args)
         paths = [path for recipe in recipes for path in recipe.paths]
         rows, scores = read_aligned(paths, Path(args.labels) if args.labels else None)

@@ -31,13 +31,19 @@ import numpy as np
 import pandas as pd
 
 from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.cli import (
+    MAX_TTA,
+    add_allow_missing_meta_flag,
+    add_overwrite_flag,
+    add_runtime_args,
+    claim_file,
+    scoring_runtime,
+)
 from melanoma_audit.features import lesion_features
 from melanoma_audit.inference import LoadedModel, MelanomaPredictor, combine, expand_model_paths, held_out_images
 from melanoma_audit.metrics import safe_auc
 from melanoma_audit.patient_context import describe_context, has_patient_context
 from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, require_metadata
-from melanoma_audit.scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
-from melanoma_audit.shared_flags import add_allow_missing_meta_flag, add_overwrite_flag
 from melanoma_audit.stacking import (
     METHODS,
     UNFITTED,
@@ -294,7 +300,7 @@ def combiner_runs(record: dict, override: list[str] | None) -> dict[str, list[Pa
 
 def score_with_combiner(args: argparse.Namespace) -> pd.DataFrame:
     out = Path(args.out)
-    check_output(out, args.overwrite)
+    claim_file(out, args.overwrite)
     record = load_combiner(args.combiner)
     run_paths = combiner_runs(record, args.runs)
     if args.data_dir:
@@ -332,9 +338,9 @@ def ensemble_outputs(args: argparse.Namespace, runs: list[Run]) -> tuple[Path, P
     oof_out = runs[0].oof_path.parent / f"oof_{name}.csv"
     combiner_out = Path(args.model_dir) / f"{name}.json"
     for path in (oof_out, combiner_out):
-        check_output(path, args.overwrite, "choose another --save-name")
+        claim_file(path, args.overwrite, "choose another --save-name")
     if not args.oof_only:
-        check_output(Path(args.out), args.overwrite)
+        claim_file(Path(args.out), args.overwrite)
     return oof_out, combiner_out
 
 

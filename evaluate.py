@@ -57,6 +57,15 @@ import pandas as pd
 
 from melanoma_audit.cam import CAM_GROUPS, select_cam_images, write_cams
 from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.cli import (
+    ScoringRuntime,
+    add_allow_missing_meta_flag,
+    add_overwrite_flag,
+    add_runtime_args,
+    check_runtime_counts,
+    claim_folder,
+    prepare_runtime,
+)
 from melanoma_audit.inference import MelanomaPredictor
 from melanoma_audit.report_html import build_report
 from melanoma_audit.report_metrics import IN_SAMPLE, compute_metrics, data_summary, json_ready
@@ -71,10 +80,8 @@ from melanoma_audit.report_plots import (
 from melanoma_audit.report_subgroups import Grouping, group_rows, parse_by, subgroup_report
 from melanoma_audit.result_files import AUDIT_COLUMNS, attach_patients, read_metadata, read_predictions
 from melanoma_audit.scoring_inputs import require_metadata
-from melanoma_audit.scoring_runtime import ScoringRuntime, add_runtime_args, check_runtime_counts, prepare_runtime
-from melanoma_audit.shared_flags import add_allow_missing_meta_flag, add_overwrite_flag
 from melanoma_audit.tables import read_csv, read_melanoma_table
-from utils import UserError, ensure_writable_dir, exit_on_user_error, temp_files_of, write_text_atomic
+from utils import UserError, exit_on_user_error, temp_files_of, write_text_atomic
 
 REPORT_FILES = (
     "metrics.json",
@@ -174,20 +181,11 @@ def read_metrics_logs(paths: list[Path]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- main
 
 
-def remove_leftovers(out_dir: Path) -> None:
-    """Deletes the temporary files that a killed earlier report left in `out_dir` (atomic_path's
-    .<name>.<random>.tmp beside each report file and Grad-CAM overlay): they are never a finished result."""
+def report_leftovers(out_dir: Path) -> list[Path]:
+    """The temporary files that a killed earlier report left in `out_dir` (atomic_path's .<name>.<random>.tmp
+    beside each report file and Grad-CAM overlay)."""
     leftovers = [path for name in REPORT_FILES for path in temp_files_of(out_dir / name)]
-    leftovers += [path for group in CAM_GROUPS for path in (out_dir / "cam").glob(f".{group}_*.png.*.tmp")]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-
-
-def check_report_dir(out_dir: Path, overwrite: bool) -> None:
-    remove_leftovers(out_dir)  # first: a folder that holds only those is empty, not an earlier report
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"report folder {out_dir} is not empty: pass --overwrite to replace it, or choose another.")
-    ensure_writable_dir(out_dir, "report folder (--out-dir)")
+    return leftovers + [path for group in CAM_GROUPS for path in (out_dir / "cam").glob(f".{group}_*.png.*.tmp")]
 
 
 def read_audit(path: Path) -> pd.DataFrame:
@@ -353,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_runtime_counts(args)
         inputs = read_inputs(args)
         out_dir = Path(args.out_dir)
-        check_report_dir(out_dir, args.overwrite)
+        claim_folder(out_dir, args.overwrite, report_leftovers(out_dir), "report folder", "--out-dir")
         metrics = compute_report(args, inputs)
         write_text_atomic(out_dir / "metrics.json", json.dumps(json_ready(metrics), indent=2) + "\n")
         written = ["metrics.json", *write_figures(inputs, metrics, args.threshold, out_dir)]

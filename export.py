@@ -36,6 +36,7 @@ from torch import nn
 
 from dataset import Preprocessing
 from melanoma_audit.checkpoints import kind_of, load_checkpoint
+from melanoma_audit.cli import ScoringRuntime, add_overwrite_flag
 from melanoma_audit.config import DEFAULTS
 from melanoma_audit.detector_inference import ArtifactPredictor
 from melanoma_audit.exported_graph import build_graph
@@ -51,8 +52,6 @@ from melanoma_audit.onnx_model import (
     load_exported_model,
     spec_path,
 )
-from melanoma_audit.scoring_runtime import ScoringRuntime
-from melanoma_audit.shared_flags import add_overwrite_flag
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 from melanoma_audit.tables import read_melanoma_table
 from utils import UserError, atomic_path, ensure_writable_dir, exit_on_user_error, write_text_atomic

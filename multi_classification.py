@@ -46,14 +46,13 @@ import pandas as pd
 import torch
 
 from melanoma_audit.annotations import PROB_SUFFIX, read_artifact_annotations
+from melanoma_audit.cli import ScoringRuntime, claim_file, training_runtime
 from melanoma_audit.config import ArtifactConfig
 from melanoma_audit.detector_inference import ArtifactEnsemble, ArtifactPredictor
 from melanoma_audit.detector_training import run_train
 from melanoma_audit.image_files import list_images
 from melanoma_audit.metrics import format_table, mean_auc, metrics_table
-from melanoma_audit.runtime import training_runtime
 from melanoma_audit.scoring_inputs import image_name
-from melanoma_audit.scoring_runtime import ScoringRuntime, check_output
 from melanoma_audit.trainer_flags import add_artifact_flags, parse_command_line
 from utils import (
     UserError,
@@ -82,7 +81,12 @@ def default_report(model_path: str | Path, report: str) -> Path:
 def scoring_runtime(config: ArtifactConfig, device: torch.device) -> ScoringRuntime:
     """The runtime flags of val and test; the precision is each model's own (load_predictor)."""
     return ScoringRuntime(
-        device, None, config.n_tta, config.batch_size, config.num_workers, config.channels_last, config.progress
+        device,
+        channels_last=config.channels_last,
+        progress=config.progress,
+        n_tta=config.n_tta,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
     )
 
 
@@ -120,9 +124,9 @@ def load_models(config: ArtifactConfig, device: torch.device) -> ArtifactEnsembl
 
 def report_path(config: ArtifactConfig, report: str) -> Path:
     """--save_path, or the default report beside the first model, checked before any work: an earlier report is
-    never replaced without --overwrite, nor is a folder taken for the file (scoring_runtime.check_output)."""
+    never replaced without --overwrite, nor is a folder taken for the file (cli.claim_file)."""
     save_path = Path(config.save_path) if config.save_path else default_report(config.model_path, report)
-    check_output(save_path, config.overwrite, example="report.csv", flag="--save_path")
+    claim_file(save_path, config.overwrite, example="report.csv", flag="--save_path")
     return save_path
 
 

@@ -34,12 +34,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from melanoma_audit.cli import (
+    MAX_TTA,
+    add_allow_missing_meta_flag,
+    add_overwrite_flag,
+    add_runtime_args,
+    claim_file,
+    scoring_runtime,
+)
 from melanoma_audit.features import lesion_features
 from melanoma_audit.inference import LoadedModel, Predictor, combine, held_out_images, load_melanoma_models
 from melanoma_audit.onnx_model import scoring_predictor
 from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images, require_metadata
-from melanoma_audit.scoring_runtime import MAX_TTA, add_runtime_args, check_output, scoring_runtime
-from melanoma_audit.shared_flags import add_allow_missing_meta_flag, add_overwrite_flag
 from melanoma_audit.tables import AGE_RULE, MAX_AGE, SEX_SPELLINGS, SITE_COLUMN, read_melanoma_table
 from utils import (
     UserError,
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     with exit_on_user_error():
         out = Path(args.out)
-        check_output(out, args.overwrite)
+        claim_file(out, args.overwrite)
         if args.age is not None and not 0 <= args.age <= MAX_AGE:  # also refuses nan
             raise UserError(f"--age {args.age:g} is not an age: {AGE_RULE}; leave --age out when it is unknown.")
         runtime = scoring_runtime(args)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from melanoma_audit.shared_flags import add_overwrite_flag
+from melanoma_audit.cli import add_overwrite_flag
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 from utils import exit_on_user_error
 

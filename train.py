@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from melanoma_audit.baselines import baseline_aucs
+from melanoma_audit.cli import Runtime, training_runtime
 from melanoma_audit.config import MelanomaConfig
 from melanoma_audit.device_data import resolve_data_path
 from melanoma_audit.distributed import World
@@ -37,7 +38,6 @@ from melanoma_audit.melanoma_outputs import (
 )
 from melanoma_audit.metrics import binary_metrics, safe_auc
 from melanoma_audit.patients import make_folds
-from melanoma_audit.runtime import Runtime, training_runtime
 from melanoma_audit.tables import find_train_csv, read_melanoma_table
 from melanoma_audit.trainer_flags import add_melanoma_flags, parse_command_line
 from models import MelanomaNet, input_normalization, melanoma_logit, melanoma_probability

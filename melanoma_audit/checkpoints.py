@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import pickle
 import random
-import shutil
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils import UserError, atomic_path, temp_files_of, to_plain
+from utils import UserError, atomic_path, to_plain
 
 CHECKPOINT_FORMAT = 1
 # detector files of earlier versions say "bias" (the original code's word for artifact): they still load
@@ -212,26 +211,3 @@ def require_resumable(lasts: Sequence[Path], resume: bool, names: str) -> None:
             f"--resume found no {lasts[0]} to continue: check {names} and the folder, or leave out --resume to start "
             "a new run."
         )
-
-
-def claim_outputs(paths: Sequence[Path], last: Path, resume: bool, overwrite: bool, alternative: str) -> None:
-    """Refuses to overwrite an earlier run's files: they are kept when the run is continued (--resume with its
-    `last` checkpoint present), deleted with --overwrite, else a UserError suggests `alternative`. Temporary files
-    that an interrupted write of these outputs left behind are removed in any case."""
-    for path in paths:  # a temporary file is never a finished output: a killed run left it
-        for leftover in temp_files_of(path):
-            leftover.unlink(missing_ok=True)
-    existing = [path for path in paths if path.exists()]
-    if not existing or (resume and last.is_file()):
-        return
-    if overwrite:
-        for path in existing:
-            if path.is_dir():  # a run's TensorBoard folder
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        return
-    raise UserError(
-        f"{existing[0]} already exists from an earlier run: pass --resume to continue it, --overwrite to replace "
-        f"it, or {alternative}."
-    )

@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dataset import Preprocessing
+from melanoma_audit.cli import MAX_TTA
 from melanoma_audit.color import DEFAULT_MINKOWSKI_P, check_minkowski_p
 from melanoma_audit.image_files import MIN_IMAGE_SIZE, is_plain_name
 from melanoma_audit.metadata import META_FEATURES
-from melanoma_audit.scoring_runtime import MAX_TTA
 from melanoma_audit.tensorboard_log import check_tensorboard_request
 from models import is_lite
 from utils import UserError, to_plain

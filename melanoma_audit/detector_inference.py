@@ -16,9 +16,9 @@ from torch import nn
 
 from dataset import EpochSampler, Preprocessing
 from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.cli import ScoringRuntime
 from melanoma_audit.inference import tta_logits
 from melanoma_audit.loops import Images, Loader, Preparation, image_loader
-from melanoma_audit.scoring_runtime import ScoringRuntime
 from models import model_from_checkpoint
 from utils import UserError
 

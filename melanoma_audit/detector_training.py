@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from melanoma_audit.annotations import read_artifact_annotations
-from melanoma_audit.checkpoints import claim_outputs, require_resumable, rows_fingerprint
+from melanoma_audit.checkpoints import require_resumable, rows_fingerprint
+from melanoma_audit.cli import Runtime, claim_run_files
 from melanoma_audit.config import ArtifactConfig
 from melanoma_audit.device_data import resolve_data_path
 from melanoma_audit.engine import Epoch, RunOutputs, Scored, Task, fit
 from melanoma_audit.loops import Images, Preparation
 from melanoma_audit.metrics import choose_thresholds, format_table, mean_auc, metrics_table
-from melanoma_audit.runtime import Runtime
 from models import ArtifactNet, input_normalization
 from utils import UserError, ensure_writable_dir, precision_name, seed_everything, to_plain
 
@@ -121,7 +121,7 @@ def run_train(config: ArtifactConfig, runtime: Runtime) -> dict:
     if world.is_main:
         ensure_writable_dir(outputs.best.parent, "model folder (--model_path)")
         require_resumable([outputs.last], config.resume, "--model_path")
-        claim_outputs(outputs.files(), outputs.last, config.resume, config.overwrite, "choose another --model_path")
+        claim_run_files(outputs.files(), outputs.last, config.resume, config.overwrite, "choose another --model_path")
     if world.distributed:
         dist.barrier()
     log = print if world.is_main else (lambda *_, **__: None)

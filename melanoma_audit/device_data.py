@@ -17,11 +17,11 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2.functional import to_dtype
 
 from dataset import Preprocessing
+from melanoma_audit.cli import DATA_PATHS
 from melanoma_audit.color import shades_of_gray_batch
 from melanoma_audit.device_augment import augment, augmentation_steps, batch_generators
 from melanoma_audit.device_ops import square
 from melanoma_audit.image_files import MIN_IMAGE_SIZE, REDUCE_MARGIN
-from melanoma_audit.shared_flags import DATA_PATHS
 from utils import UserError
 
 # --------------------------------------------------------------------------- reading, collating, decoding

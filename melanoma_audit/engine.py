@@ -30,6 +30,7 @@ from melanoma_audit.checkpoints import (
     save_checkpoint,
     training_state,
 )
+from melanoma_audit.cli import Runtime
 from melanoma_audit.config import RunConfig
 from melanoma_audit.device_data import resolve_data_path
 from melanoma_audit.distributed import average_buffers_over_world, batch_for_share, gather_over_world, wrap_for_world
@@ -43,7 +44,6 @@ from melanoma_audit.loops import (
     refresh_batchnorm,
     train_one_epoch,
 )
-from melanoma_audit.runtime import Runtime
 from melanoma_audit.tensorboard_log import TensorBoardLog
 from melanoma_audit.training_recipe import compile_for_training, make_warmup_cosine, weight_average
 from utils import precision_name, to_plain, write_csv_atomic, write_text_atomic
@@ -187,9 +187,8 @@ def validate(
     average_buffers_over_world(net, runtime.world)
     if valid_loader is None:
         return None, None
-    device, amp_dtype = runtime.device, runtime.amp_dtype
-    logits, targets = predict_logits(net, valid_loader, device, amp_dtype, runtime.channels_last, runtime.progress)
-    return gather_over_world(logits, targets, len(valid_loader.dataset), runtime.world, device)
+    logits, targets = predict_logits(net, valid_loader, runtime)
+    return gather_over_world(logits, targets, len(valid_loader.dataset), runtime.world, runtime.device)
 
 
 def write_history(task: Task, history: list[dict]) -> None:

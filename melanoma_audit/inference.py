@@ -1,7 +1,7 @@
 """Inference shared by predict.py, evaluate.py, audit.py and ensemble.py: a melanoma model rebuilt from its
 checkpoint with its own input encoding, test-time augmentation over the eight symmetries of the square, the
 MelanomaPredictor that scores images with it, and ensembling. The images and metadata to score are read by
-scoring_inputs.py, the runtime flags by scoring_runtime.py."""
+scoring_inputs.py, the runtime flags by cli.py."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from torch import nn
 
 from dataset import EpochSampler, ImageDataset, Preprocessing, valid_transforms
 from melanoma_audit.checkpoints import describe_split, fold_split, load_checkpoint
+from melanoma_audit.cli import ScoringRuntime, check_n_tta
 from melanoma_audit.features import FeatureScaler, side_inputs
 from melanoma_audit.loops import Loader, make_loader, predict_logits
 from melanoma_audit.metadata import MetaEncoder
-from melanoma_audit.scoring_runtime import ScoringRuntime, check_n_tta
 from melanoma_audit.tables import SITE_COLUMN
 from models import MetadataLogit, melanoma_probability, model_from_checkpoint
 from utils import UserError
@@ -256,9 +256,7 @@ def tta_logits(
     sampler = EpochSampler(n_items, shuffle=False, seed=0)
     loader = batches(sampler, max(1, runtime.batch_size // runtime.n_tta))
     tta_model = TTAModel(network, runtime.n_tta, independent_heads)
-    logits, _ = predict_logits(
-        tta_model, loader, runtime.device, runtime.amp_dtype, runtime.channels_last, runtime.progress, desc
-    )
+    logits, _ = predict_logits(tta_model, loader, runtime, desc)
     return logits
 
 

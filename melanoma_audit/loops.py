@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from dataset import ImageDataset, Preprocessing, train_transforms
 from melanoma_audit import device_data as dd
+from melanoma_audit.cli import Runtime
 from melanoma_audit.distributed import mean_over_world
-from melanoma_audit.runtime import Runtime
 from utils import UserError, autocast
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -211,22 +211,17 @@ def refresh_batchnorm(
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool = False,
-    progress: bool | None = None,
-    desc: str = "valid",
+    model: nn.Module, loader: torch.utils.data.DataLoader, runtime: Runtime, desc: str = "valid"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Runs the model in eval mode over `loader`; returns all logits (float32, CPU) and targets if any."""
     model.eval()
     all_logits, all_targets = [], []
+    progress = runtime.shows_progress
     for batch in tqdm(
         loader, desc=desc, leave=False, disable=None if progress is None else not progress, dynamic_ncols=True
     ):
-        image, side = model_inputs(batch, device, channels_last)
-        with autocast(device, amp_dtype):
+        image, side = model_inputs(batch, runtime.device, runtime.channels_last)
+        with autocast(runtime.device, runtime.amp_dtype):
             logits = model(image, side)
         all_logits.append(logits.float().cpu())
         if "target" in batch:

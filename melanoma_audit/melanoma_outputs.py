@@ -10,13 +10,13 @@ from pathlib import Path
 import pandas as pd
 
 from melanoma_audit.checkpoints import (
-    claim_outputs,
     describe_split,
     fold_split,
     load_checkpoint,
     require_resumable,
     rows_fingerprint,
 )
+from melanoma_audit.cli import claim_run_files
 from melanoma_audit.config import MelanomaConfig
 from melanoma_audit.engine import RunOutputs
 from utils import UserError
@@ -69,7 +69,7 @@ def check_outputs_free(config: MelanomaConfig, run_names: list[str]) -> None:
         [*(path for name in names for path in run_paths(config, name).files()), pooled_oof_path(config)]
     )
     last = next((path for path in lasts if path.is_file()), lasts[0])
-    claim_outputs(list(files), last, config.resume, config.overwrite, "choose another --save-name")
+    claim_run_files(list(files), last, config.resume, config.overwrite, "choose another --save-name")
 
 
 def fold_states(config: MelanomaConfig, data_sha256: str) -> list[dict]:

@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from dataset import EpochSampler, ImageDataset, Preprocessing, exported_input_transforms
 from melanoma_audit.checkpoints import kind_of
+from melanoma_audit.cli import ScoringRuntime, check_n_tta
 from melanoma_audit.features import lesion_features
 from melanoma_audit.inference import MelanomaPredictor, Predictor, dihedral, mean_probability_logit, meta_columns
 from melanoma_audit.loops import make_loader
 from melanoma_audit.metadata import MetaEncoder
-from melanoma_audit.scoring_runtime import ScoringRuntime, check_n_tta
 from utils import UserError
 
 SPEC_FORMAT = "melanoma-audit export 1"

@@ -10,8 +10,8 @@ import time
 import torch
 from torch import nn
 
+from melanoma_audit.cli import Runtime
 from melanoma_audit.loops import LossFn, train_one_epoch
-from melanoma_audit.runtime import Runtime
 from utils import autocast
 
 

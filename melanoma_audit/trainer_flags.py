@@ -1,5 +1,5 @@
 """The command lines of both trainers: the flags they share, with one meaning (their defaults from config.DEFAULTS),
-and each trainer's own; the device, worker, data-path, compile and overwrite flags come from shared_flags."""
+and each trainer's own; the device, worker, data-path, compile and overwrite flags come from cli."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import argparse
 from collections.abc import Callable
 
 from dataset import AUGMENTATIONS, RESIZE_MODES
-from melanoma_audit.color import COLOR_CONSTANCY
-from melanoma_audit.config import DEFAULTS, RunConfig
-from melanoma_audit.metadata import META_FEATURES
-from melanoma_audit.scoring_runtime import MAX_TTA
-from melanoma_audit.shared_flags import (
+from melanoma_audit.cli import (
+    MAX_TTA,
     add_compile_flag,
     add_data_path_flag,
     add_device_flags,
     add_num_workers_flag,
     add_overwrite_flag,
 )
+from melanoma_audit.color import COLOR_CONSTANCY
+from melanoma_audit.config import DEFAULTS, RunConfig
+from melanoma_audit.metadata import META_FEATURES
 from models import ENET_TYPES
 
 AddFlag = Callable[..., None]

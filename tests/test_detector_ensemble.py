@@ -17,10 +17,10 @@ import multi_classification as mc
 import utils
 from melanoma_audit import detector_inference
 from melanoma_audit.checkpoints import load_checkpoint
+from melanoma_audit.cli import ScoringRuntime
 from melanoma_audit.detector_inference import ArtifactEnsemble, ArtifactPredictor
 from melanoma_audit.image_files import list_images
 from melanoma_audit.inference import TTAModel, dihedral
-from melanoma_audit.scoring_runtime import ScoringRuntime
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset
 
 

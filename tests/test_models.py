@@ -77,8 +77,8 @@ def test_failed_download_names_every_way_out(monkeypatch):
 
 
 def test_refresh_batchnorm_recovers_statistics_that_trail_the_weights():
+    from melanoma_audit.cli import Runtime
     from melanoma_audit.loops import refresh_batchnorm
-    from melanoma_audit.runtime import Runtime
 
     torch.manual_seed(0)
     model = MelanomaNet("efficientnet-b0", pretrained=False)

@@ -25,8 +25,8 @@ from melanoma_audit import (
 )
 from melanoma_audit.annotations import DEFAULT_ARTIFACT_HEADS, read_artifact_annotations  # noqa: E402
 from melanoma_audit.checkpoints import load_checkpoint  # noqa: E402
+from melanoma_audit.cli import claim_file  # noqa: E402
 from melanoma_audit.metrics import best_f1_threshold, head_metrics  # noqa: E402
-from melanoma_audit.scoring_runtime import check_output  # noqa: E402
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset  # noqa: E402
 from utils import UserError  # noqa: E402
 
@@ -368,11 +368,11 @@ def test_the_output_check_names_the_flag_it_is_given_and_keeps_the_out_wording(t
     }
     for (flag, path), message in expected.items():
         with pytest.raises(UserError) as error:
-            check_output(path, False, example="r.csv", flag=flag)
+            claim_file(path, False, example="r.csv", flag=flag)
         assert message in str(error.value), (flag, path, str(error.value))
-    check_output(tmp_path / "taken.csv", True, flag="--save_path")  # --overwrite: replaced
+    claim_file(tmp_path / "taken.csv", True, flag="--save_path")  # --overwrite: replaced
     with pytest.raises(UserError, match="or choose another --save-name"):
-        check_output(tmp_path / "taken.csv", False, "choose another --save-name")
+        claim_file(tmp_path / "taken.csv", False, "choose another --save-name")
 
 
 def test_test_mode_writes_one_row_per_image_and_reads_back(trained, synthetic, tmp_path):

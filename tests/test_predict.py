@@ -8,9 +8,9 @@ from torch import nn
 
 import predict
 import train
+from melanoma_audit.cli import ScoringRuntime
 from melanoma_audit.inference import MelanomaPredictor, TTAModel, combine, dihedral, expand_model_paths
 from melanoma_audit.scoring_inputs import attach_metadata, frame_from_images
-from melanoma_audit.scoring_runtime import ScoringRuntime
 from utils import UserError
 
 
@@ -417,7 +417,7 @@ def test_predictor_scores_do_not_depend_on_how_the_views_are_batched(synthetic_d
     frame = frame.head(20)
     scores = [
         MelanomaPredictor.from_checkpoint(
-            checkpoints["meta"], ScoringRuntime(torch.device("cpu"), None, 8, size)
+            checkpoints["meta"], ScoringRuntime(torch.device("cpu"), n_tta=8, batch_size=size)
         ).probabilities(frame)
         for size in (8, 64)
     ]

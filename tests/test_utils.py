@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dataset import EpochSampler
-from melanoma_audit.checkpoints import claim_outputs, save_checkpoint
+from melanoma_audit.checkpoints import save_checkpoint
+from melanoma_audit.cli import claim_run_files
 from melanoma_audit.distributed import World, batch_for_share
 from melanoma_audit.loops import make_loader
 from utils import UserError, atomic_path, set_visible_devices, temp_files_of, write_csv_atomic
@@ -77,7 +78,7 @@ def test_claiming_outputs_removes_what_a_killed_write_left(tmp_path):
     other = tmp_path / ".other_best.pth.abc123.tmp"
     other.write_bytes(b"another run's")
     assert temp_files_of(best) == [leftover]
-    claim_outputs([best], tmp_path / "run_last.pth", resume=False, overwrite=True, alternative="x")
+    claim_run_files([best], tmp_path / "run_last.pth", resume=False, overwrite=True, alternative="x")
     assert not leftover.exists() and not best.exists() and other.exists()
 
 
