@@ -78,7 +78,7 @@ def default_report(model_path: str | Path, report: str) -> Path:
     return model.with_name(f"{model.stem}_{report}.csv")
 
 
-def scoring_runtime(config: ArtifactConfig, device: torch.device) -> ScoringRuntime:
+def detector_scoring_runtime(config: ArtifactConfig, device: torch.device) -> ScoringRuntime:
     """The runtime flags of val and test; the precision is each model's own (load_predictor)."""
     return ScoringRuntime(
         device,
@@ -107,7 +107,7 @@ def load_predictor(path: str, config: ArtifactConfig, runtime: ScoringRuntime) -
 def load_models(config: ArtifactConfig, device: torch.device) -> ArtifactEnsemble:
     """Every --model_path (load_predictor), several with the same heads, with a notice for each preprocessing flag
     given that the checkpoint overrides."""
-    runtime = scoring_runtime(config, device)
+    runtime = detector_scoring_runtime(config, device)
     ensemble = ArtifactEnsemble([load_predictor(path, config, runtime) for path in config.model_paths])
     if len(ensemble.predictors) > 1 and config.save_path is None:
         raise UserError(
