@@ -1,5 +1,7 @@
 """Two processes on the gloo backend (CPU), as `torchrun --nproc_per_node 2 train.py ...` starts them."""
 
+import json
+import math
 import socket
 
 import pandas as pd
@@ -49,11 +51,15 @@ def train_recording_decodes(rank: int, world_size: int, port: int, argv: list[st
         handle.write("\n".join(decoded))
 
 
-@pytest.mark.parametrize("data_path", ["cpu", "gpu"])
-def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthetic_dir, tmp_path, data_path):
+@pytest.mark.parametrize(("data_path", "batch_size"), [("cpu", "24"), ("gpu", "8")])
+def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(
+    synthetic_dir, tmp_path, data_path, batch_size
+):
+    """On the cpu path with a batch larger than each process's share: 32 training images, 16 a process, --batch-size
+    24 (drop_last used to leave each process no batch at all, and the run trained zero steps with a NaN loss)."""
     argv = [
         "--save-name", "ddp", "--data-dir", str(synthetic_dir), "--image-size", "32", "--n-epochs", "1",
-        "--enet-type", "efficientnet-b0", "--no-pretrained", "--batch-size", "8", "--num-workers", "0",
+        "--enet-type", "efficientnet-b0", "--no-pretrained", "--batch-size", batch_size, "--num-workers", "0",
         "--n-folds", "3", "--device", "cpu", "--no-baselines", "--data-path", data_path,
         "--model-dir", str(tmp_path / "weights"), "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip
@@ -63,6 +69,8 @@ def test_two_process_run_writes_one_set_of_outputs_from_identical_weights(synthe
         "ddp_best.pth", "ddp_final.pth", "ddp_last.pth",
     ]  # fmt: skip
     assert len((tmp_path / "logs" / "log_ddp.txt").read_text().splitlines()) == 1
+    record = json.loads((tmp_path / "logs" / "metrics_ddp.jsonl").read_text())
+    assert math.isfinite(record["train_loss"])
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
     for name, tensor in rank0.items():
