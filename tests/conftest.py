@@ -9,11 +9,19 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
+import sklearn.ensemble  # noqa: E402, F401  (loads scikit-learn's own OpenMP runtime, limited below)
 import torch  # noqa: E402
+from threadpoolctl import ThreadpoolController  # noqa: E402
 
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# scikit-learn's gradient boosting runs thousands of tiny OpenMP regions, and under the passive wait each one costs
+# a wake-up: 4-20x slower on two threads than on one, for the same fit. Its OpenMP runtime gets one thread (torch's
+# keeps two); where scikit-learn shares torch's runtime, nothing matches and nothing changes
+for _library in ThreadpoolController().lib_controllers:
+    if _library.user_api == "openmp" and "scikit_learn" in _library.filepath:
+        _library.set_num_threads(1)
 
 REAL_DATA = Path(os.environ.get("ISIC_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/isic2018"))
 

@@ -72,7 +72,6 @@ def test_submission_has_exactly_the_test_images_with_tta8_and_ensemble(synthetic
     expected = (singles[0].rank(pct=True) + singles[1].rank(pct=True)) / 2
     assert list(ranked.columns) == ["image_name", "rank_score"]  # ranks are never written as probabilities
     np.testing.assert_allclose(ranked["rank_score"], expected)
-    assert ranked["rank_score"].min() > 0 and ranked["rank_score"].max() <= 1
 
 
 def test_rank_average_of_a_single_model_is_refused(synthetic_dir, checkpoints, tmp_path, capsys):

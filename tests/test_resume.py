@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 import multi_classification as mc
 import predict
@@ -146,15 +147,26 @@ def test_the_detector_resumes_by_the_same_rule(synthetic_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def cv_run(synthetic_dir, tmp_path_factory):
-    """A finished three-fold --fold all run of one epoch."""
+    """A finished three-fold --fold all run of one epoch, and what train.main returned."""
     out = tmp_path_factory.mktemp("cv")
-    train.main(command(synthetic_dir, out, "--no-lesion-features", "--fold", "all", epochs=1))
-    return out
+    summary = train.main(command(synthetic_dir, out, "--no-lesion-features", "--fold", "all", epochs=1))
+    return out, summary
+
+
+def test_the_mean_auc_is_the_mean_of_the_folds_out_of_fold_aucs(cv_run):
+    out, summary = cv_run
+    pooled = pd.read_csv(out / "logs" / "oof_run.csv")
+    fold_auc = [roc_auc_score(rows["target"], rows["prob"]) for _, rows in pooled.groupby("fold")]
+    assert summary["folds"] == [0, 1, 2] and summary["fold_auc"] == pytest.approx(fold_auc)
+    assert summary["mean_auc"] == pytest.approx(np.mean(fold_auc))
+    for fold, auc in enumerate(fold_auc):  # each fold's own OOF file says the same
+        own = pd.read_csv(out / "logs" / f"oof_run_fold{fold}.csv")
+        assert roc_auc_score(own["target"], own["prob"]) == pytest.approx(auc)
 
 
 def test_resuming_some_folds_keeps_every_finished_fold_in_the_pooled_file(synthetic_dir, cv_run, tmp_path):
     out = tmp_path / "cv"
-    shutil.copytree(cv_run, out)
+    shutil.copytree(cv_run[0], out)
     pooled = pd.read_csv(out / "logs" / "oof_run.csv")
     assert sorted(pooled["fold"].unique()) == [0, 1, 2]
     train.main(command(synthetic_dir, out, "--no-lesion-features", "--fold", "0,1", "--resume", epochs=1))
@@ -169,7 +181,7 @@ def test_the_folds_of_a_save_name_are_claimed_together_and_pooled_from_one_split
     synthetic_dir, cv_run, tmp_path, capsys
 ):
     out = tmp_path / "cv"
-    shutil.copytree(cv_run, out)
+    shutil.copytree(cv_run[0], out)
     # a single-fold run of the same name would sit beside the folds that predict.py reads as the run
     pooled_file = out / "logs" / "oof_run.csv"
     pooled = pooled_file.read_bytes()
@@ -190,12 +202,13 @@ def test_overwrite_removes_the_runs_other_folds_and_predict_refuses_mixed_folds(
     synthetic_dir, cv_run, tmp_path, capsys
 ):
     out = tmp_path / "cv"
-    shutil.copytree(cv_run, out)
+    shutil.copytree(cv_run[0], out)
     weights = out / "weights"
     old_fold2 = weights / "run_fold2_best.pth"
     kept = tmp_path / "old_fold2_best.pth"
     shutil.copy(old_fold2, kept)
-    train.main(command(synthetic_dir, out, "--no-lesion-features", "--fold", "all", "--n-folds", "2", "--overwrite"))
+    two_folds = ["--no-lesion-features", "--fold", "all", "--n-folds", "2", "--overwrite"]
+    train.main(command(synthetic_dir, out, *two_folds, epochs=1))
     assert not list(weights.glob("run_fold2_*")) and not list((out / "logs").glob("*run_fold2*"))
     assert sorted(pd.read_csv(out / "logs" / "oof_run.csv")["fold"].unique()) == [0, 1]
 

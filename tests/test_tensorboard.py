@@ -41,15 +41,15 @@ def detector_command(data_dir, model_path, *extra):
     ]  # fmt: skip
 
 
-def test_melanoma_run_logs_every_jsonl_number_per_epoch(synthetic_dir, tmp_path):
-    train.main(melanoma_command(synthetic_dir, tmp_path))
-    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics_tb.jsonl").read_text().splitlines()]
-    scalars = read_scalars(tmp_path / "logs" / "tb" / "tb")
+def assert_scalars_are_the_jsonl_history(log_dir, steps: list[int]) -> dict:
+    """TensorBoard shows each epoch once, with the very numbers of the metrics file."""
+    records = [json.loads(line) for line in (log_dir / "metrics_tb.jsonl").read_text().splitlines()]
+    scalars = read_scalars(log_dir / "tb" / "tb")
     assert {"lr", "train_loss", "valid_loss", "auc", "sensitivity", "seconds"} <= set(scalars)
     for tag in ("lr", "train_loss", "valid_loss", "auc", "balanced_acc"):
-        assert [step for step, _ in scalars[tag]] == [1, 2]
+        assert [step for step, _ in scalars[tag]] == steps
         assert [value for _, value in scalars[tag]] == pytest.approx([record[tag] for record in records], rel=1e-6)
-    assert scalars["lr"][0][1] < scalars["lr"][1][1]  # the warm-up epoch starts at a tenth of the rate
+    return scalars
 
 
 @pytest.mark.parametrize("crash", ["training epoch 3", "tensorboard write of epoch 2"])
@@ -80,12 +80,9 @@ def test_resumed_run_shows_each_epoch_once(synthetic_dir, tmp_path, monkeypatch,
     assert [step for step, _ in read_scalars(folder)["auc"]] == ([1, 2] if crash.startswith("training") else [1])
 
     train.main([*command, "--resume"])
-    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics_tb.jsonl").read_text().splitlines()]
-    scalars = read_scalars(folder)
     assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # appended beside the first part's file
-    for tag in ("train_loss", "auc", "lr"):
-        assert [step for step, _ in scalars[tag]] == [1, 2, 3]
-        assert [value for _, value in scalars[tag]] == pytest.approx([record[tag] for record in records], rel=1e-6)
+    scalars = assert_scalars_are_the_jsonl_history(tmp_path / "logs", [1, 2, 3])
+    assert scalars["lr"][0][1] < scalars["lr"][1][1]  # the warm-up epoch starts at a tenth of the rate
 
 
 def test_detector_logs_each_head_under_its_name(tmp_path):
@@ -114,7 +111,7 @@ def test_no_tensorboard_writes_no_events_and_overwrite_clears_the_old_ones(synth
     assert len(list((tmp_path / "logs" / "tb" / "tb").glob("events.out.tfevents.*"))) == 1
     train.main([*command, "--overwrite"])  # a new run replaces the old run's events: one file, one epoch
     assert len(list((tmp_path / "logs" / "tb" / "tb").glob("events.out.tfevents.*"))) == 1
-    assert [step for step, _ in read_scalars(tmp_path / "logs" / "tb" / "tb")["auc"]] == [1]
+    assert_scalars_are_the_jsonl_history(tmp_path / "logs", [1])  # (an uninterrupted run's scalars)
 
 
 def test_tensorboard_asked_for_without_the_package_is_one_sentence(synthetic_dir, tmp_path, monkeypatch, capsys):
