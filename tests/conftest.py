@@ -15,13 +15,18 @@ from threadpoolctl import ThreadpoolController  # noqa: E402
 
 from melanoma_audit.synthetic_dataset import make_synthetic_dataset  # noqa: E402
 
+
+def limit_scikit_learn_openmp() -> None:
+    """scikit-learn's gradient boosting runs thousands of tiny OpenMP regions, and under the passive wait each one
+    costs a wake-up: 4-20x slower on two threads than on one, for the same fit. Its OpenMP runtime gets one thread
+    (torch's keeps two); where scikit-learn shares torch's runtime, nothing matches and nothing changes."""
+    for library in ThreadpoolController().lib_controllers:
+        if library.user_api == "openmp" and "scikit_learn" in library.filepath:
+            library.set_num_threads(1)
+
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# scikit-learn's gradient boosting runs thousands of tiny OpenMP regions, and under the passive wait each one costs
-# a wake-up: 4-20x slower on two threads than on one, for the same fit. Its OpenMP runtime gets one thread (torch's
-# keeps two); where scikit-learn shares torch's runtime, nothing matches and nothing changes
-for _library in ThreadpoolController().lib_controllers:
-    if _library.user_api == "openmp" and "scikit_learn" in _library.filepath:
-        _library.set_num_threads(1)
+limit_scikit_learn_openmp()
 
 REAL_DATA = Path(os.environ.get("ISIC_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared/data/isic2018"))
 
