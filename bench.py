@@ -282,8 +282,8 @@ def predict_throughput(
     runtime = ScoringRuntime(
         device,
         amp_dtype,
-        args.channels_last,
-        False,
+        channels_last=args.channels_last,
+        progress=False,
         n_tta=n_tta,
         batch_size=args.batch_size,
         num_workers=args.num_workers,

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from melanoma_audit.annotations import PROB_SUFFIX, read_artifact_annotations
-from melanoma_audit.cli import ScoringRuntime, claim_file, training_runtime
+from melanoma_audit.cli import ScoringRuntime, claim_file, runtime_from_flags, training_runtime
 from melanoma_audit.config import ArtifactConfig
 from melanoma_audit.detector_inference import ArtifactEnsemble, ArtifactPredictor
 from melanoma_audit.detector_training import run_train
@@ -78,18 +78,6 @@ def default_report(model_path: str | Path, report: str) -> Path:
     return model.with_name(f"{model.stem}_{report}.csv")
 
 
-def detector_scoring_runtime(config: ArtifactConfig, device: torch.device) -> ScoringRuntime:
-    """The runtime flags of val and test; the precision is each model's own (load_predictor)."""
-    return ScoringRuntime(
-        device,
-        channels_last=config.channels_last,
-        progress=config.progress,
-        n_tta=config.n_tta,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-    )
-
-
 def load_predictor(path: str, config: ArtifactConfig, runtime: ScoringRuntime) -> ArtifactPredictor:
     """One --model_path, scored at its own image size (a notice where --image-size differs) and at the precision
     --precision resolves to for that size (auto picks bf16 on the CPU only from 192 px)."""
@@ -107,7 +95,7 @@ def load_predictor(path: str, config: ArtifactConfig, runtime: ScoringRuntime) -
 def load_models(config: ArtifactConfig, device: torch.device) -> ArtifactEnsemble:
     """Every --model_path (load_predictor), several with the same heads, with a notice for each preprocessing flag
     given that the checkpoint overrides."""
-    runtime = detector_scoring_runtime(config, device)
+    runtime = runtime_from_flags(config, device, None)  # the precision is each model's own (load_predictor)
     ensemble = ArtifactEnsemble([load_predictor(path, config, runtime) for path in config.model_paths])
     if len(ensemble.predictors) > 1 and config.save_path is None:
         raise UserError(

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -213,16 +213,21 @@ def prepare_runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype
 
 
 def scoring_runtime(args: argparse.Namespace) -> ScoringRuntime:
-    """The ScoringRuntime the shared flags ask for (prepare_runtime; one TTA view where a script has no --n-tta)."""
-    device, amp_dtype = prepare_runtime(args)
+    """The ScoringRuntime the shared flags ask for (prepare_runtime)."""
+    return runtime_from_flags(args, *prepare_runtime(args))
+
+
+def runtime_from_flags(flags: Any, device: torch.device, amp_dtype: torch.dtype | None) -> ScoringRuntime:
+    """A ScoringRuntime on `device` with the layout, progress, TTA and loading flags of `flags` (parsed arguments or
+    a run configuration; one TTA view where it has no n_tta)."""
     return ScoringRuntime(
         device,
         amp_dtype,
-        channels_last=args.channels_last,
-        progress=args.progress,
-        n_tta=getattr(args, "n_tta", 1),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        channels_last=flags.channels_last,
+        progress=flags.progress,
+        n_tta=getattr(flags, "n_tta", 1),
+        batch_size=flags.batch_size,
+        num_workers=flags.num_workers,
     )
 
 

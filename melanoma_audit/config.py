@@ -177,7 +177,7 @@ class RunConfig:
         return Preprocessing(self.color_constancy, self.minkowski_p, self.resize_mode)
 
     @classmethod
-    def free_on_resume(cls) -> frozenset[str]:
+    def fields_free_on_resume(cls) -> frozenset[str]:
         """The fields --resume lets differ from the saved run's (those declared with free_on_resume())."""
         return frozenset(item.name for item in fields(cls) if item.metadata.get(FREE_ON_RESUME))
 

@@ -164,8 +164,12 @@ def make_loaders(task: Task, config: RunConfig, runtime: Runtime) -> tuple[Loade
     batch_size = batch_for_share(config.batch_size, n_train, world, "--batch-size")
     # drop_last keeps BatchNorm away from a final batch of one image
     drop_last = len(train_sampler) > batch_size
-    common = {"num_workers": config.num_workers, "device": runtime.device, "data_path": config.data_path}
-    common["rank"] = world.rank
+    common = {
+        "num_workers": config.num_workers,
+        "device": runtime.device,
+        "data_path": config.data_path,
+        "rank": world.rank,
+    }
     train_loader = image_loader(
         task.train_images, task.preparation, train_sampler, batch_size, drop_last=drop_last, **common
     )
@@ -298,7 +302,7 @@ def resume_run(task: Task, config: RunConfig, training: Training, checkpoint: di
     if not (config.resume and task.outputs.last.is_file()):
         return Progress()
     state = load_checkpoint(task.outputs.last, task.kind)
-    check_resume_compatible(state, checkpoint, task.outputs.last, config.free_on_resume(), task.data_name)
+    check_resume_compatible(state, checkpoint, task.outputs.last, config.fields_free_on_resume(), task.data_name)
     restore_training_state(state, training.net, training.optimizer, training.scheduler, training.scaler)
     if training.average is not None:
         training.average.module.load_state_dict(state["state_dict"])
